@@ -1,0 +1,405 @@
+"""Frozen, hashable configuration for engram-jax.
+
+Every config is a ``@dataclass(frozen=True)`` holding only ints, floats, strings, bools and
+tuples, so a whole ``Config`` can be a static ``jax.jit`` argument. Changes go through
+``dataclasses.replace`` or :func:`override` (dotted keys such as ``engram.layer_ids``).
+Validation runs in ``__post_init__`` and raises ``ValueError`` naming the field and what is
+allowed. Presets live in :mod:`engram_jax.presets`.
+
+Field names of :class:`EngramConfig` follow the reference demo (ENGRAM_SPEC sections 2-4).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _check(cond: bool, name: str, allowed: str, value: Any) -> None:
+    if not cond:
+        raise ValueError(f"{name}={value!r} is invalid: must be {allowed}")
+
+
+def _pos_int(obj: Any, name: str, *, allow_zero: bool = False) -> None:
+    value = getattr(obj, name)
+    lo = 0 if allow_zero else 1
+    _check(
+        isinstance(value, int) and not isinstance(value, bool) and value >= lo,
+        f"{type(obj).__name__}.{name}",
+        f"an integer >= {lo}",
+        value,
+    )
+
+
+def _choice(obj: Any, name: str, choices: tuple) -> None:
+    value = getattr(obj, name)
+    _check(value in choices, f"{type(obj).__name__}.{name}", f"one of {choices}", value)
+
+
+def _bools(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _check(isinstance(value, bool), f"{type(obj).__name__}.{name}", "True or False", value)
+
+
+@dataclass(frozen=True)
+class EngramConfig:
+    """The Engram module (ENGRAM_SPEC sections 2-4); names follow the reference demo.
+
+    ``engram_vocab_size[n-2]`` is the base table size of every head of n-gram order ``n``; the
+    real sizes are the next distinct primes above it. ``layer_ids`` are 0-based block indices;
+    an empty tuple disables Engram. ``pad_id`` is the *raw* tokenizer id used to fill positions
+    before the start of a sequence (it is compressed before hashing, as in the demo).
+    """
+
+    engram_vocab_size: tuple[int, ...] = (10_000, 10_000)
+    max_ngram_size: int = 3
+    n_embed_per_ngram: int = 64
+    n_head_per_ngram: int = 4
+    layer_ids: tuple[int, ...] = (1,)
+    kernel_size: int = 4
+    seed: int = 0
+    pad_id: int = 2
+    norm_eps: float = 1e-5
+    # Ablation switches (paper section 7).
+    use_gating: bool = True  # False: alpha = 1 (no context-aware gate)
+    use_short_conv: bool = True  # False: Y = V~ (no depthwise causal conv)
+    multi_branch: bool = True  # False: one fusion on the mean of the M branches, added to all
+    compress_tokenizer: bool = True  # False: hash raw token ids
+    # Sparse row-wise optimizer for the tables (False: dense optax Adam, exact semantics).
+    sparse_update: bool = True
+    table_lr_multiplier: float = 5.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "engram_vocab_size", tuple(self.engram_vocab_size))
+        object.__setattr__(self, "layer_ids", tuple(self.layer_ids))
+        _pos_int(self, "max_ngram_size")
+        _check(self.max_ngram_size >= 2, "EngramConfig.max_ngram_size", "an integer >= 2",
+               self.max_ngram_size)
+        _check(
+            len(self.engram_vocab_size) == self.max_ngram_size - 1
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 2
+                    for v in self.engram_vocab_size),
+            "EngramConfig.engram_vocab_size",
+            f"a list of {self.max_ngram_size - 1} integers >= 2 (one per order 2..max_ngram_size)",
+            self.engram_vocab_size,
+        )
+        for name in ("n_embed_per_ngram", "n_head_per_ngram", "kernel_size"):
+            _pos_int(self, name)
+        _check(
+            self.n_embed_per_ngram % self.n_head_per_ngram == 0,
+            "EngramConfig.n_embed_per_ngram",
+            f"divisible by n_head_per_ngram={self.n_head_per_ngram}",
+            self.n_embed_per_ngram,
+        )
+        _check(
+            all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layer_ids)
+            and len(set(self.layer_ids)) == len(self.layer_ids),
+            "EngramConfig.layer_ids",
+            "a list of distinct 0-based block indices",
+            self.layer_ids,
+        )
+        _check(isinstance(self.seed, int) and self.seed >= 0, "EngramConfig.seed",
+               "an integer >= 0", self.seed)
+        _check(isinstance(self.pad_id, int), "EngramConfig.pad_id", "an integer", self.pad_id)
+        _check(self.norm_eps > 0, "EngramConfig.norm_eps", "> 0", self.norm_eps)
+        _check(self.table_lr_multiplier > 0, "EngramConfig.table_lr_multiplier", "> 0",
+               self.table_lr_multiplier)
+        _bools(self, "use_gating", "use_short_conv", "multi_branch", "compress_tokenizer",
+               "sparse_update")
+
+    @property
+    def enabled(self) -> bool:
+        return len(self.layer_ids) > 0
+
+    @property
+    def d_head(self) -> int:
+        """Row width of the table: n_embed_per_ngram / n_head_per_ngram."""
+        return self.n_embed_per_ngram // self.n_head_per_ngram
+
+    @property
+    def d_mem(self) -> int:
+        """Width of the concatenated retrieved vector e_t: (N-1) * n_embed_per_ngram."""
+        return (self.max_ngram_size - 1) * self.n_embed_per_ngram
+
+    @property
+    def n_hash_heads(self) -> int:
+        """H = (N-1) * K hash ids per token per layer."""
+        return (self.max_ngram_size - 1) * self.n_head_per_ngram
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """DeepSeekMoE: shared + fine-grained routed experts, top-k, loss-free balancing.
+
+    ``n_routed_experts = 0`` with ``n_shared_experts = 0`` is not allowed for MoE blocks; a
+    dense model sets ``ModelConfig.n_dense_layers = n_layers``.
+    """
+
+    n_routed_experts: int = 8
+    n_shared_experts: int = 1
+    top_k: int = 2
+    expert_hidden: int = 64  # hidden width of each routed and shared expert
+    score_func: str = "sigmoid"
+    route_scale: float = 1.0
+    norm_topk_prob: bool = True
+    bias_update_rate: float = 1e-3  # loss-free balancing step (outside the gradient)
+
+    def __post_init__(self) -> None:
+        _pos_int(self, "n_routed_experts")
+        _pos_int(self, "n_shared_experts", allow_zero=True)
+        _pos_int(self, "top_k")
+        _check(self.top_k <= self.n_routed_experts, "MoEConfig.top_k",
+               f"<= n_routed_experts={self.n_routed_experts}", self.top_k)
+        _pos_int(self, "expert_hidden")
+        _choice(self, "score_func", ("sigmoid", "softmax"))
+        _check(self.route_scale > 0, "MoEConfig.route_scale", "> 0", self.route_scale)
+        _check(self.bias_update_rate >= 0, "MoEConfig.bias_update_rate", ">= 0",
+               self.bias_update_rate)
+        _bools(self, "norm_topk_prob")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The backbone: embedding, ``n_dense_layers`` dense blocks then MoE blocks, norm, head.
+
+    ``attention``: ``"gqa"`` (multi-head when ``n_kv_heads == n_heads``) or ``"mla"``.
+    ``hc_mult`` is the number M of mHC residual branches; 1 means a plain residual stream.
+    """
+
+    vocab_size: int = 4096
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    head_dim: int = 16
+    attention: str = "gqa"
+    # MLA ranks (used only when attention == "mla").
+    q_lora_rank: int = 0  # 0: full-rank query projection
+    kv_lora_rank: int = 32
+    qk_rope_head_dim: int = 8
+    dense_hidden: int = 128  # SwiGLU hidden width of the dense blocks
+    n_dense_layers: int = 1
+    hc_mult: int = 1
+    sinkhorn_iters: int = 20
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-6
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+    dtype: str = "float32"  # compute dtype; parameters are float32
+    remat: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                     "dense_hidden", "hc_mult", "max_seq_len", "kv_lora_rank",
+                     "qk_rope_head_dim"):
+            _pos_int(self, name)
+        _pos_int(self, "q_lora_rank", allow_zero=True)
+        _pos_int(self, "sinkhorn_iters", allow_zero=True)
+        _pos_int(self, "n_dense_layers", allow_zero=True)
+        _check(self.n_dense_layers <= self.n_layers, "ModelConfig.n_dense_layers",
+               f"<= n_layers={self.n_layers}", self.n_dense_layers)
+        _check(self.n_heads % self.n_kv_heads == 0, "ModelConfig.n_kv_heads",
+               f"a divisor of n_heads={self.n_heads}", self.n_kv_heads)
+        _choice(self, "attention", ("gqa", "mla"))
+        _check(self.head_dim % 2 == 0, "ModelConfig.head_dim", "even (RoPE)", self.head_dim)
+        _check(self.rope_theta > 0, "ModelConfig.rope_theta", "> 0", self.rope_theta)
+        _check(self.norm_eps > 0, "ModelConfig.norm_eps", "> 0", self.norm_eps)
+        _choice(self, "dtype", ("float32", "bfloat16"))
+        _bools(self, "tie_embeddings", "remat")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Muon for 2-D backbone matrices, AdamW for the rest, Adam (lr x multiplier) for tables."""
+
+    lr: float = 3e-3
+    muon_lr: float = 2e-2
+    warmup_steps: int = 20
+    decay_steps: tuple[int, ...] = ()  # step decay boundaries; empty: 80% and 90% of train.steps
+    decay_factor: float = 0.316
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    use_muon: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "decay_steps", tuple(self.decay_steps))
+        for name in ("lr", "muon_lr", "decay_factor", "eps"):
+            _check(getattr(self, name) > 0, f"OptimConfig.{name}", "> 0", getattr(self, name))
+        _pos_int(self, "warmup_steps", allow_zero=True)
+        _check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "OptimConfig.b1/b2", "in [0, 1)",
+               (self.b1, self.b2))
+        _check(self.weight_decay >= 0, "OptimConfig.weight_decay", ">= 0", self.weight_decay)
+        _check(self.grad_clip >= 0, "OptimConfig.grad_clip", ">= 0 (0 disables)", self.grad_clip)
+        _bools(self, "use_muon")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Input pipeline. ``path=""`` means the embedded default corpus (Python's stdlib source)."""
+
+    path: str = ""
+    text_field: str = "text"  # JSONL field
+    tokenizer: str = ""  # SentencePiece .model; "" trains one on the training split
+    tokenizer_type: str = "bpe"
+    val_fraction: float = 0.02
+    max_files: int = 0  # 0: all files of the default corpus
+    max_bytes: int = 8_000_000  # cap on default-corpus bytes read (0: no cap)
+    prefetch: int = 2
+    worker_count: int = 0  # Grain multiprocessing workers (0: in-process)
+
+    def __post_init__(self) -> None:
+        _check(0 < self.val_fraction < 1, "DataConfig.val_fraction", "in (0, 1)",
+               self.val_fraction)
+        _choice(self, "tokenizer_type", ("bpe", "unigram"))
+        for name in ("max_files", "max_bytes", "prefetch", "worker_count"):
+            _pos_int(self, name, allow_zero=True)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 8
+    seq_len: int = 128
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    checkpoint_every: int = 100  # 0 disables checkpointing
+    keep_checkpoints: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "log_every", "eval_batches",
+                     "keep_checkpoints"):
+            _pos_int(self, name)
+        for name in ("seed", "eval_every", "checkpoint_every"):
+            _pos_int(self, name, allow_zero=True)
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes; -1 on one axis means 'all remaining devices' (default: data)."""
+
+    data: int = -1
+    fsdp: int = 1
+    expert: int = 1
+    tensor: int = 1
+
+    def __post_init__(self) -> None:
+        sizes = (self.data, self.fsdp, self.expert, self.tensor)
+        _check(all(isinstance(s, int) and (s >= 1 or s == -1) for s in sizes)
+               and sizes.count(-1) <= 1, "MeshConfig", "positive sizes with at most one -1",
+               sizes)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    engram: EngramConfig = field(default_factory=EngramConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+
+    def __post_init__(self) -> None:
+        bad = [i for i in self.engram.layer_ids if i >= self.model.n_layers]
+        _check(not bad, "engram.layer_ids", f"block indices < model.n_layers={self.model.n_layers}",
+               self.engram.layer_ids)
+        _check(self.train.seq_len <= self.model.max_seq_len, "train.seq_len",
+               f"<= model.max_seq_len={self.model.max_seq_len}", self.train.seq_len)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in d:
+                continue
+            sub = d[f.name]
+            if isinstance(sub, dict):
+                sub_cls = type(getattr(cls(), f.name))
+                known = {g.name for g in dataclasses.fields(sub_cls)}
+                sub = sub_cls(**{k: v for k, v in sub.items() if k in known})
+            kwargs[f.name] = sub
+        return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dotted-key overrides: ``--set engram.layer_ids=[1] --set train.steps=50``
+
+
+def valid_keys(cfg: Config) -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cfg):
+        sub = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(sub):
+            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(sub)]
+        else:
+            keys.append(f.name)
+    return keys
+
+
+def parse_value(text: str) -> Any:
+    """JSON or a Python literal, never evaluated as code; anything else stays a string."""
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            value = parse(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            continue
+        return tuple(value) if isinstance(value, list) else value
+    return text
+
+
+def _coerce(value: Any, current: Any, key: str) -> Any:
+    if isinstance(current, bool):
+        _check(isinstance(value, bool), key, "true or false", value)
+    elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    elif isinstance(current, tuple) and isinstance(value, (int, str)):
+        raise ValueError(f"{key}={value!r} is invalid: must be a list, e.g. {key}=[...]")
+    elif isinstance(current, str) and not isinstance(value, str):
+        value = str(value)
+    return value
+
+
+def override(cfg: Config, assignments: list[str] | tuple[str, ...]) -> Config:
+    """Apply ``key=value`` strings with dotted keys; unknown keys list the nearest valid ones."""
+    keys = valid_keys(cfg)
+    changes: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for item in assignments:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected dotted.key=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key not in keys:
+            near = difflib.get_close_matches(key, keys, n=5, cutoff=0.4)
+            prefix = key.split(".")[0] + "."
+            near = near or [k for k in keys if k.startswith(prefix)][:8] or keys[:8]
+            raise ValueError(f"unknown config key {key!r}; valid keys nearby: {', '.join(near)}")
+        value = parse_value(text)
+        if "." in key:
+            section, name = key.split(".", 1)
+            current = getattr(getattr(cfg, section), name)
+            changes.setdefault(section, {})[name] = _coerce(value, current, key)
+        else:
+            top[key] = _coerce(value, getattr(cfg, key), key)
+    try:
+        new = {s: dataclasses.replace(getattr(cfg, s), **kv) for s, kv in changes.items()}
+        return dataclasses.replace(cfg, **new, **top)
+    except TypeError as e:  # e.g. a tuple given where an int belongs
+        raise ValueError(f"bad --set value: {e}") from None
