@@ -148,6 +148,10 @@ class MoEConfig:
     route_scale: float = 1.0
     norm_topk_prob: bool = True
     bias_update_rate: float = 1e-3  # loss-free balancing step (outside the gradient)
+    # Token dispatch (see engram_jax.moe): "ragged" (dropless ragged_dot; TPU/GPU),
+    # "blocked" (dropless padded blocks; fast on CPU), "capacity" (expert-axis einsum, drops).
+    dispatch: str = "ragged"
+    capacity_factor: float = 2.0  # "capacity" only: slots per expert = factor * S*top_k / E
 
     def __post_init__(self) -> None:
         _pos_int(self, "n_routed_experts")
@@ -161,6 +165,9 @@ class MoEConfig:
         _check(self.bias_update_rate >= 0, "MoEConfig.bias_update_rate", ">= 0",
                self.bias_update_rate)
         _bools(self, "norm_topk_prob")
+        _choice(self, "dispatch", ("ragged", "blocked", "capacity"))
+        _check(self.capacity_factor > 0, "MoEConfig.capacity_factor", "> 0",
+               self.capacity_factor)
 
 
 @dataclass(frozen=True)
@@ -186,6 +193,7 @@ class ModelConfig:
     n_dense_layers: int = 1
     hc_mult: int = 1
     sinkhorn_iters: int = 20
+    hc_dynamic: bool = True  # mHC: input-dependent mappings on top of the static ones
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-6
     max_seq_len: int = 4096
@@ -210,7 +218,7 @@ class ModelConfig:
         _check(self.rope_theta > 0, "ModelConfig.rope_theta", "> 0", self.rope_theta)
         _check(self.norm_eps > 0, "ModelConfig.norm_eps", "> 0", self.norm_eps)
         _choice(self, "dtype", ("float32", "bfloat16"))
-        _bools(self, "tie_embeddings", "remat")
+        _bools(self, "tie_embeddings", "remat", "hc_dynamic")
 
 
 @dataclass(frozen=True)
