@@ -1,0 +1,307 @@
+"""tpu_scripts/*.sh: run each with --dry-run and fake arguments, never touching Google Cloud.
+
+A fake ``gcloud`` goes first on PATH in every test. Under --dry-run it fails loudly and leaves a
+marker, which proves dry runs run nothing; without --dry-run it records its arguments (and answers
+ACTIVE to ``describe``), which proves a real run executes exactly the commands a dry run prints.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "tpu_scripts"
+NAMES = ("create", "install", "train", "sweep", "logs", "delete")
+LOC = ("--name", "pod", "--zone", "us-central2-b", "--project", "proj-x")
+
+# Each script with fake arguments, minus the LOC flags; the required ones are listed apart.
+CASES = {
+    "create": (("--accelerator-type", "v5litepod-16", "--version", "v2-alpha-tpuv5-lite"), ()),
+    "install": (("--repo-url", "https://example.com/engram-jax.git", "--ref", "v0.1"), ()),
+    "train": (("--workdir", "gs://bkt/run1", "--preset", "small"), ("--set", "train.steps=10")),
+    "sweep": (("rho", "--out", "gs://bkt/sweeps"), ()),
+    "logs": ((), ()),
+    "delete": ((), ()),
+}
+
+FAKE_GCLOUD = """#!/usr/bin/env bash
+if [[ -n ${FAKE_GCLOUD_FAIL:-} ]]; then touch "$FAKE_GCLOUD_FAIL"; exit 97; fi
+printf '%s\\0' "$@" >> "$FAKE_GCLOUD_LOG"; printf '\\n' >> "$FAKE_GCLOUD_LOG"
+if [[ " $* " == *" describe "* ]]; then echo "${FAKE_STATE:-ACTIVE}"; fi
+"""
+
+
+@pytest.fixture
+def env(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "gcloud"
+    fake.write_text(FAKE_GCLOUD)
+    fake.chmod(0o755)
+    e = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
+    e.update(PATH=f"{bin_dir}{os.pathsep}{e.get('PATH', '')}", TMPDIR=str(tmp_path),
+             FAKE_GCLOUD_FAIL=str(tmp_path / "gcloud-was-called"),
+             FAKE_GCLOUD_LOG=str(tmp_path / "gcloud.log"))
+    return e
+
+
+def sh(name, *args, env, cwd):
+    return subprocess.run(["bash", str(SCRIPTS / f"{name}.sh"), *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=60)
+
+
+def dry(name, *args, env, cwd):
+    """Dry-run a script; return its printed commands, each split back into argv."""
+    r = sh(name, *args, "--dry-run", env=env, cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    assert not Path(env["FAKE_GCLOUD_FAIL"]).exists(), "--dry-run called gcloud"
+    lines = r.stdout.splitlines()
+    assert lines and all(line.startswith("+ ") for line in lines), r.stdout
+    return [shlex.split(line[2:]) for line in lines]
+
+
+def gcloud(cmds):
+    return [c for c in cmds if c[0] == "gcloud"]
+
+
+def remote(cmd):
+    """The shell command an ``ssh --command=...`` line runs on the workers."""
+    (c,) = [a for a in cmd if a.startswith("--command=")]
+    return c[len("--command="):]
+
+
+# ---- every script ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", NAMES)
+def test_script_is_strict_and_executable(name):
+    path = SCRIPTS / f"{name}.sh"
+    text = path.read_text()
+    assert text.startswith("#!/usr/bin/env bash\n")
+    assert "\nset -euo pipefail\n" in text
+    assert os.access(path, os.X_OK)
+    subprocess.run(["bash", "-n", str(path)], check=True)
+
+
+def test_git_records_the_executable_bit():
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    out = subprocess.run(["git", "ls-files", "-s", "tpu_scripts"], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    modes = {Path(line.split("\t")[1]).stem: line.split()[0] for line in out.splitlines()}
+    assert {n: modes.get(n) for n in NAMES} == {n: "100755" for n in NAMES}
+
+
+def test_common_is_sourced_not_run():
+    path = SCRIPTS / "common.sh"
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    assert not path.stat().st_mode & stat.S_IXUSR
+
+
+def test_shellcheck_is_clean():
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed")
+    subprocess.run(["shellcheck", "-x", *sorted(map(str, SCRIPTS.glob("*.sh")))], cwd=SCRIPTS,
+                   check=True)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_help(name, env, tmp_path):
+    r = sh(name, "--help", env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"Usage: {name}.sh") and "--dry-run" in r.stdout
+    assert not Path(env["FAKE_GCLOUD_FAIL"]).exists()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dry_run_names_node_zone_and_given_project_only(name, env, tmp_path):
+    required, optional = CASES[name]
+    cmds = gcloud(dry(name, *LOC, *required, *optional, env=env, cwd=tmp_path))
+    assert cmds
+    for c in cmds:
+        assert c[:3] == ["gcloud", "compute", "tpus"]
+        assert "--zone=us-central2-b" in c
+        assert [a for a in c if a.startswith("--project")] == ["--project=proj-x"]
+    out = "\n".join(shlex.join(c) for c in cmds)
+    assert "0.0.0.0" not in out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_location_from_environment(name, env, tmp_path):
+    required, _ = CASES[name]
+    env.update(TPU_NAME="envpod", TPU_ZONE="europe-west4-a", TPU_PROJECT="env-proj")
+    for c in gcloud(dry(name, *required, env=env, cwd=tmp_path)):
+        assert "--zone=europe-west4-a" in c and "--project=env-proj" in c
+        assert any(a == "envpod" or a.startswith("envpod:") for a in c)
+    # a flag beats the environment
+    for c in gcloud(dry(name, *required, "--project", "flag-proj", env=env, cwd=tmp_path)):
+        assert [a for a in c if a.startswith("--project")] == ["--project=flag-proj"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("drop", ["--name", "--zone", "--project", "required"])
+def test_missing_argument_is_a_one_line_error(name, drop, env, tmp_path):
+    required, _ = CASES[name]
+    if drop == "required":
+        if not required:
+            pytest.skip("no script-specific required argument")
+        args = [*LOC, *required[2:]]  # drop the first required argument (and its value)
+        if name == "sweep":
+            args = [*LOC, *required[1:]]
+    else:
+        i = LOC.index(drop)
+        args = [*LOC[:i], *LOC[i + 2:], *required]
+    r = sh(name, *args, "--dry-run", env=env, cwd=tmp_path)
+    assert r.returncode != 0
+    assert r.stdout == ""
+    assert len(r.stderr.splitlines()) == 1 and f"{name}.sh: error: " in r.stderr, r.stderr
+    assert not Path(env["FAKE_GCLOUD_FAIL"]).exists()
+
+
+@pytest.mark.parametrize("args", [("--bogus",), ("--zone",), ("--zone", "--dry-run")])
+def test_bad_flags_are_refused(args, env, tmp_path):
+    r = sh("delete", *LOC, "--dry-run", *args, env=env, cwd=tmp_path)
+    assert r.returncode != 0 and r.stdout == "" and len(r.stderr.splitlines()) == 1
+
+
+# ---- create / delete ------------------------------------------------------------------------
+
+def test_create(env, tmp_path):
+    (c,) = dry("create", *LOC, *CASES["create"][0], env=env, cwd=tmp_path)
+    assert c[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "pod"]
+    assert {"--accelerator-type=v5litepod-16", "--version=v2-alpha-tpuv5-lite"} <= set(c)
+    assert "--spot" not in c and "queued-resources" not in c
+    (c,) = dry("create", *LOC, "--accelerator-type", "v4-32", "--version", "tpu-ubuntu2204-base",
+               "--spot", env=env, cwd=tmp_path)
+    assert {"--accelerator-type=v4-32", "--version=tpu-ubuntu2204-base", "--spot"} <= set(c)
+
+
+def test_create_queued_waits_for_active(env, tmp_path):
+    create, describe = dry("create", *LOC, *CASES["create"][0], "--queued", "--spot", env=env,
+                           cwd=tmp_path)
+    assert create[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "pod"]
+    assert {"--node-id=pod", "--accelerator-type=v5litepod-16",
+            "--runtime-version=v2-alpha-tpuv5-lite", "--spot"} <= set(create)
+    assert describe[3:6] == ["queued-resources", "describe", "pod"]
+    assert "--format=value(state.state)" in describe
+
+
+def test_create_queued_stops_on_failure(env, tmp_path):
+    del env["FAKE_GCLOUD_FAIL"]
+    env["FAKE_STATE"] = "FAILED"
+    r = sh("create", *LOC, *CASES["create"][0], "--queued", env=env, cwd=tmp_path)
+    assert r.returncode != 0 and "FAILED" in r.stderr.splitlines()[-1]
+
+
+def test_delete(env, tmp_path):
+    (c,) = dry("delete", *LOC, env=env, cwd=tmp_path)
+    assert c[3:6] == ["tpu-vm", "delete", "pod"] and "--quiet" not in c
+    (c,) = dry("delete", *LOC, "--queued", "--quiet", env=env, cwd=tmp_path)
+    assert c[3:6] == ["queued-resources", "delete", "pod"]
+    assert {"--force", "--quiet"} <= set(c)
+
+
+# ---- install --------------------------------------------------------------------------------
+
+def test_install_from_git(env, tmp_path):
+    (c,) = dry("install", *LOC, *CASES["install"][0], env=env, cwd=tmp_path)
+    assert c[3:6] == ["tpu-vm", "ssh", "pod"] and "--worker=all" in c
+    cmd = remote(c)
+    assert "git clone -q https://example.com/engram-jax.git ~/engram-jax" in cmd
+    assert "checkout -q v0.1" in cmd
+    assert "uv venv" in cmd and "--python 3.12" in cmd
+    assert cmd.endswith('bin/pip install -q -e ".[tpu]"')
+    (c,) = dry("install", *LOC, "--repo-url", "u", env=env, cwd=tmp_path)
+    assert "checkout -q main" in remote(c)
+
+
+def test_install_from_local_tree(env, tmp_path):
+    tar, scp, ssh = dry("install", *LOC, "--local", str(ROOT), env=env, cwd=tmp_path)
+    assert tar[0] == "tar" and tar[-3:] == ["-C", str(ROOT), "."]
+    tarball = tar[tar.index("-czf") + 1]
+    assert not Path(tarball).exists(), "--dry-run made the tarball"
+    assert scp[3:6] == ["tpu-vm", "scp", tarball] and "--worker=all" in scp
+    assert "pod:engram-jax.tar.gz" in scp
+    assert ssh[3:5] == ["tpu-vm", "ssh"] and "--worker=all" in ssh
+    assert "tar -xzf ~/engram-jax.tar.gz" in remote(ssh) and ".[tpu]" in remote(ssh)
+
+
+def test_install_needs_exactly_one_source(env, tmp_path):
+    r = sh("install", *LOC, "--local", ".", "--repo-url", "u", "--dry-run", env=env, cwd=tmp_path)
+    assert r.returncode != 0 and len(r.stderr.splitlines()) == 1
+
+
+# ---- train / sweep / logs -------------------------------------------------------------------
+
+def test_train(env, tmp_path):
+    (c,) = dry("train", *LOC, *CASES["train"][0], "--set", "train.steps=10", "--set",
+               "engram.layer_ids=[1, 5]", "--", "--resume", env=env, cwd=tmp_path)
+    assert c[3:6] == ["tpu-vm", "ssh", "pod"] and "--worker=all" in c
+    cmd = remote(c)
+    assert "nohup " in cmd and "> ~/engram-jax-logs/train.log 2>&1 < /dev/null &" in cmd
+    # what each worker runs, as its shell will split it
+    argv = shlex.split(cmd.split("nohup ", 1)[1].split(" > ", 1)[0])
+    assert argv == ["~/engram-jax-venv/bin/engram-jax", "train", "--preset", "small", "--workdir",
+                    "gs://bkt/run1", "--set", "train.steps=10", "--set", "engram.layer_ids=[1, 5]",
+                    "--resume"]
+
+
+@pytest.mark.parametrize("workdir", ["/tmp/run", "runs/x", "s3://bkt/run", "gs://", "GS://bkt/r"])
+def test_train_refuses_a_workdir_off_gcs(workdir, env, tmp_path):
+    r = sh("train", *LOC, "--workdir", workdir, "--preset", "small", "--dry-run", env=env,
+           cwd=tmp_path)
+    assert r.returncode != 0 and r.stdout == ""
+    assert len(r.stderr.splitlines()) == 1 and "gs://" in r.stderr
+
+
+@pytest.mark.parametrize("kind", ["rho", "slots", "ablate"])
+def test_sweep(kind, env, tmp_path):
+    (c,) = dry("sweep", kind, *LOC, "--out", "gs://bkt/s", "--", "--preset", "small", env=env,
+               cwd=tmp_path)
+    assert "--worker=all" in c
+    cmd = remote(c)
+    assert f"engram-jax sweep {kind} --out gs://bkt/s --preset small > " in cmd
+    assert f"~/engram-jax-logs/sweep-{kind}.log" in cmd
+
+
+@pytest.mark.parametrize("args", [("bogus", "--out", "gs://b/s"), ("rho", "--out", "/tmp/s")])
+def test_sweep_refuses_bad_kind_or_local_out(args, env, tmp_path):
+    r = sh("sweep", *LOC, *args, "--dry-run", env=env, cwd=tmp_path)
+    assert r.returncode != 0 and r.stdout == "" and len(r.stderr.splitlines()) == 1
+
+
+def test_logs(env, tmp_path):
+    mkdir, ssh = dry("logs", *LOC, "--out", "collected", env=env, cwd=tmp_path)
+    assert mkdir == ["mkdir", "-p", "collected"]
+    assert not (tmp_path / "collected").exists(), "--dry-run made the directory"
+    assert "--worker=all" in ssh and "--output-directory=collected" in ssh
+    assert "~/engram-jax-logs/*.log" in remote(ssh)
+    _, ssh = dry("logs", *LOC, env=env, cwd=tmp_path)
+    assert "--output-directory=tpu-logs/pod" in ssh
+
+
+# ---- a real run executes what the dry run printed -------------------------------------------
+
+@pytest.mark.parametrize("name,extra", [
+    ("create", ("--queued",)), ("create", ()), ("install", ()), ("train", ()), ("sweep", ()),
+    ("logs", ()), ("delete", ("--queued", "--quiet")),
+    ("install", ("--local", ".")),
+])
+def test_real_run_executes_what_dry_run_prints(name, extra, env, tmp_path):
+    required, optional = CASES[name]
+    if "--local" in extra:
+        required = ()
+        (tmp_path / "setup.py").write_text("")
+    printed = gcloud(dry(name, *LOC, *required, *optional, *extra, env=env, cwd=tmp_path))
+    del env["FAKE_GCLOUD_FAIL"]
+    r = sh(name, *LOC, *required, *optional, *extra, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    log = Path(env["FAKE_GCLOUD_LOG"]).read_text().split("\n")[:-1]
+    ran = [["gcloud", *entry.split("\0")[:-1]] for entry in log]
+    assert ran == printed
