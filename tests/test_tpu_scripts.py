@@ -12,6 +12,7 @@ import shlex
 import shutil
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ SCRIPTS = ROOT / "tpu_scripts"
 NAMES = ("create", "install", "train", "sweep", "logs", "delete")
 LOC = ("--name", "pod", "--zone", "us-central2-b", "--project", "proj-x")
 
-# Each script with fake arguments, minus the LOC flags; the required ones are listed apart.
+# Fake arguments of each script besides LOC: (what it needs, a few extras).
 CASES = {
     "create": (("--accelerator-type", "v5litepod-16", "--version", "v2-alpha-tpuv5-lite"), ()),
     "install": (("--repo-url", "https://example.com/engram-jax.git", "--ref", "v0.1"), ()),
@@ -53,13 +54,13 @@ def env(tmp_path):
 
 
 def sh(name, *args, env, cwd):
-    return subprocess.run(["bash", str(SCRIPTS / f"{name}.sh"), *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(["bash", str(SCRIPTS / f"{name}.sh"), *args], check=False, env=env,
+                          cwd=cwd, capture_output=True, text=True, timeout=60)
 
 
 def dry(name, *args, env, cwd):
     """Dry-run a script; return its printed commands, each split back into argv."""
-    r = sh(name, *args, "--dry-run", env=env, cwd=cwd)
+    r = sh(name, "--dry-run", *args, env=env, cwd=cwd)  # first: after a bare -- it passes through
     assert r.returncode == 0, r.stderr
     assert not Path(env["FAKE_GCLOUD_FAIL"]).exists(), "--dry-run called gcloud"
     lines = r.stdout.splitlines()
@@ -85,6 +86,7 @@ def test_script_is_strict_and_executable(name):
     text = path.read_text()
     assert text.startswith("#!/usr/bin/env bash\n")
     assert "\nset -euo pipefail\n" in text
+    assert "0.0.0.0" not in text
     assert os.access(path, os.X_OK)
     subprocess.run(["bash", "-n", str(path)], check=True)
 
@@ -102,6 +104,7 @@ def test_common_is_sourced_not_run():
     path = SCRIPTS / "common.sh"
     subprocess.run(["bash", "-n", str(path)], check=True)
     assert not path.stat().st_mode & stat.S_IXUSR
+    assert "0.0.0.0" not in path.read_text()
 
 
 def test_shellcheck_is_clean():
@@ -144,23 +147,20 @@ def test_location_from_environment(name, env, tmp_path):
         assert [a for a in c if a.startswith("--project")] == ["--project=flag-proj"]
 
 
-@pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("drop", ["--name", "--zone", "--project", "required"])
+MISSING = [(n, f) for n in NAMES for f in ("--name", "--zone", "--project")] + [
+    ("create", "--accelerator-type"), ("create", "--version"), ("install", "--repo-url"),
+    ("train", "--workdir"), ("train", "--preset"), ("sweep", "rho"), ("sweep", "--out")]
+
+
+@pytest.mark.parametrize("name,drop", MISSING)
 def test_missing_argument_is_a_one_line_error(name, drop, env, tmp_path):
-    required, _ = CASES[name]
-    if drop == "required":
-        if not required:
-            pytest.skip("no script-specific required argument")
-        args = [*LOC, *required[2:]]  # drop the first required argument (and its value)
-        if name == "sweep":
-            args = [*LOC, *required[1:]]
-    else:
-        i = LOC.index(drop)
-        args = [*LOC[:i], *LOC[i + 2:], *required]
-    r = sh(name, *args, "--dry-run", env=env, cwd=tmp_path)
+    args = [*LOC, *CASES[name][0]]
+    i = args.index(drop)
+    del args[i:i + (1 if drop == "rho" else 2)]
+    r = sh(name, "--dry-run", *args, env=env, cwd=tmp_path)
     assert r.returncode != 0
     assert r.stdout == ""
-    assert len(r.stderr.splitlines()) == 1 and f"{name}.sh: error: " in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1 and f"{name}.sh: error: missing" in r.stderr, r.stderr
     assert not Path(env["FAKE_GCLOUD_FAIL"]).exists()
 
 
@@ -250,6 +250,30 @@ def test_train(env, tmp_path):
     assert argv == ["~/engram-jax-venv/bin/engram-jax", "train", "--preset", "small", "--workdir",
                     "gs://bkt/run1", "--set", "train.steps=10", "--set", "engram.layer_ids=[1, 5]",
                     "--resume"]
+
+
+def test_remote_commands_work_in_a_local_shell(env, tmp_path):
+    """Run what train.sh and logs.sh send to the workers in a local bash, against a fake venv."""
+    home = tmp_path / "home"
+    fake = home / "engram-jax-venv" / "bin" / "engram-jax"
+    fake.parent.mkdir(parents=True)
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\0" "$@"\n')
+    fake.chmod(0o755)
+    value = "data.name=it's a \"test\" $HOME; `x` & y"
+    (c,) = dry("train", *LOC, *CASES["train"][0], "--set", value, env=env, cwd=tmp_path)
+    local = {**env, "HOME": str(home)}
+    subprocess.run(["bash", "-c", remote(c)], env=local, check=True, timeout=30)
+    pid = int((home / "engram-jax-logs" / "train.pid").read_text())
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:  # the detached fake
+        time.sleep(0.01)
+    log = (home / "engram-jax-logs" / "train.log").read_text()
+    assert log.split("\0")[:-1] == ["train", "--preset", "small", "--workdir", "gs://bkt/run1",
+                                     "--set", value]
+    _, c = dry("logs", *LOC, env=env, cwd=tmp_path)
+    out = subprocess.run(["bash", "-c", remote(c)], env=local, check=True, capture_output=True,
+                         text=True).stdout
+    assert out == log
 
 
 @pytest.mark.parametrize("workdir", ["/tmp/run", "runs/x", "s3://bkt/run", "gs://", "GS://bkt/r"])

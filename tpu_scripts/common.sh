@@ -78,5 +78,6 @@ ssh_all() {
 launch() {
   local log="$LOGS/$1" args
   args=$(printf ' %q' "${@:2}")
-  ssh_all "mkdir -p $LOGS && nohup $VENV/bin/engram-jax$args > $log.log 2>&1 < /dev/null & echo \$! > $log.pid"
+  ssh_all "mkdir -p $LOGS && { nohup $VENV/bin/engram-jax$args > $log.log 2>&1 < /dev/null \
+& echo \$! > $log.pid; }"
 }

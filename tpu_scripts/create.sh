@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create a TPU VM or pod slice, directly or through a queued resource. See README.md.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 USAGE="Usage: create.sh --accelerator-type TYPE --version RUNTIME [--spot] [--queued] [common flags]
@@ -35,14 +36,16 @@ fi
 
 run gcloud compute tpus queued-resources create "$NAME" "${LOC[@]}" --node-id="$NAME" \
   --accelerator-type="$ACCEL" --runtime-version="$VERSION" ${SPOT:+--spot}
-describe=(gcloud compute tpus queued-resources describe "$NAME" "${LOC[@]}" --format='value(state.state)')
+describe=(gcloud compute tpus queued-resources describe "$NAME" "${LOC[@]}"
+  --format='value(state.state)')
 show "${describe[@]}"  # run below every 60 s until the slice is ACTIVE
 if [[ $DRY_RUN == 1 ]]; then exit; fi
 while :; do
-  state=$("${describe[@]}") || state="unknown (describe failed)"  # a network blip must not end the wait
+  # a network blip must not end a wait of hours
+  state=$("${describe[@]}") || state="unknown (describe failed)"
   case $state in
     ACTIVE) echo "$NAME is ACTIVE"; exit ;;
-    FAILED | SUSPENDED) die "queued resource $NAME is $state (queued-resources describe shows why)" ;;
+    FAILED | SUSPENDED) die "queued resource $NAME is $state (describe it to see why)" ;;
   esac
   echo "$NAME is ${state:-not visible yet}; checking again in 60 s" >&2
   sleep 60

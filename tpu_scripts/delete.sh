@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Delete a TPU VM or pod slice, or the queued resource that holds it. See README.md.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 USAGE="Usage: delete.sh [--queued] [--quiet] [common flags]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Collect the engram-jax logs of every worker into a local directory. See README.md.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 USAGE="Usage: logs.sh [--out DIR] [common flags]

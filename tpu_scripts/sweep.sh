@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Launch `engram-jax sweep` on every worker of a TPU VM or pod slice. See README.md.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 USAGE="Usage: sweep.sh rho|slots|ablate --out gs://BUCKET/DIR [common flags] [-- ARG...]
@@ -23,6 +24,6 @@ done
 check_common
 [[ -n $KIND ]] || die "missing the sweep: rho, slots or ablate"
 [[ -n $OUT ]] || die "missing --out gs://BUCKET/DIR"
-[[ $OUT == gs://?* ]] || die "--out must start with gs:// (all workers write there), got '$OUT'"
+[[ $OUT == gs://?* ]] || die "--out must be on GCS (gs://...) for all workers to share it"
 
 launch "sweep-$KIND" sweep "$KIND" --out "$OUT" ${ARGS[@]+"${ARGS[@]}"}

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Launch `engram-jax train` on every worker of a TPU VM or pod slice. See README.md.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-USAGE="Usage: train.sh --workdir gs://BUCKET/RUN --preset PRESET [--set KEY=VALUE]... [common flags] [-- ARG...]
+USAGE="Usage: train.sh --workdir gs://BUCKET/RUN --preset PRESET [--set KEY=VALUE]...
+                [common flags] [-- ARG...]
 
 Start 'engram-jax train --preset PRESET --workdir gs://... [--set KEY=VALUE]... [ARG...]' detached
 (nohup) on every worker; each writes ~/engram-jax-logs/train.log (collect with logs.sh) and
@@ -25,7 +27,7 @@ while (($#)); do
 done
 check_common
 [[ -n $WORKDIR ]] || die "missing --workdir gs://BUCKET/RUN"
-[[ $WORKDIR == gs://?* ]] || die "--workdir must start with gs:// (all workers write there), got '$WORKDIR'"
+[[ $WORKDIR == gs://?* ]] || die "--workdir must be on GCS (gs://...) for all workers to share it"
 [[ -n $PRESET ]] || die "missing --preset (e.g. small)"
 
 launch train train --preset "$PRESET" --workdir "$WORKDIR" ${ARGS[@]+"${ARGS[@]}"}
