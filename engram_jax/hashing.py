@@ -23,6 +23,7 @@ once per chunk, which is cheaper than strided per-head writes.
 from __future__ import annotations
 
 import functools
+import threading
 
 import numpy as np
 
@@ -154,9 +155,18 @@ class NgramHasher:
         if chunk_tokens is None:  # keep the head-major scratch (H x chunk) near 1 MB, in L2
             chunk_tokens = min(65536, max(2048, 2**20 // (self.n_heads * self.out_dtype.itemsize)))
         self.chunk_tokens = max(1, int(chunk_tokens))
-        self._work_dtype = self.out_dtype  # int32 work needs every p < 2**31 (checked above)
+        self._work_dtype = np.int32 if self._small_primes else np.int64
+        self._local = threading.local()
         self._primes = {lid: np.asarray([p for o in v for p in o], self._work_dtype)[:, None]
                         for lid, v in self.table_sizes.items()}
+
+    def _buffers(self, n: int) -> _Buffers:
+        # Kept per thread and reused: fresh megabyte buffers would page-fault on every call.
+        bufs = getattr(self._local, "bufs", None)
+        if bufs is None or bufs.size < n:
+            bufs = self._local.bufs = _Buffers(n, self.n_heads, self.max_ngram_size - 1,
+                                               self._work_dtype)
+        return bufs
 
     def head_offsets(self, layer_id: int) -> np.ndarray:
         return head_offsets(self.table_sizes[layer_id])
@@ -202,7 +212,7 @@ class NgramHasher:
             seg_p[:, pad:] = seg
         cols = min(t, self.chunk_tokens)
         rows = max(1, self.chunk_tokens // cols)
-        bufs = _Buffers(rows * cols, self.n_heads, n_max - 1, self._work_dtype)
+        bufs = self._buffers(min(rows, b) * cols)
         for r0 in range(0, b, rows):
             r1 = min(b, r0 + rows)
             for c0 in range(0, t, cols):
@@ -239,13 +249,14 @@ class NgramHasher:
         np.multiply(heads, self._primes[layer_id], out=heads)
         heads_oxkxn = heads.reshape(self.max_ngram_size - 1, k_heads, n)
         np.subtract(bufs.mix_low[:, None, :n], heads_oxkxn, out=heads_oxkxn)
-        np.copyto(out_view, heads.T.reshape(r, c, self.n_heads))
+        np.copyto(out_view, heads.T.reshape(r, c, self.n_heads), casting="unsafe")
 
 
 class _Buffers:
     """Scratch space for one chunk, reused across chunks and layers."""
 
     def __init__(self, n: int, n_heads: int, n_orders: int, dtype):
+        self.size = n
         self.mix = np.empty(n, np.int64)
         self.term = np.empty(n, np.int64)
         self.mix_low = np.empty((n_orders, n), dtype)
