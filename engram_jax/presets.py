@@ -7,6 +7,8 @@ what it is for. ``get_preset(name)`` looks one up. Paper presets (``dense-4b``, 
 
 from __future__ import annotations
 
+import dataclasses
+
 from engram_jax.config import (Config, EngramConfig, ModelConfig, MoEConfig, TrainConfig)
 
 PRESETS: dict = {}
@@ -35,7 +37,8 @@ def tiny() -> Config:
         model=ModelConfig(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
                           head_dim=32, dense_hidden=384, n_dense_layers=1, hc_mult=2,
                           max_seq_len=1024),
-        moe=MoEConfig(n_routed_experts=8, n_shared_experts=1, top_k=2, expert_hidden=128),
+        moe=MoEConfig(n_routed_experts=8, n_shared_experts=1, top_k=2, expert_hidden=128,
+                      dispatch="blocked"),
         engram=EngramConfig(engram_vocab_size=(5000, 5000), max_ngram_size=3,
                             n_embed_per_ngram=64, n_head_per_ngram=4, layer_ids=(1,)),
         train=TrainConfig(steps=300, batch_size=8, seq_len=128),
@@ -51,8 +54,98 @@ def small() -> Config:
         model=ModelConfig(vocab_size=8000, d_model=256, n_layers=6, n_heads=8, n_kv_heads=4,
                           head_dim=32, dense_hidden=768, n_dense_layers=1, hc_mult=4,
                           max_seq_len=2048),
-        moe=MoEConfig(n_routed_experts=16, n_shared_experts=1, top_k=2, expert_hidden=192),
+        moe=MoEConfig(n_routed_experts=16, n_shared_experts=1, top_k=2, expert_hidden=192,
+                      dispatch="blocked"),
         engram=EngramConfig(engram_vocab_size=(20_000, 20_000), max_ngram_size=3,
                             n_embed_per_ngram=128, n_head_per_ngram=8, layer_ids=(1, 4)),
         train=TrainConfig(steps=1000, batch_size=16, seq_len=256),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's models (ENGRAM_SPEC sections 5-7). Published: 30 blocks, d=2560, MLA with 32
+# heads, mHC expansion 4, vocab 129,280, RoPE theta 10,000, seq 4096; the MoE layout; the Engram
+# sizes. NOT published, chosen here: MLA dimensions = DeepSeek-V3's own (q_lora_rank 1536,
+# kv_lora_rank 512, qk_nope = v head dim 128, qk_rope 64); routed/shared expert hidden 1536
+# (sets the sparse budget: 66 unselected x 29 layers x 11.8M = 22.6B); dense FFN width
+# 12,288 = 8 x 1536, as wide as the 8 experts a token activates (DeepSeek-V3's convention).
+#
+# How the published totals come out (``engram-jax params --preset NAME``): activated
+# (embedding and head excluded) 3.73B (Dense-4B, MoE-27B) and 3.77B (Engram, + 2 fusion
+# modules) vs 3.8B. The published *totals* count the input embedding (129,280 x 2,560 =
+# 0.33B): Dense-4B 4.1B = 3.8B activated + 0.33B is only possible that way, since a dense
+# model's P_tot equals its P_act. Key ``total_with_embedding``: 4.06B, 26.65B, 26.65B, 39.40B
+# vs 4.1B, 26.7B, 26.7B, 39.5B. ``total`` (P_tot, spec section 6, no embedding/head): 3.73B,
+# 26.32B, 26.32B, 39.07B. Engram tables: 5.79B and 18.53B vs 5.7B and 18.5B.
+#
+# Engram layers: the paper says blocks 2 and 15 of 30 (1-based), i.e. 0-based (1, 14); the
+# demo's list [1, 15] is 0-based, i.e. blocks 2 and 16. We follow the paper (the spec's
+# section 1 and 5 text); ``--set engram.layer_ids=[1,15]`` gives the demo's placement.
+
+_PAPER_MODEL = ModelConfig(
+    vocab_size=129_280, d_model=2560, n_layers=30, n_heads=32, n_kv_heads=32, head_dim=128,
+    attention="mla", q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64,
+    dense_hidden=12_288, n_dense_layers=1, hc_mult=4, sinkhorn_iters=20, rope_theta=10_000.0,
+    max_seq_len=4096, dtype="bfloat16", remat=True)
+_PAPER_MOE = MoEConfig(n_routed_experts=72, n_shared_experts=2, top_k=6, expert_hidden=1536,
+                       score_func="sigmoid", dispatch="ragged")
+_PAPER_TRAIN = TrainConfig(steps=50_000, batch_size=1280, seq_len=4096)
+_ENGRAM_27B = EngramConfig(engram_vocab_size=(2_262_400, 2_262_400), max_ngram_size=3,
+                           n_embed_per_ngram=640, n_head_per_ngram=8, layer_ids=(1, 14))
+_NO_ENGRAM = EngramConfig(layer_ids=())
+
+
+@preset("dense-4b")
+def dense_4b() -> Config:
+    """Dense-4B: the paper backbone with a dense SwiGLU (width 12,288) in all 30 blocks.
+    3.73B activated = P_tot; 4.06B with the input embedding (paper: 4.1B, 3.8B activated)."""
+    return Config(name="dense-4b",
+                  model=dataclasses.replace(_PAPER_MODEL, n_dense_layers=30),
+                  moe=_PAPER_MOE, engram=_NO_ENGRAM, train=_PAPER_TRAIN)
+
+
+@preset("moe-27b")
+def moe_27b() -> Config:
+    """MoE-27B: 1 leading dense block, then DeepSeekMoE with 2 shared + 72 routed experts
+    (hidden 1536), top-6, sigmoid scores, loss-free balancing. P_tot 26.32B, 26.65B with the
+    embedding (paper 26.7B); 3.73B activated (paper 3.8B)."""
+    return Config(name="moe-27b", model=_PAPER_MODEL, moe=_PAPER_MOE, engram=_NO_ENGRAM,
+                  train=_PAPER_TRAIN)
+
+
+@preset("engram-27b")
+def engram_27b() -> Config:
+    """Engram-27B: MoE-27B with 55 routed experts; Engram at blocks 2 and 15 (1-based), N=3
+    (orders 2 and 3), 8 heads per order, d_mem 1280, base 2,262,400 rows per head: tables
+    5.79B (paper 5.7B). P_tot 26.32B, 26.65B with the embedding (paper 26.7B)."""
+    return Config(name="engram-27b", model=_PAPER_MODEL,
+                  moe=dataclasses.replace(_PAPER_MOE, n_routed_experts=55),
+                  engram=_ENGRAM_27B, train=_PAPER_TRAIN)
+
+
+@preset("engram-40b")
+def engram_40b() -> Config:
+    """Engram-40B: Engram-27B with 7,239,680 base rows per head: tables 18.53B (paper 18.5B).
+    P_tot 39.07B, 39.40B with the embedding (paper 39.5B); activated unchanged."""
+    return Config(name="engram-40b", model=_PAPER_MODEL,
+                  moe=dataclasses.replace(_PAPER_MOE, n_routed_experts=55),
+                  engram=dataclasses.replace(_ENGRAM_27B, engram_vocab_size=(7_239_680,) * 2),
+                  train=_PAPER_TRAIN)
+
+
+@preset("ablation-3b")
+def ablation_3b() -> Config:
+    """Ablation model (paper section 7): 12 blocks, a 3B MoE with 0.56B activated, plus the
+    reference 1.6B Engram at blocks 2 and 6 (1-based; 0-based (1, 5)), N=3, 8 heads per order.
+    Unpublished, chosen here: d=1280, mHC 4, MLA 16 heads (q_lora 768, kv_lora 512, head dims
+    128/64), 2 shared + 48 routed experts of hidden 1280, top-6; d_mem 640 (n_embed_per_ngram
+    320, d_head 40) and 1,250,000 base rows per head. MoE part 3.02B with the embedding, 0.58B
+    activated; Engram tables 1.60B. The MoE baseline: ``--set engram.layer_ids=[]``."""
+    return Config(
+        name="ablation-3b",
+        model=dataclasses.replace(_PAPER_MODEL, d_model=1280, n_layers=12, n_heads=16,
+                                  n_kv_heads=16, q_lora_rank=768, dense_hidden=8 * 1280),
+        moe=dataclasses.replace(_PAPER_MOE, n_routed_experts=48, expert_hidden=1280),
+        engram=EngramConfig(engram_vocab_size=(1_250_000, 1_250_000), max_ngram_size=3,
+                            n_embed_per_ngram=320, n_head_per_ngram=8, layer_ids=(1, 5)),
+        train=TrainConfig(steps=50_000, batch_size=512, seq_len=4096))

@@ -1,0 +1,142 @@
+"""Causal self-attention with RoPE: grouped-query (GQA/MHA) and Multi-head Latent Attention.
+
+``GQAttention``: ``n_heads`` query heads share ``n_kv_heads`` key/value heads (MHA when equal).
+
+``MLAttention`` (DeepSeek-V2/V3 MLA, the paper's backbone): queries optionally through a
+low-rank bottleneck ``c_q = RMSNorm(x W_dq)`` (``q_lora_rank > 0``); keys and values from one
+compressed latent ``c_kv = RMSNorm(x W_dkv)`` of width ``kv_lora_rank`` plus one RoPE key of
+width ``qk_rope_head_dim`` shared by all heads. Per head, query/key = [no-RoPE part (head_dim),
+RoPE part (qk_rope_head_dim)], value width = head_dim. (DeepSeek-V3 names: qk_nope_head_dim =
+v_head_dim = ``head_dim`` here.) The softmax scale is 1/sqrt(head_dim + qk_rope_head_dim).
+
+RoPE rotates the two halves of each rotated vector (the "rotate-half" convention).
+
+Shape legend: B batch, T query positions, S key positions, D d_model, N query heads,
+K key/value heads, G = N/K query heads per kv head, H head_dim, R rope dim, Q q_lora_rank,
+L kv_lora_rank.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from engram_jax.config import ModelConfig
+from engram_jax.layers import Linear, RMSNorm
+
+
+def rope(x_BxTxNxH: jax.Array, positions_T: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding over the last axis (rotate-half), computed in float32."""
+    half = x_BxTxNxH.shape[-1] // 2
+    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle_TxH = positions_T.astype(jnp.float32)[:, None] * freq[None, :]
+    cos, sin = jnp.cos(angle_TxH)[None, :, None, :], jnp.sin(angle_TxH)[None, :, None, :]
+    x = x_BxTxNxH.astype(jnp.float32)
+    x1, x2 = x[..., :half], x[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxTxNxH.dtype)
+
+
+def causal_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxV: jax.Array,
+                     scale: float) -> jax.Array:
+    """Softmax(q k^T * scale + causal mask) v with K <= N kv heads; softmax in float32."""
+    b, t, n, h = q_BxTxNxH.shape
+    k_heads = k_BxSxKxH.shape[2]
+    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k_heads, n // k_heads, h)
+    s_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH,
+                             preferred_element_type=jnp.float32) * scale
+    causal_TxS = jnp.tril(jnp.ones((t, k_BxSxKxH.shape[1]), dtype=bool))
+    s_BxKxGxTxS = jnp.where(causal_TxS[None, None, None], s_BxKxGxTxS, jnp.finfo(jnp.float32).min)
+    p_BxKxGxTxS = jax.nn.softmax(s_BxKxGxTxS, axis=-1).astype(v_BxSxKxV.dtype)
+    o_BxTxKxGxV = jnp.einsum("bkgts,bskv->btkgv", p_BxKxGxTxS, v_BxSxKxV)
+    return o_BxTxKxGxV.reshape(b, t, n, v_BxSxKxV.shape[-1])
+
+
+class GQAttention(nnx.Module):
+    """Grouped-query causal self-attention with RoPE on queries and keys (no biases)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        dt = jnp.dtype(cfg.dtype)
+        self.n_heads, self.n_kv_heads, self.head_dim = n, k, h
+        self.theta = cfg.rope_theta
+        self.wq = Linear(d, n * h, use_bias=False, axes=("embed", "heads"), dtype=dt, rngs=rngs)
+        self.wk = Linear(d, k * h, use_bias=False, axes=("embed", "heads"), dtype=dt, rngs=rngs)
+        self.wv = Linear(d, k * h, use_bias=False, axes=("embed", "heads"), dtype=dt, rngs=rngs)
+        self.wo = Linear(n * h, d, use_bias=False, axes=("heads", "embed"), dtype=dt, rngs=rngs)
+
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        b, t, _ = x_BxTxD.shape
+        pos_T = jnp.arange(t)
+        q_BxTxNxH = rope(self.wq(x_BxTxD).reshape(b, t, self.n_heads, self.head_dim),
+                         pos_T, self.theta)
+        k_BxTxKxH = rope(self.wk(x_BxTxD).reshape(b, t, self.n_kv_heads, self.head_dim),
+                         pos_T, self.theta)
+        v_BxTxKxH = self.wv(x_BxTxD).reshape(b, t, self.n_kv_heads, self.head_dim)
+        o_BxTxNxH = causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, self.head_dim ** -0.5)
+        return self.wo(o_BxTxNxH.reshape(b, t, -1))
+
+
+class MLAttention(nnx.Module):
+    """Multi-head Latent Attention (DeepSeek-V2/V3) with decoupled RoPE keys."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        if cfg.qk_rope_head_dim % 2:
+            raise ValueError(f"ModelConfig.qk_rope_head_dim={cfg.qk_rope_head_dim} is invalid: "
+                             "must be even (RoPE) for attention='mla'")
+        d, n, h, r = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.qk_rope_head_dim
+        qr, lr = cfg.q_lora_rank, cfg.kv_lora_rank
+        dt = jnp.dtype(cfg.dtype)
+        self.n_heads, self.head_dim, self.rope_dim, self.kv_rank = n, h, r, lr
+        self.q_lora = qr > 0
+        self.theta = cfg.rope_theta
+        if qr > 0:
+            self.wq_a = Linear(d, qr, use_bias=False, axes=("embed", None), dtype=dt, rngs=rngs)
+            self.q_norm = RMSNorm(qr, cfg.norm_eps, axes=(None,))
+            self.wq_b = Linear(qr, n * (h + r), use_bias=False, axes=(None, "heads"), dtype=dt,
+                               rngs=rngs)
+        else:
+            self.wq = Linear(d, n * (h + r), use_bias=False, axes=("embed", "heads"), dtype=dt,
+                             rngs=rngs)
+        self.wkv_a = Linear(d, lr + r, use_bias=False, axes=("embed", None), dtype=dt, rngs=rngs)
+        self.kv_norm = RMSNorm(lr, cfg.norm_eps, axes=(None,))
+        self.wkv_b = Linear(lr, n * 2 * h, use_bias=False, axes=(None, "heads"), dtype=dt,
+                            rngs=rngs)
+        self.wo = Linear(n * h, d, use_bias=False, axes=("heads", "embed"), dtype=dt, rngs=rngs)
+
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        b, t, _ = x_BxTxD.shape
+        n, h, r = self.n_heads, self.head_dim, self.rope_dim
+        pos_T = jnp.arange(t)
+        # 1. queries [no-RoPE | RoPE] per head, optionally through the q bottleneck
+        q = self.wq_b(self.q_norm(self.wq_a(x_BxTxD))) if self.q_lora else self.wq(x_BxTxD)
+        q_BxTxNx_ = q.reshape(b, t, n, h + r)
+        q_BxTxNx_ = jnp.concatenate(
+            [q_BxTxNx_[..., :h], rope(q_BxTxNx_[..., h:], pos_T, self.theta)], axis=-1)
+        # 2. compressed latent c_kv (L) and the shared RoPE key (R)
+        kv_a = self.wkv_a(x_BxTxD)
+        c_BxTxL, k_rope_BxTx1xR = kv_a[..., :self.kv_rank], kv_a[..., None, self.kv_rank:]
+        k_rope_BxTx1xR = rope(k_rope_BxTx1xR, pos_T, self.theta)
+        # 3. per-head keys (no-RoPE part) and values from the latent
+        kv_BxTxNx2H = self.wkv_b(self.kv_norm(c_BxTxL)).reshape(b, t, n, 2 * h)
+        k_BxTxNx_ = jnp.concatenate(
+            [kv_BxTxNx2H[..., :h], jnp.broadcast_to(k_rope_BxTx1xR, (b, t, n, r))], axis=-1)
+        v_BxTxNxH = kv_BxTxNx2H[..., h:]
+        o_BxTxNxH = causal_attention(q_BxTxNx_, k_BxTxNx_.astype(q_BxTxNx_.dtype), v_BxTxNxH,
+                                     (h + r) ** -0.5)
+        return self.wo(o_BxTxNxH.reshape(b, t, n * h))
+
+
+def make_attention(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+    return MLAttention(cfg, rngs=rngs) if cfg.attention == "mla" else GQAttention(cfg, rngs=rngs)
+
+
+def attention_params(cfg: ModelConfig) -> int:
+    """Analytic parameter count of one attention sublayer (mirrors the modules above)."""
+    d, n, h = cfg.d_model, cfg.n_heads, cfg.head_dim
+    if cfg.attention == "gqa":
+        return 2 * d * n * h + 2 * d * cfg.n_kv_heads * h
+    r, qr, lr = cfg.qk_rope_head_dim, cfg.q_lora_rank, cfg.kv_lora_rank
+    q = d * qr + qr + qr * n * (h + r) if qr > 0 else d * n * (h + r)
+    return q + d * (lr + r) + lr + lr * n * 2 * h + n * h * d

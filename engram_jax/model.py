@@ -1,0 +1,156 @@
+"""The language model: embedding -> M mHC branches -> blocks -> branch mean, norm -> LM head.
+
+Block ``l`` (ENGRAM_SPEC section 1):
+
+    H <- H + Engram_l(H, ids_l)                  only for l in cfg.engram.layer_ids
+    H <- mHC_attn(H, Attention(RMSNorm(.)))      hyper.py: H_res H + H_post^T F(H_pre H)
+    H <- mHC_ffn(H, FFN(RMSNorm(.)))             dense SwiGLU for l < n_dense_layers, else MoE
+
+The residual stream H is float32 [B, T, M, D] (M = hc_mult; M = 1 is a plain residual
+stream); sublayers compute in ``ModelConfig.dtype``; parameters and logits are float32. The
+readout sums nothing away: it takes the mean over branches, then RMSNorm and the LM head
+(untied unless ``tie_embeddings``; tied logits are ``h E^T / sqrt(D)``). Embedding init is
+N(0, 1). With ``cfg.engram.layer_ids == ()`` there are no Engram modules at all.
+
+Engram hash ids come from the input pipeline (``engram_jax.hashing``), never from the model.
+
+Shape legend: B batch, T sequence, M mHC branches, D d_model, V vocabulary, E experts,
+H hash heads per Engram layer, d Engram row width.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from engram_jax.attention import make_attention
+from engram_jax.config import Config
+from engram_jax.engram import Engram
+from engram_jax.hashing import table_sizes
+from engram_jax.hyper import HyperConnection
+from engram_jax.layers import Linear, RMSNorm, param
+from engram_jax.moe import MoE, SwiGLU
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: Config, layer: int, *, engram_sizes, rngs: nnx.Rngs,
+                 row_multiple: int = 1):
+        m = cfg.model
+        d, dt = m.d_model, jnp.dtype(m.dtype)
+        self.dtype = dt
+        self.engram = (None if engram_sizes is None else
+                       Engram(cfg.engram, layer, d, m.hc_mult, table_sizes=engram_sizes,
+                              rngs=rngs, row_multiple=row_multiple, dtype=dt))
+
+        def hc():
+            return HyperConnection(d, m.hc_mult, layer_index=layer,
+                                   sinkhorn_iters=m.sinkhorn_iters, dynamic=m.hc_dynamic,
+                                   eps=m.norm_eps, rngs=rngs)
+
+        self.attn_hc, self.attn_norm = hc(), RMSNorm(d, m.norm_eps)
+        self.attn = make_attention(m, rngs=rngs)
+        self.ffn_hc, self.ffn_norm = hc(), RMSNorm(d, m.norm_eps)
+        self.is_moe = layer >= m.n_dense_layers
+        self.ffn = (MoE(cfg.moe, d, dtype=dt, rngs=rngs) if self.is_moe
+                    else SwiGLU(d, m.dense_hidden, dtype=dt, rngs=rngs))
+
+    def __call__(self, h_BxTxMxD, ids=None, rows=None):
+        """-> (h, expert load [E] or None, Engram gates [B,T,M] or None)."""
+        gates_BxTxM = load_E = None
+        if self.engram is not None:
+            y_BxTxMxD, gates_BxTxM = self.engram(h_BxTxMxD, ids=ids, rows=rows,
+                                                 return_gates=True)
+            h_BxTxMxD = h_BxTxMxD + y_BxTxMxD.astype(h_BxTxMxD.dtype)
+        u_BxTxD, maps = self.attn_hc.read(h_BxTxMxD)
+        y_BxTxD = self.attn(self.attn_norm(u_BxTxD).astype(self.dtype))
+        h_BxTxMxD = self.attn_hc.write(h_BxTxMxD, y_BxTxD, maps)
+        u_BxTxD, maps = self.ffn_hc.read(h_BxTxMxD)
+        x_BxTxD = self.ffn_norm(u_BxTxD).astype(self.dtype)
+        if self.is_moe:
+            y_BxTxD, load_E = self.ffn(x_BxTxD)
+        else:
+            y_BxTxD = self.ffn(x_BxTxD)
+        return self.ffn_hc.write(h_BxTxMxD, y_BxTxD, maps), load_E, gates_BxTxM
+
+
+def _run_block(block: Block, h, ids, rows):
+    return block(h, ids, rows)
+
+
+_run_block_remat = nnx.remat(_run_block)
+
+
+class EngramLM(nnx.Module):
+    """``EngramLM(cfg, rngs=nnx.Rngs(0))(tokens_BxT, engram_ids) -> (logits_BxTxV, aux)``.
+
+    ``engram_ids``: ``{layer: ids [B,T,H]}`` from :class:`engram_jax.hashing.NgramHasher`;
+    or ``engram_rows``: ``{layer: rows [B,T,H,d]}`` from :meth:`gather_engram_rows` (to take
+    gradients w.r.t. the gathered rows instead of the tables). ``row_multiple`` pads every
+    table's rows to a multiple (for sharding).
+
+    ``aux``: ``moe_loads {layer: int32 [E]}`` (tokens that selected each expert; feed to
+    :func:`engram_jax.moe.update_router_bias`), ``engram_gates {layer: float32 [B,T,M]}``,
+    and with ``collect=True`` ``hidden {layer: float32 [B,T,M,D]}`` (the stream after each
+    block; :meth:`readout` turns one into logits, e.g. for LogitLens).
+    """
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs, row_multiple: int = 1):
+        m = cfg.model
+        self.cfg = cfg
+        sizes = table_sizes(cfg.engram) if cfg.engram.enabled else {}
+        self.embed = param(jax.random.normal(rngs.params(), (m.vocab_size, m.d_model)),
+                           ("vocab", "embed"))
+        self.blocks = nnx.List([
+            Block(cfg, i, engram_sizes=sizes.get(i), rngs=rngs, row_multiple=row_multiple)
+            for i in range(m.n_layers)])
+        self.final_norm = RMSNorm(m.d_model, m.norm_eps)
+        self.head = (None if m.tie_embeddings else
+                     Linear(m.d_model, m.vocab_size, use_bias=False, axes=("embed", "vocab"),
+                            dtype=m.dtype, rngs=rngs))
+
+    @property
+    def engram_layers(self) -> tuple[int, ...]:
+        return tuple(i for i, b in enumerate(self.blocks) if b.engram is not None)
+
+    def gather_engram_rows(self, engram_ids: dict) -> dict:
+        """``{layer: ids [B,T,H]} -> {layer: rows [B,T,H,d]}`` (float32) for every Engram layer."""
+        return {i: self.blocks[i].engram.table.rows(engram_ids[i]) for i in self.engram_layers}
+
+    def readout(self, h_BxTxMxD: jax.Array) -> jax.Array:
+        """Final norm of the branch mean, then the LM head: float32 logits [B,T,V]."""
+        dt = jnp.dtype(self.cfg.model.dtype)
+        x_BxTxD = self.final_norm(jnp.mean(h_BxTxMxD.astype(jnp.float32), axis=2)).astype(dt)
+        if self.head is not None:
+            return self.head(x_BxTxD).astype(jnp.float32)
+        w_VxD = self.embed[...].astype(dt)
+        logits = jnp.einsum("btd,vd->btv", x_BxTxD, w_VxD, preferred_element_type=jnp.float32)
+        return logits * self.cfg.model.d_model ** -0.5
+
+    def __call__(self, tokens_BxT: jax.Array, engram_ids: dict | None = None,
+                 engram_rows: dict | None = None, *, collect: bool = False):
+        m = self.cfg.model
+        ids, rows = engram_ids or {}, engram_rows or {}
+        missing = [i for i in self.engram_layers if i not in ids and i not in rows]
+        if missing:
+            raise ValueError(f"Engram layers {missing} need engram_ids or engram_rows "
+                             "(hash ids come from engram_jax.hashing in the input pipeline)")
+        x_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0)
+        h_BxTxMxD = jnp.broadcast_to(x_BxTxD[:, :, None, :], x_BxTxD.shape[:2] +
+                                     (m.hc_mult, m.d_model))
+        run = _run_block_remat if m.remat else _run_block
+        aux = {"moe_loads": {}, "engram_gates": {}}
+        if collect:
+            aux["hidden"] = {}
+        for i, block in enumerate(self.blocks):
+            # pre-gathered rows win: the caller differentiates w.r.t. them
+            layer_rows = rows.get(i)
+            layer_ids = None if layer_rows is not None else ids.get(i)
+            h_BxTxMxD, load_E, gates_BxTxM = run(block, h_BxTxMxD, layer_ids, layer_rows)
+            if load_E is not None:
+                aux["moe_loads"][i] = load_E
+            if gates_BxTxM is not None:
+                aux["engram_gates"][i] = gates_BxTxM
+            if collect:
+                aux["hidden"][i] = h_BxTxMxD
+        return self.readout(h_BxTxMxD), aux
