@@ -160,6 +160,13 @@ class NgramHasher:
         self._primes = {lid: np.asarray([p for o in v for p in o], self._work_dtype)[:, None]
                         for lid, v in self.table_sizes.items()}
 
+    def __getstate__(self):  # picklable for Grain worker processes; scratch is per thread
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._local = threading.local()
+
     def _buffers(self, n: int) -> _Buffers:
         # Kept per thread and reused: fresh megabyte buffers would page-fault on every call.
         bufs = getattr(self._local, "bufs", None)

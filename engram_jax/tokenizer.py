@@ -88,7 +88,7 @@ def train_tokenizer(texts: Iterable[str] | str | os.PathLike, out_path: str | os
                          f"{vocab_size}: the corpus is too small for this vocabulary size")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp = out_path.with_name(f"{out_path.name}.tmp{os.getpid()}")
     tmp.write_bytes(proto.getvalue())
     os.replace(tmp, out_path)  # atomic: a crash never leaves a truncated model behind
     return sp

@@ -212,3 +212,15 @@ def test_primes_above_int32_use_int64_path():
     ids = np.random.default_rng(3).integers(0, vocab, size=(2, 6))
     got = NgramHasher(cfg, vocab, pad_id=0)(ids)
     np.testing.assert_array_equal(got[0], _oracle_hash(cfg, vocab, 0, ids)[0])
+
+
+def test_pickle_round_trip():
+    """Grain worker processes receive the hasher pickled."""
+    import pickle
+
+    h = NgramHasher(CONFIGS[1], 500, pad_id=3, out_dtype=np.int32)
+    ids = np.random.default_rng(5).integers(0, 500, size=(2, 9))
+    h(ids)  # populate the per-thread scratch, which must not be pickled
+    h2 = pickle.loads(pickle.dumps(h))
+    for lid in CONFIGS[1].layer_ids:
+        np.testing.assert_array_equal(h2(ids)[lid], h(ids)[lid])
