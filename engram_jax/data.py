@@ -7,7 +7,8 @@ Letters: B global batch, b = B / process_count local rows, T = seq_len, H hash h
    training split and cached in ``workdir/data`` (named by vocab size and a corpus hash).
 3. Packing: each split is one token stream (every document followed by EOS), cut into windows
    of T+1 tokens with stride T, so ``targets`` are ``inputs`` shifted by one and no token is lost.
-   The streams are saved as ``.npy`` in ``workdir/data`` and memory-mapped (workers share them).
+   The streams are saved as ``.npy`` in ``workdir/data`` (named by tokenizer and document hashes,
+   so a restart reuses them) and memory-mapped (workers share them).
 4. Grain: ``MapDataset.range(windows).shuffle(seed).repeat().batch(B)`` (reshuffled each epoch,
    random access, so the iterator state is one index), then one map that cuts this process's
    rows ``[i*b, (i+1)*b)`` out of the global batch, gathers the windows, compresses the inputs
@@ -26,6 +27,7 @@ inside ``ocp.args.Composite``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,8 +56,8 @@ class _Windows:
     def __init__(self, path: Path, seq_len: int):
         self.path, self.seq_len = Path(path), seq_len
         self._tokens = None
-        n_tokens = int(np.load(self.path, mmap_mode="r").shape[0])
-        self.num_windows = max(0, (n_tokens - 1) // seq_len)
+        self.num_tokens = int(np.load(self.path, mmap_mode="r").shape[0])
+        self.num_windows = max(0, (self.num_tokens - 1) // seq_len)
 
     @property
     def tokens(self) -> np.ndarray:
@@ -190,7 +192,7 @@ def _join_lines(line_ids: list[list[int]], nl: int, end: int | None) -> list[int
     return out
 
 
-def _encode_split(sp: spm.SentencePieceProcessor, docs, path: Path, line_mode: bool) -> int:
+def _encode_split(sp: spm.SentencePieceProcessor, docs, path: Path, line_mode: bool) -> None:
     """Tokenize documents (each followed by EOS) into one int32 ``.npy`` stream at ``path``."""
     parts, nl, threads = [], sp.piece_to_id("\n"), os.cpu_count() or 1
     for i in range(0, len(docs), _ENCODE_CHUNK_DOCS):
@@ -210,7 +212,23 @@ def _encode_split(sp: spm.SentencePieceProcessor, docs, path: Path, line_mode: b
     tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npy")
     np.save(tmp, tokens)
     os.replace(tmp, path)
-    return int(tokens.shape[0])
+
+
+def _token_streams(sp, tok_path: Path, splits: dict, data_dir: Path, seq_len: int):
+    """Encode each split once per (tokenizer, documents) pair; later runs reuse the ``.npy``."""
+    tok_hash = hashlib.sha256(Path(tok_path).read_bytes()).hexdigest()
+    line_mode = None
+    windows, n_tokens = {}, {}
+    for name, docs in splits.items():
+        key = hashlib.sha256((tok_hash + corpus.fingerprint(docs)).encode()).hexdigest()[:12]
+        path = data_dir / f"tokens-{name}-{key}.npy"
+        if not path.is_file():
+            if line_mode is None:
+                line_mode = _line_mode(sp, splits["train"][0].text)
+            _encode_split(sp, docs, path, line_mode)
+        windows[name] = _Windows(path, seq_len)
+        n_tokens[name] = windows[name].num_tokens
+    return windows, n_tokens
 
 
 def build_data(cfg: Config, workdir: str | os.PathLike, *, process_index: int = 0,
@@ -246,12 +264,9 @@ def build_data(cfg: Config, workdir: str | os.PathLike, *, process_index: int = 
                              pad_id=int(compression.lookup[cfg.engram.pad_id]),
                              out_dtype=np.int32)
 
-    n_tokens, line_mode = {}, _line_mode(sp, train_docs[0].text)
-    for name, split_docs in (("train", train_docs), ("val", val_docs)):
-        n_tokens[name] = _encode_split(sp, split_docs, data_dir / f"tokens-{name}.npy",
-                                       line_mode)
-    train_w = _Windows(data_dir / "tokens-train.npy", seq_len)
-    val_w = _Windows(data_dir / "tokens-val.npy", seq_len)
+    windows, n_tokens = _token_streams(sp, tok_path, {"train": train_docs, "val": val_docs},
+                                       data_dir, seq_len)
+    train_w, val_w = windows["train"], windows["val"]
     for name, label, w in (("train", "training", train_w), ("val", "validation", val_w)):
         if w.num_windows == 0:
             raise ValueError(f"the {label} split has {n_tokens[name]} tokens, fewer than "
@@ -269,6 +284,7 @@ def build_data(cfg: Config, workdir: str | os.PathLike, *, process_index: int = 
         **source, **asdict(src_stats),
         "train_documents": len(train_docs), "val_documents": len(val_docs),
         "train_tokens": n_tokens["train"], "val_tokens": n_tokens["val"],
+        "train_tokens_file": str(train_w.path), "val_tokens_file": str(val_w.path),
         "train_windows": train_w.num_windows, "val_windows": val_w.num_windows,
         "steps_per_epoch": max(1, train_w.num_windows // batch),
         "tokenizer": str(tok_path), "tokenizer_trained": trained,

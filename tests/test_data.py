@@ -80,7 +80,7 @@ def test_shapes_dtypes_and_shift(bundle, workdir):
         assert ids.shape == (4, 16, 4) and ids.dtype == np.int32
     np.testing.assert_array_equal(batch["targets"][:, :-1], batch["inputs"][:, 1:])
     # Each row is a window of the packed training stream starting at a multiple of seq_len.
-    stream = np.load(workdir / "data" / "tokens-train.npy")
+    stream = np.load(bundle.stats["train_tokens_file"])
     for row_in, row_tg in zip(batch["inputs"], batch["targets"]):
         window = np.concatenate([row_in, row_tg[-1:]])
         starts = [s for s in range(0, len(stream) - 16, 16)
@@ -140,6 +140,7 @@ def test_process_slices_concatenate_to_global_batch(bundle, corpus_dir, workdir)
     parts = [build_data(_cfg(corpus_dir), workdir, process_index=i, process_count=2)
              for i in range(2)]
     assert all(p.stats["tokenizer_trained"] is False for p in parts)  # cached tokenizer reused
+    assert parts[1].stats["train_tokens_file"] == bundle.stats["train_tokens_file"]
     whole = _take(bundle.train_iter(), 3)
     halves = [_take(p.train_iter(), 3) for p in parts]
     for w, a, b in zip(whole, *halves, strict=True):
