@@ -224,3 +224,15 @@ def test_pickle_round_trip():
     h2 = pickle.loads(pickle.dumps(h))
     for lid in CONFIGS[1].layer_ids:
         np.testing.assert_array_equal(h2(ids)[lid], h(ids)[lid])
+
+
+def test_scratch_reuse_across_shapes():
+    """One hasher called with growing and shrinking shapes matches fresh hashers."""
+    cfg = CONFIGS[1]
+    h = NgramHasher(cfg, 700, pad_id=1, chunk_tokens=64)
+    rng = np.random.default_rng(11)
+    for shape in [(1, 5), (3, 40), (2, 7), (9, 3), (1, 200), (2, 2)]:
+        ids = rng.integers(0, 700, size=shape)
+        got, want = h(ids), NgramHasher(cfg, 700, pad_id=1)(ids)
+        for lid in cfg.layer_ids:
+            np.testing.assert_array_equal(got[lid], want[lid])
