@@ -1,0 +1,113 @@
+"""Collectives of a compiled XLA program, read from its HLO text.
+
+Used by tests to pin where the communication goes: ``collectives(compiled_text)`` lists every
+all-reduce / all-gather / all-to-all / reduce-scatter / collective-permute (and their async
+``-start`` forms) with the shapes and bytes of its operands. Get the text with
+``jax.jit(f).lower(*args).compile().as_text()``.
+
+Compiled HLO often prints operands by name only (``all-gather(%param.1)``), so operand shapes
+are resolved through the defining instruction of each name.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+COLLECTIVE_OPS = ("all-reduce", "all-gather", "all-to-all", "ragged-all-to-all",
+                  "reduce-scatter", "collective-permute", "collective-broadcast")
+_OPS = set(COLLECTIVE_OPS) | {op + "-start" for op in COLLECTIVE_OPS}
+
+_BYTES = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
+          "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+          "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_SHAPE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
+_HEAD = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*")
+
+
+@dataclass(frozen=True)
+class Collective:
+    op: str  # e.g. "all-gather" ("-start" stripped)
+    name: str
+    operands: tuple[tuple[str, tuple[int, ...]], ...]  # (dtype, shape) of each array operand
+
+    @property
+    def bytes(self) -> int:
+        return sum(_BYTES.get(dt, 4) * math.prod(shape) for dt, shape in self.operands)
+
+
+def _shapes(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
+    return [(dt, tuple(int(d) for d in dims.split(",") if d))
+            for dt, dims in _SHAPE.findall(type_text) if dt in _BYTES]
+
+
+def _split_instruction(line: str):
+    """``name = TYPE op(args), attrs`` -> (name, type_text, op, args_text) or None."""
+    m = _HEAD.match(line)
+    if not m:
+        return None
+    rest = line[m.end():]
+    depth, i = 0, 0
+    while i < len(rest):  # the type: a balanced (...) tuple or one token
+        c = rest[i]
+        depth += c in "([{"
+        depth -= c in ")]}"
+        if c == " " and depth == 0:
+            break
+        i += 1
+    type_text, rest = rest[:i], rest[i:].lstrip()
+    op_match = re.match(r"([a-z][\w\-]*)\(", rest)
+    if not op_match:
+        return None
+    args, depth = [], 1
+    for c in rest[op_match.end():]:
+        depth += c == "("
+        depth -= c == ")"
+        if depth == 0:
+            break
+        args.append(c)
+    return m.group(1), type_text, op_match.group(1), "".join(args)
+
+
+def _split_args(args: str) -> list[str]:
+    out, depth, cur = [], 0, []
+    for c in args:
+        depth += c in "([{"
+        depth -= c in ")]}"
+        if c == "," and depth == 0:
+            out.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(c)
+    if "".join(cur).strip():
+        out.append("".join(cur).strip())
+    return out
+
+
+def collectives(hlo_text: str) -> list[Collective]:
+    """Every collective in an HLO module's text, with its operands' (dtype, shape)."""
+    parsed = [p for p in map(_split_instruction, hlo_text.splitlines()) if p]
+    types = {name: type_text for name, type_text, _, _ in parsed}
+    found = []
+    for name, _, op, args in parsed:
+        if op not in _OPS:
+            continue
+        operands = []
+        for arg in _split_args(args):
+            shapes = _shapes(arg)
+            if not shapes:  # operand printed by name only
+                ref = arg.split()[-1].lstrip("%") if arg.split() else ""
+                shapes = _shapes(types.get(ref, ""))
+            operands += shapes
+        found.append(Collective(op.removesuffix("-start"), name, tuple(operands)))
+    return found
+
+
+def total_bytes(colls: list[Collective]) -> int:
+    return sum(c.bytes for c in colls)
+
+
+def summary(colls: list[Collective]) -> str:
+    """One line per collective, for assertion messages."""
+    return "\n".join(f"{c.op} {c.name}: {list(c.operands)} ({c.bytes} B)" for c in colls)
