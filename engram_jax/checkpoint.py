@@ -1,0 +1,109 @@
+"""Orbax checkpoints of a training run: model, optimizer, data iterator, config and step.
+
+One Orbax ``CheckpointManager`` per workdir (``WORKDIR/checkpoints/<step>/``), asynchronous
+saves, the last ``keep`` kept. Each checkpoint holds three items:
+
+- ``state``: the training-state pytree (model params, optimizer state, table moments, step),
+  saved with ``StandardSave`` so arrays are written sharded, each host writing its shards;
+- ``data``: the Grain iterator state (``grain.checkpoint.CheckpointSave``), so a resumed run
+  sees exactly the batches the uninterrupted run would;
+- ``config``: the run's :class:`~engram_jax.config.Config` as JSON.
+
+A process killed during an async save leaves ``<step>.orbax-checkpoint-tmp*``; Orbax ignores
+those, so ``latest_step()`` is always a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+# Config sections that may differ between a run and its resumption (schedule-free knobs).
+RESUMABLE_KEYS = {"train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+                  "train.checkpoint_every", "train.keep_checkpoints", "data.prefetch",
+                  "data.worker_count", "mesh.data", "mesh.fsdp", "mesh.expert", "mesh.tensor",
+                  "name"}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def config_mismatch(saved: dict, current: dict) -> list[str]:
+    """Keys whose values differ in a way that makes resuming meaningless."""
+    a, b = _flatten(saved), _flatten(current)
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys if k not in RESUMABLE_KEYS and a.get(k) != b.get(k)]
+
+
+class Checkpointer:
+    """Thin wrapper over ``ocp.CheckpointManager`` naming the three items of a run."""
+
+    def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, data_iter: Any | None, config_dict: dict) -> bool:
+        import grain
+
+        items = dict(state=ocp.args.StandardSave(state),
+                     config=ocp.args.JsonSave(config_dict))
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(self, step: int, abstract_state: Any, data_iter: Any | None = None) -> Any:
+        """Restore ``state`` onto the shardings in ``abstract_state`` (ShapeDtypeStructs);
+        the data iterator, if given, is restored in place."""
+        import grain
+
+        items = dict(state=ocp.args.StandardRestore(abstract_state))
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["state"]
+
+    def restore_config(self, step: int | None = None) -> dict:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        path = os.path.join(self.directory, str(step), "config", "metadata")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore()))
+        return restored["config"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree: Any) -> Any:
+    """ShapeDtypeStructs (with shardings) of a pytree of arrays: a restore target."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        tree)

@@ -1,0 +1,379 @@
+"""Training: state, the jitted train step, the loop with metrics, checkpoints and resumption.
+
+The model is split once into a static graph and four state groups (NNX functional style):
+
+- ``params``: backbone ``nnx.Param``s (and, on the dense path, the tables too), updated by optax
+  (Muon for 2-D matrices, AdamW for the rest, Adam with lr x multiplier for tables);
+- ``tables``: Engram ``TableParam``s on the sparse path (the default): the step looks rows up
+  outside the gradient, differentiates w.r.t. the gathered rows, and applies row-wise Adam to
+  the touched rows only (:mod:`engram_jax.tables`), in place through buffer donation;
+- ``rest``: everything else (the MoE router bias, updated from the observed expert load).
+
+``TrainState`` is a flat dict of these plus the optimizer states and the step, which is what
+Orbax saves. The step is compiled ahead of time, so ``step_time_s`` excludes compilation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from engram_jax import sharding as shd
+from engram_jax.checkpoint import Checkpointer, abstract_like, config_mismatch
+from engram_jax.config import Config, override
+from engram_jax.engram import TableParam
+from engram_jax.model import EngramLM
+from engram_jax.moe import RouterBias, bias_step
+from engram_jax.optim import make_optimizer, table_learning_rate_schedule
+from engram_jax.tables import init_moments, sparse_tables_step
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Config resolution
+
+
+def resolve_config(workdir: str, preset: str | None, sets: list[str]) -> Config:
+    """The run's config: the workdir's saved config when resuming without ``--preset``,
+    else the preset (default ``tiny``), then ``--set`` overrides. A preset whose config
+    differs from the workdir's run (beyond schedule-length knobs) is an error."""
+    from engram_jax.presets import get_preset
+
+    saved_path = os.path.join(workdir, "config.json")
+    saved = None
+    if os.path.exists(saved_path):
+        with open(saved_path, encoding="utf-8") as f:
+            saved = Config.from_dict(json.load(f))
+    base = get_preset(preset) if preset else (saved or get_preset("tiny"))
+    cfg = override(base, sets)
+    if saved is not None:
+        diff = config_mismatch(saved.to_dict(), cfg.to_dict())
+        if diff:
+            raise ValueError(
+                f"workdir {workdir} holds a run with a different config ({', '.join(diff[:6])}"
+                f"{'...' if len(diff) > 6 else ''}); use another --workdir or the same config")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# State
+
+
+def split_model(model: EngramLM, cfg: Config):
+    """``graphdef, params, tables, rest``; on the dense path ``tables`` is empty."""
+    if cfg.engram.sparse_update:
+        graphdef, tables, params, rest = nnx.split(model, TableParam, nnx.Param, ...)
+        return graphdef, params, tables, rest
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, params, nnx.State({}), rest
+
+
+def build_model(cfg: Config, mesh) -> EngramLM:
+    rows = shd.shard_count_for_tables(mesh)
+    seed = cfg.train.seed
+    return shd.sharded_init(mesh, lambda: EngramLM(cfg, rngs=nnx.Rngs(seed), row_multiple=rows))
+
+
+def init_state(cfg: Config, mesh, tx) -> tuple[Any, dict]:
+    """Fresh ``(graphdef, state)`` for a run; ``state`` is the pytree Orbax saves."""
+    model = build_model(cfg, mesh)
+    graphdef, params, tables, rest = split_model(model, cfg)
+    table_arrays = {k: v for k, v in _tables_by_layer(tables).items()}
+    moments = {k: init_moments(t) for k, t in table_arrays.items()}
+    state = dict(params=params, tables=tables, rest=rest, opt=tx.init(params),
+                 table_mu={k: m[0] for k, m in moments.items()},
+                 table_nu={k: m[1] for k, m in moments.items()},
+                 step=jnp.zeros((), jnp.int32))
+    return graphdef, state
+
+
+def _tables_by_layer(tables: nnx.State) -> dict[str, jax.Array]:
+    """``{"<layer>": table array}`` from the TableParam state (one table per Engram layer)."""
+    out = {}
+    for path, var in nnx.to_flat_state(tables):
+        out[str(path[1])] = var.get_value() if isinstance(var, nnx.Variable) else var
+    return out
+
+
+def _set_tables(tables: nnx.State, new: dict[str, jax.Array]) -> nnx.State:
+    flat = []
+    for path, var in nnx.to_flat_state(tables):
+        flat.append((path, var.replace(new[str(path[1])])))
+    return nnx.from_flat_state(flat)
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+
+
+def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
+    logz = jax.nn.logsumexp(logits_BxTxV, axis=-1)
+    picked = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+    return jnp.mean(logz - picked)
+
+
+def _aux_metrics(aux: dict) -> dict:
+    out = {}
+    loads = list(aux["moe_loads"].values())
+    if loads:
+        imb = [jnp.max(l) / jnp.maximum(jnp.mean(l.astype(jnp.float32)), 1e-9) for l in loads]
+        out["moe_imbalance"] = jnp.mean(jnp.stack(imb))
+    for layer, g in aux["engram_gates"].items():
+        out[f"engram_gate_{layer}"] = jnp.mean(g)
+    return out
+
+
+def _update_router_bias(rest: nnx.State, loads: dict, rate: float) -> nnx.State:
+    """Loss-free balancing: bias += rate * sign(mean load - load), outside the gradient."""
+    flat = []
+    for path, var in nnx.to_flat_state(rest):
+        layer = next((p for p in path if isinstance(p, int)), None)
+        if isinstance(var, RouterBias) and layer in loads:
+            var = var.replace(bias_step(var.get_value(), loads[layer], rate))
+        flat.append((path, var))
+    return nnx.from_flat_state(flat)
+
+
+def make_train_step(cfg: Config, graphdef, tx, mesh):
+    """``step(state, batch) -> (state, metrics)``; jit with ``donate_argnums=0``."""
+    sparse = cfg.engram.sparse_update and cfg.engram.enabled
+    table_lr = table_learning_rate_schedule(cfg, cfg.train.steps)
+    o = cfg.optim
+
+    def loss_fn(params, tables, rest, rows, batch):
+        model = nnx.merge(graphdef, params, tables, rest)
+        logits, aux = model(batch["inputs"], engram_ids=batch["engram_ids"], engram_rows=rows)
+        return cross_entropy(logits, batch["targets"]), aux
+
+    def step(state, batch):
+        params, tables, rest = state["params"], state["tables"], state["rest"]
+        ids = {str(k): v for k, v in batch["engram_ids"].items()}
+        rows = None
+        if sparse:
+            model = nnx.merge(graphdef, params, tables, rest)
+            rows = {int(k): model.blocks[int(k)].engram.table.global_ids(v)
+                    for k, v in ids.items()}
+            tarr = _tables_by_layer(tables)
+            gids = {str(k): v for k, v in rows.items()}
+            rows = {int(k): jnp.take(tarr[k], gids[k], axis=0) for k in tarr}
+        grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 3), has_aux=True)
+        (loss, aux), (g_params, g_rows) = grad_fn(params, tables, rest, rows, batch)
+        p_sq = optax.tree.norm(g_params, squared=True)
+        metrics = dict(loss=loss, **_aux_metrics(aux))
+        new = dict(state)
+        if sparse:
+            tarr = _tables_by_layer(tables)
+            new_t, mu, nu, t_sq = sparse_tables_step(
+                mesh, tarr, state["table_mu"], state["table_nu"], gids,
+                {str(k): v for k, v in g_rows.items()}, state["step"],
+                table_lr(state["step"]), b1=o.b1, b2=o.b2, eps=o.eps, clip_norm=o.grad_clip,
+                other_sq_norm=p_sq)
+            new.update(tables=_set_tables(tables, new_t), table_mu=mu, table_nu=nu)
+        else:
+            t_sq = jnp.zeros((), jnp.float32)
+        updates, new["opt"] = tx.update(g_params, state["opt"], params, table_sq_norm=t_sq)
+        new["params"] = optax.apply_updates(params, updates)
+        new["rest"] = _update_router_bias(rest, aux["moe_loads"], cfg.moe.bias_update_rate)
+        new["step"] = state["step"] + 1
+        metrics["grad_norm"] = jnp.sqrt(p_sq + t_sq)
+        return new, metrics
+
+    return step
+
+
+def make_eval_step(cfg: Config, graphdef):
+    def eval_step(state, batch):
+        model = nnx.merge(graphdef, state["params"], state["tables"], state["rest"])
+        logits, _ = model(batch["inputs"], engram_ids=batch["engram_ids"])
+        return cross_entropy(logits, batch["targets"])
+
+    return eval_step
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint form: a flat dict with string keys (robust across NNX/optax pytree node types)
+
+
+def flatten_state(state: dict) -> tuple[dict[str, Any], Any]:
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+    return {jax.tree_util.keystr(p): x for p, x in leaves}, treedef
+
+
+def unflatten_state(flat: dict[str, Any], like: dict) -> dict:
+    paths, treedef = jax.tree_util.tree_flatten_with_path(like)
+    return jax.tree_util.tree_unflatten(treedef, [flat[jax.tree_util.keystr(p)]
+                                                  for p, _ in paths])
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (one JSON object per logged step) and TensorBoard events beside it.
+    Only process 0 writes. On resume, records after the restored step are dropped (they came
+    from the interrupted run and will be produced again)."""
+
+    def __init__(self, workdir: str, resume_step: int, enabled: bool):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.tb = None
+        if not enabled:
+            return
+        if os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            tmp = self.path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(keep)
+            os.replace(tmp, self.path)
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+        except ImportError:  # pragma: no cover - tensorboardX is a dependency
+            self.tb = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def _host_metrics(metrics: dict) -> dict:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def _check_batch_split(cfg: Config, mesh) -> None:
+    shards = math.prod(mesh.shape[a] for a in shd.batch_axes())
+    if cfg.train.batch_size % shards:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the "
+                         f"{shards} batch shards of the mesh (data x fsdp)")
+
+
+def evaluate(eval_fn, state, batches: list[dict], mesh) -> float:
+    losses = [float(eval_fn(state, shd.global_batch_from_local(mesh, b))) for b in batches]
+    return float(np.mean(losses))
+
+
+def train(cfg: Config, workdir: str, *, progress: bool = True) -> dict:
+    """Train ``cfg`` in ``workdir``, resuming from its latest complete checkpoint.
+
+    Writes ``config.json``, ``metrics.jsonl``, ``tb/``, ``checkpoints/`` and ``summary.json``
+    (process 0 only) and returns the summary (``status``: ``ok`` or ``diverged``).
+    """
+    from engram_jax.data import build_data
+
+    t_start = time.time()
+    mesh = shd.make_mesh(cfg.mesh)
+    _check_batch_split(cfg, mesh)
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    data = build_data(cfg, workdir, process_index=jax.process_index(),
+                      process_count=jax.process_count())
+    tx = make_optimizer(cfg, cfg.train.steps)
+    graphdef, state = init_state(cfg, mesh, tx)
+    flat, _ = flatten_state(state)
+
+    ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
+    it = data.train_iter()
+    start = ckpt.latest_step() or 0
+    if start:
+        restored = ckpt.restore(start, abstract_like(flat), it)
+        state = unflatten_state(restored, state)
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(cfg.to_dict(), f, indent=1, sort_keys=True)
+    log = MetricsLog(workdir, start, enabled=is_main)
+
+    batch = shd.global_batch_from_local(mesh, next(it))
+    t0 = time.time()
+    step_fn = jax.jit(make_train_step(cfg, graphdef, tx, mesh), donate_argnums=0)
+    step_fn = step_fn.lower(state, batch).compile()
+    eval_fn = jax.jit(make_eval_step(cfg, graphdef))
+    compile_s = time.time() - t0
+    val = data.val_batches(cfg.train.eval_batches) if cfg.train.eval_every else []
+    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+
+    bar = None
+    if progress and is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.train.steps, initial=start, unit="step", dynamic_ncols=True)
+    status, last, val_loss, losses = "ok", {}, None, []
+    try:
+        for step in range(start + 1, cfg.train.steps + 1):
+            if step > start + 1:
+                batch = shd.global_batch_from_local(mesh, next(it))
+            t = time.time()
+            state, metrics = step_fn(state, batch)
+            m = _host_metrics(metrics)  # blocks: step_time_s is the step's own time
+            dt = time.time() - t
+            if not all(math.isfinite(v) for v in (m["loss"], m["grad_norm"])):
+                status = "diverged"
+                raise TrainingDiverged(
+                    f"loss became {m['loss']} at step {step}; the last good checkpoint is "
+                    f"step {ckpt.latest_step()} in {ckpt.directory}")
+            losses.append(m["loss"])
+            last = dict(step=step, **m, step_time_s=dt, tokens_per_s=tokens_per_step / dt)
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                log.write(last)
+            if cfg.train.eval_every and (step % cfg.train.eval_every == 0
+                                         or step == cfg.train.steps):
+                val_loss = evaluate(eval_fn, state, val, mesh)
+                log.write(dict(step=step, val_loss=val_loss))
+            if cfg.train.checkpoint_every and (step % cfg.train.checkpoint_every == 0
+                                               or step == cfg.train.steps):
+                ckpt.save(step, flatten_state(state)[0], it, cfg.to_dict())
+            if bar is not None:
+                bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                                val=f"{val_loss:.3f}" if val_loss is not None else "-")
+                bar.update(1)
+    except TrainingDiverged as e:
+        print(f"engram-jax train: error: {e}", flush=True)
+    finally:
+        if bar is not None:
+            bar.close()
+        ckpt.close()
+        log.close()
+
+    summary = dict(
+        status=status, workdir=os.path.abspath(workdir), steps=cfg.train.steps,
+        resumed_from=start, final_step=last.get("step", start),
+        train_loss=float(np.mean(losses[-10:])) if losses else None, val_loss=val_loss,
+        tokens=(last.get("step", start)) * tokens_per_step, compile_s=round(compile_s, 2),
+        wall_s=round(time.time() - t_start, 2), data=data.stats,
+    )
+    if is_main:
+        with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=1)
+        print(f"{status}: {summary['final_step']} steps, train loss "
+              f"{summary['train_loss']}, val loss {val_loss}; metrics: "
+              f"{os.path.join(workdir, 'metrics.jsonl')}, checkpoints: {ckpt.directory}, "
+              f"non-UTF-8 files replaced: {data.stats.get('non_utf8_documents', 0)}")
+    return summary
