@@ -11,6 +11,7 @@ from flax import nnx
 
 from engram_jax.config import EngramConfig
 from engram_jax.engram import Engram, TableParam, causal_depthwise_conv
+from engram_jax.hashing import head_offsets
 from engram_jax.layers import Linear, RMSNorm, logical_axes
 
 CFG = EngramConfig(engram_vocab_size=(50, 66), max_ngram_size=3, n_embed_per_ngram=12,
@@ -24,12 +25,16 @@ def make(M, cfg=CFG, seed=0, **kw):
 
 
 def inputs(M, seed=1):
-    kh, ki = jax.random.split(jax.random.key(seed))
-    h = jax.random.normal(kh, (B, T, M, D))
-    flat = [s for order in SIZES for s in order]
-    ids = jnp.stack([jax.random.randint(k, (B, T), 0, n)
-                     for k, n in zip(jax.random.split(ki, len(flat)), flat)], axis=-1)
-    return h, ids
+    rng = np.random.default_rng(seed)  # NumPy: no per-shape JAX RNG compiles
+    h = rng.normal(size=(B, T, M, D)).astype(np.float32)
+    ids = np.stack([rng.integers(0, n, (B, T)) for order in SIZES for n in order], axis=-1)
+    return jnp.asarray(h), jnp.asarray(ids, jnp.int32)
+
+
+@nnx.jit
+def run(model, h, ids=None, rows=None):
+    """Jitted forward -> (y, gates): one compile per shape instead of one per eager op."""
+    return model(h, ids=ids, rows=rows, return_gates=True)
 
 
 def randomize(model, seed=7):
@@ -98,10 +103,11 @@ def oracle(model, h, ids):
 def test_shapes_and_variable_types(M):
     model = make(M, row_multiple=64)
     h, ids = inputs(M)
-    y, gates = model(h, ids=ids, return_gates=True)
+    y, gates = run(model, h, ids)
     assert y.shape == (B, T, M, D) and gates.shape == (B, T, M) and y.dtype == jnp.float32
     assert model.table.table[...].shape == (384, CFG.d_head)  # 384 = sum(SIZES) padded to 64
     assert model.table.n_rows == sum(map(sum, SIZES))
+    np.testing.assert_array_equal(model.table.offsets, head_offsets(SIZES))  # same as hashing
     assert isinstance(model.table.table, TableParam)
     assert logical_axes(model.table.table) == ("table_rows", None)
     tables = nnx.state(model, TableParam)
@@ -112,14 +118,14 @@ def test_shapes_and_variable_types(M):
     assert model.conv_kernel[...].shape == (CFG.kernel_size, M, D)
     assert not np.any(np.asarray(model.conv_kernel[...]))  # zero init
     if M == 1:
-        assert model(h[:, :, 0], ids=ids).shape == (B, T, D)
+        assert run(model, h[:, :, 0], ids)[0].shape == (B, T, D)
 
 
 @pytest.mark.parametrize("M", [1, 4])
 def test_init_output_is_gated_value(M):
     model = make(M)
     h, ids = inputs(M)
-    y, gates = model(h, ids=ids, return_gates=True)
+    y, gates = run(model, h, ids)
     _, alpha_ref, u_ref = oracle(model, h, ids)
     np.testing.assert_allclose(gates, alpha_ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(y, u_ref, rtol=1e-4, atol=1e-5)  # zero conv: Y = V~
@@ -131,16 +137,16 @@ def test_nonzero_conv_matches_oracle(M):
     model = randomize(make(M))
     h, ids = inputs(M)
     y_ref, _, u_ref = oracle(model, h, ids)
-    y = np.asarray(model(h, ids=ids))
+    y = np.asarray(run(model, h, ids)[0])
     assert np.abs(y - u_ref).max() > 1e-2  # the conv does something
     np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-5)
 
 
 def test_bfloat16_compute_close_to_float32():
     h, ids = inputs(4)
-    y32 = randomize(make(4))(h, ids=ids)
+    y32 = run(randomize(make(4)), h, ids)[0]
     model = randomize(make(4, dtype=jnp.bfloat16))
-    y16 = model(h.astype(jnp.bfloat16), ids=ids)
+    y16 = run(model, h.astype(jnp.bfloat16), ids)[0]
     assert y16.dtype == jnp.bfloat16 and model.value_kernel[...].dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(y16, np.float32), y32, atol=0.1, rtol=0.05)
 
@@ -168,11 +174,16 @@ def test_causality_by_gradient(conv):
         randomize(model)
     h, ids = inputs(4)
     rows = model.table.rows(ids)
-    r = jax.random.normal(jax.random.key(3), (B, T, 4, D))
-    _, vjp = jax.vjp(lambda h, rows: model(h, rows=rows), h, rows)
-    for t in (0, 5, T - 2):
-        mask = (jnp.arange(T) <= t).astype(jnp.float32)[None, :, None, None]
-        gh, gr = vjp(r * mask)  # d(sum of outputs at positions <= t) / d(inputs)
+    r = jnp.asarray(np.random.default_rng(3).normal(size=(B, T, 4, D)), jnp.float32)
+    ts = (0, 5, T - 2)
+
+    @jax.jit
+    def grads(h, rows):  # d(sum of outputs at positions <= t) / d(inputs), for each t
+        _, vjp = jax.vjp(lambda h, rows: model(h, rows=rows), h, rows)
+        return [vjp(r * (jnp.arange(T) <= t).astype(jnp.float32)[None, :, None, None])
+                for t in ts]
+
+    for t, (gh, gr) in zip(ts, grads(h, rows)):
         assert not np.any(np.asarray(gh[:, t + 1:])) and not np.any(np.asarray(gr[:, t + 1:]))
         assert np.any(np.asarray(gh[:, t])) and np.any(np.asarray(gr[:, t]))
 
@@ -180,11 +191,11 @@ def test_causality_by_gradient(conv):
 def test_causality_by_perturbation_with_nonzero_conv():
     model = randomize(make(4))
     h, ids = inputs(4)
-    y = np.asarray(model(h, ids=ids))
+    y = np.asarray(run(model, h, ids)[0])
     t = 6
     h2 = h.at[:, t + 1].add(1.0)
     ids2 = ids.at[:, t + 1].set((ids[:, t + 1] + 1) % 53)
-    y2 = np.asarray(model(h2, ids=ids2))
+    y2 = np.asarray(run(model, h2, ids2)[0])
     np.testing.assert_array_equal(y2[:, : t + 1], y[:, : t + 1])
     dil = CFG.max_ngram_size
     assert np.abs(y2[:, t + 1] - y[:, t + 1]).max() > 1e-3
@@ -197,12 +208,12 @@ def test_causality_by_perturbation_with_nonzero_conv():
 def test_table_gradient_touches_exactly_the_looked_up_rows():
     model = randomize(make(4, row_multiple=64))
     h, ids = inputs(4)
-    r = jax.random.normal(jax.random.key(4), (B, T, 4, D))
+    r = jnp.asarray(np.random.default_rng(4).normal(size=(B, T, 4, D)), jnp.float32)
 
     def loss(model):
         return jnp.sum(model(h, ids=ids) * r)
 
-    grads = nnx.grad(loss, argnums=nnx.DiffState(0, TableParam))(model)
+    grads = nnx.jit(nnx.grad(loss, argnums=nnx.DiffState(0, TableParam)))(model)
     g = np.asarray(grads["table"]["table"][...])
     flat = [s for order in SIZES for s in order]
     expect = set((np.asarray(ids) + np.concatenate([[0], np.cumsum(flat)[:-1]])).ravel())
@@ -212,8 +223,8 @@ def test_table_gradient_touches_exactly_the_looked_up_rows():
 def test_rows_path_equals_ids_path():
     model = randomize(make(4))
     h, ids = inputs(4)
-    y1, g1 = model(h, ids=ids, return_gates=True)
-    y2, g2 = model(h, rows=model.table.rows(ids), return_gates=True)
+    y1, g1 = run(model, h, ids=ids)
+    y2, g2 = run(model, h, rows=model.table.rows(ids))
     np.testing.assert_array_equal(y1, y2)
     np.testing.assert_array_equal(g1, g2)
     with pytest.raises(ValueError):
@@ -242,15 +253,20 @@ def test_jit_traces_once():
 # -- incremental decoding ---------------------------------------------------------------------
 
 
+@nnx.jit
+def step(model, h, cache, ids):
+    return model.step(h, cache, ids=ids)
+
+
 def test_step_equals_full_pass():
     model = randomize(make(4))
     h, ids = inputs(4)
-    y_full, g_full = model(h, ids=ids, return_gates=True)
+    y_full, g_full = run(model, h, ids)
     cache = model.init_cache(B)
     assert cache.shape == (B, (CFG.kernel_size - 1) * CFG.max_ngram_size, 4 * D)
     outs, gates = [], []
     for lo, hi in [(0, 5)] + [(t, t + 1) for t in range(5, T)]:  # prefill, then one at a time
-        y, g, cache = model.step(h[:, lo:hi], cache, ids=ids[:, lo:hi])
+        y, g, cache = step(model, h[:, lo:hi], cache, ids[:, lo:hi])
         outs.append(y)
         gates.append(g)
     np.testing.assert_allclose(jnp.concatenate(outs, 1), y_full, rtol=1e-5, atol=1e-6)
@@ -264,7 +280,7 @@ def test_no_gating_sets_alpha_to_one():
     cfg = dataclasses.replace(CFG, use_gating=False)
     model = make(4, cfg)
     h, ids = inputs(4)
-    y, gates = model(h, ids=ids, return_gates=True)
+    y, gates = run(model, h, ids)
     assert np.all(np.asarray(gates) == 1.0) and model.key_kernel is None
     v = np.asarray(model.table.rows(ids).reshape(B, T, -1) @ model.value_kernel[...]
                    + model.value_bias[...][None, None])
@@ -279,7 +295,7 @@ def test_no_short_conv_gives_gated_value():
     bare = make(4, cfg)
     randomize(bare)
     assert bare.conv_kernel is None
-    y_full, y_bare = np.asarray(full(h, ids=ids)), np.asarray(bare(h, ids=ids))
+    y_full, y_bare = np.asarray(run(full, h, ids)[0]), np.asarray(run(bare, h, ids)[0])
     _, _, u_ref = oracle(full, h, ids)  # same seed, same table/projections/gate params
     np.testing.assert_allclose(y_bare, u_ref, rtol=1e-4, atol=1e-5)
     assert np.abs(y_full - y_bare).max() > 1e-2
@@ -290,7 +306,7 @@ def test_single_branch_fusion_on_mean_hidden():
     model = randomize(make(4, cfg))
     assert model.key_kernel[...].shape == (cfg.d_mem, 1, D)
     h, ids = inputs(4)
-    y, gates = model(h, ids=ids, return_gates=True)
+    y, gates = run(model, h, ids)
     y_ref, alpha_ref, _ = oracle(model, h, ids)
     np.testing.assert_allclose(gates, alpha_ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-5)
@@ -302,7 +318,7 @@ def test_single_branch_fusion_on_mean_hidden():
 
 
 def test_rmsnorm_and_linear():
-    x = jax.random.normal(jax.random.key(0), (2, 3, 4, 8)) * 3
+    x = jnp.asarray(np.random.default_rng(0).normal(0, 3, (2, 3, 4, 8)), jnp.float32)
     norm = RMSNorm(8, 1e-5, groups=4)
     norm.scale[...] = jnp.arange(32.0).reshape(4, 8) / 10
     ref = np_rms(np.asarray(x, np.float64), np.arange(32.0).reshape(4, 8) / 10, 1e-5)
@@ -314,3 +330,11 @@ def test_rmsnorm_and_linear():
                                atol=1e-5)
     with pytest.raises(ValueError):
         Linear(8, 5, axes=("embed", "nonsense"), rngs=nnx.Rngs(0))
+
+
+def test_demo_command_runs_on_bytes(capsys):
+    from engram_jax.cli import main
+
+    assert main(["demo", "--bytes", "--kb", "1", "--seq-len", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "V=256" in out and "gates" in out and "y (8, 128, 2, 128)" in out
