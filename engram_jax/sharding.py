@@ -190,11 +190,16 @@ def _local_batch_shard_count(mesh: Mesh) -> int:
 
 def variable_logical_axes(variable: nnx.Variable) -> tuple[str | None, ...]:
     """Logical axes of a Variable: its ``logical_axes`` metadata, else by rule: Engram tables
-    (``TableParam``) shard rows over all devices, everything else is replicated."""
-    axes = variable.get_metadata().get(AXES_KEY)
-    if axes is not None:
-        return tuple(axes)
+    (``TableParam``) shard rows over all devices, everything else is replicated.
+
+    Works for optimizer state too: ``nnx.Optimizer`` copies each parameter's metadata onto its
+    moments, so moments are sharded like their parameters."""
     ndim = np.ndim(variable.get_value())
+    axes = variable.get_metadata().get(AXES_KEY)
+    if axes is not None and len(axes) == ndim:
+        return tuple(axes)
+    # no axes, or axes copied onto a value of another rank (optimizer-state scalars carry their
+    # parameter's metadata): fall back to the rule below
     if _is_table(variable) and ndim == 2:
         return ("table_rows", None)
     return (None,) * ndim

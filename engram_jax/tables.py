@@ -23,6 +23,23 @@ In place: the update reads and writes K = N rows of three tables. Call it inside
 DONATES the table, mu and nu (``donate_argnums``); without donation XLA copies all three
 tables every step (10-50x slower on big tables).
 
+Train-step recipe, sparse path (per Engram layer i, ``tab = model.blocks[i].engram.table``)::
+
+    gids = tab.global_ids(ids[i])                         # per-head ids -> flat table rows
+    rows = sharded_lookup(mesh, tab.table[...], gids)     # outside the gradient
+    loss, (g, g_rows) = nnx.value_and_grad(loss_fn, argnums=(nnx.DiffState(0, wrt), 1))(
+        model, rows)                                      # wrt = optim.optimizer_filter(cfg)
+    tabs, mus, nus, tsq = sparse_tables_step(mesh, tables, mus, nus, gids, g_rows, step,
+        table_lr(step), b1=, b2=, eps=, clip_norm=grad_clip,
+        other_sq_norm=optax.tree.norm(nnx.as_pure(g), squared=True))
+    optimizer.update(model, g, table_sq_norm=tsq)        # same clip factor for the backbone
+    tab.table[...] = tabs[i]                              # jit donates model, mus, nus
+
+Limits: every device all-gathers all N ids and row gradients and sorts N ids, so per-device
+work and traffic are O(N d) in the GLOBAL lookup count. That is the right order for this
+project's meshes; for very large global batches an all-to-all to row owners with a capacity
+factor (paper section 8) would make it O(N d / S).
+
 Shape legend: R table rows (padded to the shard count), d row width, S table shards,
 N looked-up ids (global), n ids per batch shard, K unique slots (= N).
 """

@@ -81,6 +81,18 @@ def test_state_shardings_and_sharded_init():
     _assert_spec(mesh, eager.table[...], P(shd.MESH_AXES))
 
 
+def test_optimizer_state_is_sharded_like_its_params():
+    import optax
+
+    mesh = shd.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    model = shd.sharded_init(mesh, lambda: _Toy(nnx.Rngs(0)))
+    opt = shd.shard_model(mesh, nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param))
+    adam_state = opt.opt_state[0]
+    _assert_spec(mesh, adam_state.mu["table"][...], P(shd.MESH_AXES))
+    _assert_spec(mesh, adam_state.nu["embed"][...], P("tensor", "fsdp"))
+    _assert_spec(mesh, adam_state.count[...], P())
+
+
 def _assert_spec(mesh, x, spec):
     # jit drops size-1 mesh axes from specs; compare device layouts instead
     assert x.sharding.is_equivalent_to(NamedSharding(mesh, spec), x.ndim), (x.sharding, spec)
