@@ -1,0 +1,16 @@
+"""Ablations: the reference Engram vs no gating / no compression / no short conv / no
+multi-branch / 4-grams at equal table budget / insertion depth, plus the MoE and OverEncoding
+baselines.
+
+Command (~30 min; results in results/ablations/):
+
+    engram-jax sweep ablate --preset toy --steps 200 --out /tmp/engram-sweeps/ablations
+
+Expected at paper scale: removing multi-branch fusion, gating or tokenizer compression hurts
+most; removing the short conv hurts slightly; 4-grams are slightly worse; layer 2 (1-based) is
+the best single insertion.
+"""
+
+from engram_jax.experiments.ablations import ngram4, sweep, variants
+
+__all__ = ["ngram4", "sweep", "variants"]
