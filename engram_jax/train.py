@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -281,6 +282,16 @@ def evaluate(eval_fn, state, batches: list[dict], mesh) -> float:
     return float(np.mean(losses))
 
 
+def _drop_suspect_checkpoint(ckpt: Checkpointer, step: int, start: int) -> int | None:
+    """The loss at ``step`` is computed from the state saved at ``step - 1``: if it is not
+    finite, that checkpoint is bad. Delete it when this run wrote it; return the latest
+    remaining step."""
+    ckpt.wait()
+    if step - 1 > start and (step - 1) in ckpt.all_steps():
+        ckpt.manager.delete(step - 1)
+    return ckpt.latest_step()
+
+
 def train(cfg: Config, workdir: str, *, progress: bool = True) -> dict:
     """Train ``cfg`` in ``workdir``, resuming from its latest complete checkpoint.
 
@@ -336,9 +347,11 @@ def train(cfg: Config, workdir: str, *, progress: bool = True) -> dict:
             dt = time.time() - t
             if not all(math.isfinite(v) for v in (m["loss"], m["grad_norm"])):
                 status = "diverged"
+                good = _drop_suspect_checkpoint(ckpt, step, start)
                 raise TrainingDiverged(
-                    f"loss became {m['loss']} at step {step}; the last good checkpoint is "
-                    f"step {ckpt.latest_step()} in {ckpt.directory}")
+                    f"training diverged at step {step} (loss {m['loss']}, grad norm "
+                    f"{m['grad_norm']}); stopped. Last good checkpoint: step {good} in "
+                    f"{ckpt.directory}")
             losses.append(m["loss"])
             last = dict(step=step, **m, step_time_s=dt, tokens_per_s=tokens_per_step / dt)
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
@@ -355,7 +368,7 @@ def train(cfg: Config, workdir: str, *, progress: bool = True) -> dict:
                                 val=f"{val_loss:.3f}" if val_loss is not None else "-")
                 bar.update(1)
     except TrainingDiverged as e:
-        print(f"engram-jax train: error: {e}", flush=True)
+        print(f"engram-jax train: error: {e}", file=sys.stderr, flush=True)
     finally:
         if bar is not None:
             bar.close()
@@ -377,3 +390,58 @@ def train(cfg: Config, workdir: str, *, progress: bool = True) -> dict:
               f"{os.path.join(workdir, 'metrics.jsonl')}, checkpoints: {ckpt.directory}, "
               f"non-UTF-8 files replaced: {data.stats.get('non_utf8_documents', 0)}")
     return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a trained run
+
+
+def load_state(workdir: str, step: int | None = None, *, mesh=None):
+    """``(cfg, graphdef, state, step)`` of a workdir's checkpoint (latest by default)."""
+    cfg_path = os.path.join(workdir, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{workdir} holds no training run (no config.json)")
+    with open(cfg_path, encoding="utf-8") as f:
+        cfg = Config.from_dict(json.load(f))
+    ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no complete checkpoint in {ckpt.directory}")
+    if mesh is None:
+        mesh = shd.make_mesh(single_device_mesh_cfg(), jax.devices()[:1])
+    tx = make_optimizer(cfg, cfg.train.steps)
+    graphdef, state = init_state(cfg, mesh, tx)
+    flat, _ = flatten_state(state)
+    state = unflatten_state(ckpt.restore(step, abstract_like(flat)), state)
+    ckpt.close()
+    return cfg, graphdef, state, step
+
+
+def single_device_mesh_cfg():
+    from engram_jax.config import MeshConfig
+
+    return MeshConfig(data=1, fsdp=1, expert=1, tensor=1)
+
+
+def load_model(workdir: str, step: int | None = None) -> tuple[Config, EngramLM]:
+    """The trained model of a workdir (latest checkpoint), on one device."""
+    cfg, graphdef, state, _ = load_state(workdir, step)
+    return cfg, nnx.merge(graphdef, state["params"], state["tables"], state["rest"])
+
+
+def evaluate_workdir(workdir: str, *, data: str | None = None, batches: int | None = None) -> dict:
+    """Validation loss of a workdir's latest checkpoint (on ``data`` if given)."""
+    import dataclasses
+
+    from engram_jax.data import build_data
+
+    cfg, graphdef, state, step = load_state(workdir)
+    if data is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=data))
+    mesh = shd.make_mesh(single_device_mesh_cfg(), jax.devices()[:1])
+    bundle = build_data(cfg, workdir)
+    n = batches or cfg.train.eval_batches
+    eval_fn = jax.jit(make_eval_step(cfg, graphdef))
+    loss = evaluate(eval_fn, state, bundle.val_batches(n), mesh)
+    return dict(workdir=os.path.abspath(workdir), step=step, val_loss=loss, batches=n,
+                data=cfg.data.path or "<python stdlib>")

@@ -1,0 +1,110 @@
+"""End-to-end training through the CLI: kill -9 and resume bit-identically, eval, bad inputs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+# A very small model on a slice of the default corpus: seconds per step on 2 cores.
+SMALL = ["--preset", "tiny", "--set", "model.d_model=32", "--set", "model.head_dim=16",
+         "--set", "model.n_heads=2", "--set", "model.n_kv_heads=1", "--set", "model.n_layers=2",
+         "--set", "model.vocab_size=512", "--set", "model.dense_hidden=64",
+         "--set", "moe.expert_hidden=32", "--set", "moe.n_routed_experts=4",
+         "--set", "engram.engram_vocab_size=[500,500]", "--set", "engram.n_embed_per_ngram=16",
+         "--set", "data.max_bytes=400000", "--set", "train.batch_size=4",
+         "--set", "train.seq_len=32", "--set", "mesh.data=1", "--set", "train.log_every=1",
+         "--set", "train.eval_every=0", "--set", "optim.warmup_steps=2"]
+
+
+def _cli(args, **kw):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, "-m", "engram_jax.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=900, **kw)
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    wd = str(tmp_path_factory.mktemp("ref"))
+    r = _cli(["train", *SMALL, "--steps", "12", "--set", "train.checkpoint_every=4",
+              "--workdir", wd, "--no-progress"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    return wd
+
+
+def test_kill9_resume_is_bit_identical(reference_run, tmp_path):
+    wd = str(tmp_path / "killed")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    cmd = [sys.executable, "-m", "engram_jax.cli", "train", *SMALL, "--steps", "12",
+           "--set", "train.checkpoint_every=4", "--workdir", wd, "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = os.path.join(wd, "metrics.jsonl")
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and max(_losses(wd), default=0) >= 6:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(_losses(wd))
+    assert killed_at < 12
+    r = _cli(["train", "--workdir", wd, "--no-progress"])  # resumes with the saved config
+    assert r.returncode == 0, r.stderr[-2000:]
+    ref, got = _losses(reference_run), _losses(wd)
+    assert sorted(got) == list(range(1, 13))
+    assert got == ref  # exact float equality, every step
+
+
+def test_eval_prints_val_loss(reference_run):
+    r = _cli(["eval", "--workdir", reference_run, "--batches", "2"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["step"] == 12 and 0 < out["val_loss"] < 10
+
+
+def test_workdir_of_another_config_is_refused(reference_run):
+    before = open(os.path.join(reference_run, "config.json")).read()
+    r = _cli(["train", *SMALL, "--set", "model.d_model=64", "--workdir", reference_run])
+    assert r.returncode == 2
+    assert "different config" in r.stderr and "model.d_model" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert open(os.path.join(reference_run, "config.json")).read() == before
+
+
+@pytest.mark.parametrize("data, message", [("missing/path.txt", "not found"),
+                                           ("EMPTY", "no non-empty documents")])
+def test_bad_data_is_one_line_error(tmp_path, data, message):
+    if data == "EMPTY":
+        data = str(tmp_path / "empty")
+        os.makedirs(data)
+    wd = tmp_path / "wd"
+    r = _cli(["train", *SMALL, "--data", data, "--workdir", str(wd)])
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert message in r.stderr.lower()
+    assert not (wd / "checkpoints").exists()
+
+
+def test_nan_loss_stops_with_last_good_checkpoint(tmp_path):
+    wd = str(tmp_path / "nan")
+    r = _cli(["train", *SMALL, "--steps", "30", "--set", "train.checkpoint_every=1",
+              "--set", "optim.lr=30", "--set", "optim.muon_lr=30", "--set", "optim.warmup_steps=30",
+              "--set", "optim.grad_clip=0.0", "--workdir", wd, "--no-progress"])
+    assert r.returncode != 0
+    assert "training diverged" in r.stderr
+    steps = sorted(int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit())
+    losses = _losses(wd)
+    assert all(v == v and abs(v) != float("inf") for v in losses.values())
+    assert steps and max(steps) < max(losses)  # the state before the NaN step is dropped
