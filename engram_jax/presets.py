@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from engram_jax.config import (Config, EngramConfig, ModelConfig, MoEConfig, TrainConfig)
+from engram_jax.config import Config, EngramConfig, ModelConfig, MoEConfig, TrainConfig
 
 PRESETS: dict = {}
 
