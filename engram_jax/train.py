@@ -81,8 +81,13 @@ def split_model(model: EngramLM, cfg: Config):
     return graphdef, params, nnx.State({}), rest
 
 
+# Table rows are padded to a multiple of this (and of the shard count), so a checkpoint's
+# table shapes do not depend on the mesh: a run saved on 8 devices restores on 4 or 1.
+TABLE_ROW_MULTIPLE = 1024
+
+
 def build_model(cfg: Config, mesh) -> EngramLM:
-    rows = shd.shard_count_for_tables(mesh)
+    rows = math.lcm(TABLE_ROW_MULTIPLE, shd.shard_count_for_tables(mesh))
     seed = cfg.train.seed
     return shd.sharded_init(mesh, lambda: EngramLM(cfg, rngs=nnx.Rngs(seed), row_multiple=rows))
 
