@@ -1,0 +1,382 @@
+"""Autoregressive generation with a KV cache: jitted prefill + fixed-shape incremental decode.
+
+Decoding calls the model's own submodules (embedding, mHC wrappers, attention projections,
+Engram, FFN/MoE, readout) in the order of ``model.Block.__call__``, adding only what a cache
+needs: attention writes its keys/values into a fixed ``[B, S, ...]`` buffer at the current
+position and attends to positions ``<= pos + t``; RoPE uses absolute positions.
+
+Engram keeps its own decode state (ENGRAM_SPEC sections 2-3, 8):
+- on the host, the last N-1 *compressed* ids of each sequence: the hash ids of a new token
+  come from ``NgramHasher`` applied to that window (positions before the start read the pad
+  id, exactly as in the full-sequence hash);
+- on the device, the short conv's history (``Engram.init_cache`` / ``Engram.step``).
+
+Each forward step runs as two jitted halves: ``pre`` (embedding and the blocks before the first
+Engram layer: needs only the token) and ``post`` (the remaining blocks, readout, sampling:
+needs the Engram rows). Rows always enter ``post`` pre-gathered, from a :class:`DeviceRows`
+(tables resident on the device) or an ``engram_jax.offload.HostRows`` (tables in host
+memory), so the two placements run the very same compiled ``post`` and agree exactly. The
+decode loop dispatches ``pre`` for the next token before it hashes and gathers on the host,
+so the lookup overlaps the first blocks (ENGRAM_SPEC section 8).
+
+Decode steps have fixed shapes (one token, cache of ``max_len``): one compilation for all
+tokens. Prompts run in power-of-two chunks, so every prompt length reuses a few programs. Cached decoding equals a full forward
+pass for dropless MoE dispatch ("ragged", "blocked"); with "capacity" a full batch may drop
+tokens that a one-token step keeps.
+
+Shape legend: B batch, T positions in this step, S cache length, M mHC branches, D d_model,
+N query heads, K kv heads, h head dim, r rope dim, V vocabulary, H hash heads, d row width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from engram_jax.attention import MLAttention, rope
+from engram_jax.engram import TableParam
+from engram_jax.hashing import NgramHasher
+from engram_jax.tokenizer import CompressionTable
+
+# ---------------------------------------------------------------------------------------------
+# Cached forward pieces (pure functions of modules and arrays)
+
+
+def cached_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxV, pos_T, scale):
+    """Softmax attention of queries at absolute positions ``pos_T`` over a cache of S slots;
+    slot s is visible when ``s <= pos`` (later slots are empty or stale). Mirrors
+    ``attention.causal_attention`` arithmetic (float32 scores and softmax)."""
+    b, t, n, h = q_BxTxNxH.shape
+    kh, s = k_BxSxKxH.shape[2], k_BxSxKxH.shape[1]
+    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, kh, n // kh, h)
+    s_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH,
+                             preferred_element_type=jnp.float32) * scale
+    visible_TxS = jnp.arange(s)[None, :] <= pos_T[:, None]
+    s_BxKxGxTxS = jnp.where(visible_TxS[None, None, None], s_BxKxGxTxS,
+                            jnp.finfo(jnp.float32).min)
+    p_BxKxGxTxS = jax.nn.softmax(s_BxKxGxTxS, axis=-1).astype(v_BxSxKxV.dtype)
+    o_BxTxKxGxV = jnp.einsum("bkgts,bskv->btkgv", p_BxKxGxTxS, v_BxSxKxV)
+    return o_BxTxKxGxV.reshape(b, t, n, v_BxSxKxV.shape[-1])
+
+
+def _write(cache_BxSx_, new_BxTx_, pos):
+    start = (0, pos) + (0,) * (cache_BxSx_.ndim - 2)
+    return jax.lax.dynamic_update_slice(cache_BxSx_, new_BxTx_.astype(cache_BxSx_.dtype), start)
+
+
+def attention_step(attn, x_BxTxD, kv: dict, pos):
+    """One attention sublayer over T new positions starting at ``pos``: -> (y, new kv)."""
+    b, t, _ = x_BxTxD.shape
+    pos_T = pos + jnp.arange(t)
+    if isinstance(attn, MLAttention):
+        n, h, r = attn.n_heads, attn.head_dim, attn.rope_dim
+        q = attn.wq_b(attn.q_norm(attn.wq_a(x_BxTxD))) if attn.q_lora else attn.wq(x_BxTxD)
+        q_BxTxNx_ = q.reshape(b, t, n, h + r)
+        q_BxTxNx_ = jnp.concatenate(
+            [q_BxTxNx_[..., :h], rope(q_BxTxNx_[..., h:], pos_T, attn.theta)], axis=-1)
+        kv_a = attn.wkv_a(x_BxTxD)
+        c_BxTxL, k_rope_BxTx1xR = kv_a[..., :attn.kv_rank], kv_a[..., None, attn.kv_rank:]
+        k_rope_BxTx1xR = rope(k_rope_BxTx1xR, pos_T, attn.theta)
+        kv_BxTxNx2H = attn.wkv_b(attn.kv_norm(c_BxTxL)).reshape(b, t, n, 2 * h)
+        k_new = jnp.concatenate(
+            [kv_BxTxNx2H[..., :h], jnp.broadcast_to(k_rope_BxTx1xR, (b, t, n, r))], axis=-1)
+        v_new, scale = kv_BxTxNx2H[..., h:], (h + r) ** -0.5
+    else:
+        n, kh, h = attn.n_heads, attn.n_kv_heads, attn.head_dim
+        q_BxTxNx_ = rope(attn.wq(x_BxTxD).reshape(b, t, n, h), pos_T, attn.theta)
+        k_new = rope(attn.wk(x_BxTxD).reshape(b, t, kh, h), pos_T, attn.theta)
+        v_new, scale = attn.wv(x_BxTxD).reshape(b, t, kh, h), h ** -0.5
+    k_BxSxKx_, v_BxSxKxH = _write(kv["k"], k_new, pos), _write(kv["v"], v_new, pos)
+    o_BxTxNxH = cached_attention(q_BxTxNx_, k_BxSxKx_.astype(q_BxTxNx_.dtype), v_BxSxKxH,
+                                 pos_T, scale)
+    return attn.wo(o_BxTxNxH.reshape(b, t, -1)), {"k": k_BxSxKx_, "v": v_BxSxKxH}
+
+
+def block_step(block, h_BxTxMxD, cache: dict, pos, rows):
+    """``model.Block.__call__`` with a cache: -> (h, new cache, gates [B,T,M] or None)."""
+    cache = dict(cache)
+    gates_BxTxM = None
+    if block.engram is not None:
+        y_BxTxMxD, gates_BxTxM, cache["conv"] = block.engram.step(h_BxTxMxD, cache["conv"],
+                                                                  rows=rows)
+        h_BxTxMxD = h_BxTxMxD + y_BxTxMxD.astype(h_BxTxMxD.dtype)
+    u_BxTxD, maps = block.attn_hc.read(h_BxTxMxD)
+    y_BxTxD, cache["kv"] = attention_step(block.attn, block.attn_norm(u_BxTxD).astype(block.dtype),
+                                          cache["kv"], pos)
+    h_BxTxMxD = block.attn_hc.write(h_BxTxMxD, y_BxTxD, maps)
+    u_BxTxD, maps = block.ffn_hc.read(h_BxTxMxD)
+    x_BxTxD = block.ffn_norm(u_BxTxD).astype(block.dtype)
+    y_BxTxD = block.ffn(x_BxTxD)[0] if block.is_moe else block.ffn(x_BxTxD)
+    return block.ffn_hc.write(h_BxTxMxD, y_BxTxD, maps), cache, gates_BxTxM
+
+
+def init_cache(model, batch: int, max_len: int) -> dict:
+    """Zero decode state ``{layer: {"kv": {"k", "v"}, "conv": history (Engram layers)}}``."""
+    m = model.cfg.model
+    dt = jnp.dtype(m.dtype)
+    if m.attention == "mla":
+        k_shape = (batch, max_len, m.n_heads, m.head_dim + m.qk_rope_head_dim)
+        v_shape = (batch, max_len, m.n_heads, m.head_dim)
+    else:
+        k_shape = v_shape = (batch, max_len, m.n_kv_heads, m.head_dim)
+    cache = {}
+    for i, block in enumerate(model.blocks):
+        cache[i] = {"kv": {"k": jnp.zeros(k_shape, dt), "v": jnp.zeros(v_shape, dt)}}
+        if block.engram is not None:
+            cache[i]["conv"] = block.engram.init_cache(batch)
+    return cache
+
+
+def sample(logits_BxV, key, temperature, top_k):
+    """Greedy argmax when ``temperature <= 0``, else top-k (``top_k <= 0``: all) sampling at
+    ``temperature``: -> int32 [B]. Every argument may be traced (no recompilation)."""
+    v = logits_BxV.shape[-1]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+    kth_Bx1 = jnp.take(jnp.sort(logits_BxV, axis=-1), v - k, axis=-1)[:, None]
+    scaled_BxV = logits_BxV / jnp.maximum(temperature, 1e-6)
+    scaled_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, scaled_BxV)
+    sampled_B = jax.random.categorical(key, scaled_BxV, axis=-1)
+    greedy_B = jnp.argmax(logits_BxV, axis=-1)
+    return jnp.where(temperature > 0, sampled_B, greedy_B).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The two jitted halves of a step
+
+
+def _pre(graphdef, state, tokens_BxT, cache: dict, pos, *, stop: int):
+    model = nnx.merge(graphdef, *state)
+    m = model.cfg.model
+    x_BxTxD = jnp.take(model.embed[...], tokens_BxT, axis=0)
+    h_BxTxMxD = jnp.broadcast_to(x_BxTxD[:, :, None, :], x_BxTxD.shape[:2] + (m.hc_mult, m.d_model))
+    new = {}
+    for i in range(stop):
+        h_BxTxMxD, new[i], _ = block_step(model.blocks[i], h_BxTxMxD, cache[i], pos, None)
+    return h_BxTxMxD, new
+
+
+def _post(graphdef, state, h_BxTxMxD, cache: dict, pos, rows: dict, key, temperature, top_k,
+          *, start: int):
+    model = nnx.merge(graphdef, *state)
+    new, gates = {}, {}
+    for i in range(start, len(model.blocks)):
+        h_BxTxMxD, new[i], g = block_step(model.blocks[i], h_BxTxMxD, cache[i], pos, rows.get(i))
+        if g is not None:
+            gates[i] = g
+    logits_BxTxV = model.readout(h_BxTxMxD)
+    token_B = sample(logits_BxTxV[:, -1], jax.random.fold_in(key, pos), temperature, top_k)
+    return logits_BxTxV, token_B, new, gates
+
+
+# One compiled program per (graphdef, static options, shapes), shared by all Generators.
+_pre_jit = jax.jit(_pre, static_argnums=0, static_argnames=("stop",), donate_argnums=(3,))
+_post_jit = jax.jit(_post, static_argnums=0, static_argnames=("start",), donate_argnums=(3,))
+
+
+def _placeholder_tables(tables: nnx.State) -> nnx.State:
+    """Empty stand-ins: ``post`` only ever sees pre-gathered rows, so tables stay out of it."""
+    return jax.tree.map(lambda x: jnp.zeros((0,) + x.shape[1:], x.dtype), tables)
+
+
+# ---------------------------------------------------------------------------------------------
+# Row sources: {layer: global row ids [B,T,H] (host int)} -> {layer: rows [B,T,H,d] on device}
+
+
+class DeviceRows:
+    """Tables resident in device memory: rows gathered by a jitted ``take``."""
+
+    def __init__(self, model):
+        self.tables = {i: model.blocks[i].engram.table.table[...] for i in model.engram_layers}
+        self._take = jax.jit(lambda t, g: {i: jnp.take(t[i], g[i], axis=0) for i in g})
+
+    def __call__(self, gids: dict) -> dict:
+        return self._take(self.tables, {i: jnp.asarray(g, jnp.int32) for i, g in gids.items()})
+
+
+@dataclasses.dataclass
+class GenerateResult:
+    tokens: np.ndarray  # [B, n] generated ids (after the prompt)
+    prompt_len: int
+    steps: int
+
+
+class Generator:
+    """Prefill + cached decode of an :class:`~engram_jax.model.EngramLM`.
+
+    ``Generator(model, compression, max_len=512, batch=1, rows=None)``: ``rows`` is a row
+    source (default :class:`DeviceRows`; ``engram_jax.offload.HostRows`` keeps tables on the
+    host). Stateful: :meth:`prefill` starts sequences, :meth:`feed` extends them by given
+    tokens, :meth:`generate` samples. All sequences of a batch have the same length. Prompts
+    run in power-of-two chunks of at most ``max_chunk`` tokens, so the programs compiled for
+    any prompt are among a few shapes (1, 2, 4, ..., max_chunk tokens).
+    """
+
+    def __init__(self, model, compression: CompressionTable, *, max_len: int = 512,
+                 batch: int = 1, rows: Callable[[dict], dict] | None = None,
+                 max_chunk: int = 256):
+        cfg = self.cfg = model.cfg
+        self.model, self.compression = model, compression
+        self.batch, self.max_len, self.max_chunk = int(batch), int(max_len), int(max_chunk)
+        self.layers = model.engram_layers
+        self.first = min(self.layers, default=len(model.blocks))
+        self.offsets = {i: np.asarray(model.blocks[i].engram.table.offsets, np.int64)
+                        for i in self.layers}
+        self.n_hist = cfg.engram.max_ngram_size - 1
+        self.hasher = None
+        if self.layers:
+            self.hasher = NgramHasher(cfg.engram, compression.num_compressed,
+                                      int(compression([cfg.engram.pad_id])[0]))
+        self.rows = rows if rows is not None else (DeviceRows(model) if self.layers else None)
+        graphdef, tables, rest = nnx.split(model, TableParam, ...)
+        self._state = (_placeholder_tables(tables), rest)
+        self._pre = functools.partial(_pre_jit, graphdef, stop=self.first)
+        self._post = functools.partial(_post_jit, graphdef, start=self.first)
+        self.reset()
+
+    # -- state -------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        cache = init_cache(self.model, self.batch, self.max_len)
+        self._cache_pre = {i: c for i, c in cache.items() if i < self.first}
+        self._cache_post = {i: c for i, c in cache.items() if i >= self.first}
+        self.pos = 0
+        self._hist = np.zeros((self.batch, 0), np.int64)  # last N-1 compressed ids
+
+    def engram_ids(self, tokens_BxT: np.ndarray) -> dict:
+        """Global table rows ``{layer: [B,T,H]}`` of new tokens, continuing the history."""
+        if not self.layers:
+            return {}
+        window = np.concatenate([self._hist, self.compression(tokens_BxT)], axis=1)
+        t = tokens_BxT.shape[1]
+        ids = self.hasher(window)
+        self._hist = window[:, -self.n_hist:] if self.n_hist else window[:, :0]
+        return {i: ids[i][:, -t:] + self.offsets[i] for i in self.layers}
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def _forward(self, tokens_dev, tokens_host, sampling=(0.0, 0, None)):
+        """One jitted step over the T tokens of a chunk: -> (logits [B,T,V], next token [B])."""
+        b, t = tokens_host.shape
+        if b != self.batch:
+            raise ValueError(f"batch of {b} sequences, generator built for {self.batch}")
+        if self.pos + t > self.max_len:
+            raise ValueError(f"position {self.pos + t} exceeds max_len={self.max_len}")
+        pos = jnp.asarray(self.pos, jnp.int32)
+        # 1. dispatch the blocks before the first Engram layer (they need only the tokens) ...
+        h, self._cache_pre = self._pre(self._state, tokens_dev, self._cache_pre, pos)
+        # 2. ... while the host hashes the new n-grams and fetches their rows
+        rows = self.rows(self.engram_ids(tokens_host)) if self.layers else {}
+        temperature, top_k, key = sampling
+        key = jax.random.key(0) if key is None else key
+        logits, token_B, self._cache_post, _ = self._post(
+            self._state, h, self._cache_post, pos, rows, key, jnp.float32(temperature),
+            jnp.int32(top_k))
+        self.pos += t
+        return logits, token_B
+
+    def _chunks(self, tokens_BxT, sampling=(0.0, 0, None)):
+        """Feed tokens in power-of-two chunks (at most ``max_chunk``): a handful of compiled
+        shapes serves every prompt length, and decode steps reuse the 1-token program."""
+        tokens = np.asarray(tokens_BxT, np.int32)
+        if tokens.ndim != 2 or tokens.shape[1] < 1:
+            raise ValueError(f"tokens must be [B, T] with T >= 1; got {tokens.shape}")
+        if self.pos + tokens.shape[1] > self.max_len:
+            raise ValueError(f"position {self.pos + tokens.shape[1]} exceeds "
+                             f"max_len={self.max_len}")
+        logits, t0 = [], 0
+        while t0 < tokens.shape[1]:
+            n = 1 << (min(tokens.shape[1] - t0, self.max_chunk).bit_length() - 1)
+            chunk = tokens[:, t0:t0 + n]
+            out, token_B = self._forward(jnp.asarray(chunk), chunk, sampling)
+            logits.append(out)
+            t0 += n
+        return jnp.concatenate(logits, axis=1), token_B
+
+    def prefill(self, tokens_BxT):
+        """Start new sequences: -> float32 logits [B,T,V] of every prompt position."""
+        self.reset()
+        return self._chunks(tokens_BxT)[0]
+
+    def feed(self, tokens_BxT):
+        """Extend the sequences by given tokens: -> logits [B,T,V] of the new positions."""
+        return self._chunks(tokens_BxT)[0]
+
+    def generate(self, prompt_BxP, max_new_tokens: int, *, temperature: float = 0.0,
+                 top_k: int = 0, seed: int = 0, eos_id: int | None = None) -> GenerateResult:
+        """Sample up to ``max_new_tokens`` after the prompt (greedy when ``temperature <= 0``;
+        top-k when ``top_k > 0``; ``seed`` fixes the draws). Stops early when every sequence
+        has produced ``eos_id`` or the cache is full."""
+        self.reset()
+        sampling = (float(temperature), int(top_k), jax.random.key(seed))
+        prompt = np.asarray(prompt_BxP, np.int32)
+        _, token_B = self._chunks(prompt, sampling)
+        out, done = [], np.zeros(self.batch, bool)
+        for step in range(max_new_tokens):
+            token_dev = token_B[:, None]
+            host = np.asarray(token_dev)  # waits for the previous step
+            out.append(host)
+            if eos_id is not None:
+                done |= host[:, 0] == eos_id
+            if step == max_new_tokens - 1 or self.pos >= self.max_len or done.all():
+                break
+            _, token_B = self._forward(token_dev, host, sampling)
+        tokens = np.concatenate(out, axis=1) if out else np.zeros((self.batch, 0), np.int32)
+        return GenerateResult(tokens, prompt.shape[1], len(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# Trained workdirs
+
+
+def find_tokenizer(workdir: str, cfg) -> str:
+    """The SentencePiece model a run trained with: ``W/tokenizer.model``, else the one named in
+    ``W/summary.json``, else ``cfg.data.tokenizer``, else the only ``W/data/tokenizer-*.model``."""
+    import glob
+    import json
+    import os
+
+    candidates = [os.path.join(workdir, "tokenizer.model")]
+    summary = os.path.join(workdir, "summary.json")
+    if os.path.exists(summary):
+        with open(summary, encoding="utf-8") as f:
+            candidates.append(json.load(f).get("data", {}).get("tokenizer") or "")
+    candidates.append(os.path.expanduser(cfg.data.tokenizer) if cfg.data.tokenizer else "")
+    for path in candidates:
+        if path and os.path.isfile(path):
+            return path
+    found = sorted(glob.glob(os.path.join(workdir, "data", "tokenizer-*.model")))
+    if len(found) == 1:
+        return found[0]
+    raise FileNotFoundError(f"cannot tell which tokenizer {workdir} was trained with "
+                            f"(tried {[c for c in candidates if c]} and found {found})")
+
+
+def load_workdir(workdir: str, step: int | None = None):
+    """``(cfg, model, tokenizer, compression)`` of a trained run (latest checkpoint)."""
+    from engram_jax.tokenizer import build_compression, load_tokenizer
+    from engram_jax.train import load_model
+
+    cfg, model = load_model(workdir, step)
+    sp = load_tokenizer(find_tokenizer(workdir, cfg))
+    if sp.get_piece_size() != cfg.model.vocab_size:
+        raise ValueError(f"tokenizer has {sp.get_piece_size()} pieces, the model "
+                         f"{cfg.model.vocab_size}")
+    return cfg, model, sp, build_compression(sp, enabled=cfg.engram.compress_tokenizer)
+
+
+def make_generator(model, compression: CompressionTable, *, max_len: int, batch: int = 1,
+                   offload=None, release: bool = False) -> Generator:
+    """A :class:`Generator` with tables resident (``offload=None``) or in host memory
+    (``offload``: an ``engram_jax.offload.OffloadConfig``; ``release`` frees the device copy)."""
+    rows = None
+    if offload is not None and model.engram_layers:
+        from engram_jax.offload import HostRows
+
+        rows = HostRows.from_model(model, offload, release=release)
+    return Generator(model, compression, max_len=max_len, batch=batch, rows=rows)
