@@ -84,8 +84,10 @@ def main() -> None:
     args = ap.parse_args()
     date = subprocess.run(["date", "-u"], check=False, capture_output=True, text=True)
     command = f"python benchmarks/moe_dispatch.py --repeats {args.repeats} --update BENCHMARKS.md"
-    machine = (f"Machine: {os.cpu_count()} CPU cores (shared), jax {jax.__version__}. Best of "
-               f"{args.repeats} wall-clock runs; GFLOP from XLA's cost analysis.")
+    load = os.getloadavg()[0]
+    machine = (f"Machine: {os.cpu_count()} CPU cores shared with other jobs (load average "
+               f"{load:.1f} at start), jax {jax.__version__}. Best of {args.repeats} wall-clock "
+               "runs, so times are noisy; the GFLOP column (XLA's cost analysis) is not.")
     lines = [HEADING, "", f"Command: `{command}`  ", f"Date: {date.stdout.strip()}  ", machine, ""]
     for preset, batch, seq in (("tiny", 8, 128), ("small", 16, 256)):
         lines += [*bench(preset, batch, seq, args.repeats), ""]
