@@ -49,7 +49,7 @@ def sinkhorn(logits: jax.Array, iters: int) -> jax.Array:
 
 
 class HyperConnection(nnx.Module):
-    """The mHC wrapper of one sublayer: ``u, maps = hc.read(x)``; ``x = hc.write(x, F(u), maps)``."""
+    """mHC around one sublayer: ``u, maps = hc.read(x)``; ``x = hc.write(x, F(u), maps)``."""
 
     def __init__(self, d_model: int, hc_mult: int, *, layer_index: int, sinkhorn_iters: int,
                  dynamic: bool = True, eps: float = 1e-6, rngs: nnx.Rngs):

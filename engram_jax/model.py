@@ -8,7 +8,7 @@ Block ``l`` (ENGRAM_SPEC section 1):
 
 The residual stream H is float32 [B, T, M, D] (M = hc_mult; M = 1 is a plain residual
 stream); sublayers compute in ``ModelConfig.dtype``; parameters and logits are float32. The
-readout sums nothing away: it takes the mean over branches, then RMSNorm and the LM head
+readout takes the mean over branches, then RMSNorm and the LM head
 (untied unless ``tie_embeddings``; tied logits are ``h E^T / sqrt(D)``). Embedding init is
 N(0, 1). With ``cfg.engram.layer_ids == ()`` there are no Engram modules at all.
 

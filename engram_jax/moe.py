@@ -2,7 +2,8 @@
 
 **SwiGLU**: ``FFN(x) = (SiLU(x W_gate) * (x W_up)) W_down``.
 
-**DeepSeekMoE** (DeepSeek-V3 eqs. 12-16): ``y = sum_shared FFN_i(x) + sum_{i in topk} g_i FFN_i(x)``.
+**DeepSeekMoE** (DeepSeek-V3 eqs. 12-16):
+``y = sum_shared FFN_i(x) + sum_{i in topk} g_i FFN_i(x)``.
 Scores ``s = sigmoid(x W_router)`` (or softmax). Selection uses ``s + b`` where ``b`` is a
 per-expert :class:`RouterBias` that is *not* a Param (no gradient); the combine weights use
 the unbiased scores: ``g = s_topk / sum(s_topk)`` (if ``norm_topk_prob``) times
@@ -35,7 +36,8 @@ presets therefore use ``blocked``; the paper presets ``ragged``. Router logits a
 float32.
 
 Shape legend: B batch, T sequence, S = B*T tokens, D d_model, E routed experts, F expert hidden,
-K top-k, R = S*K sorted assignments, C capacity, N blocks, P padded rows.
+K top-k, R = S*K sorted assignments, C capacity, N blocks of B rows (blocked dispatch;
+B is the batch only in x_BxTxD), P = N*B padded rows.
 """
 
 from __future__ import annotations
@@ -141,8 +143,8 @@ class MoE(nnx.Module):
         padded_E = -(-load_E // bs) * bs
         pstart_E = jnp.cumsum(padded_E) - padded_E
         dest_R = pstart_E[expert_R] + rank_R
-        buf_NxBxD = jnp.zeros((n_blocks * bs, d), xs_RxD.dtype).at[dest_R].set(xs_RxD)
-        buf_NxBxD = buf_NxBxD.reshape(n_blocks, bs, d)
+        buf_PxD = jnp.zeros((n_blocks * bs, d), xs_RxD.dtype).at[dest_R].set(xs_RxD)
+        buf_NxBxD = buf_PxD.reshape(n_blocks, bs, d)
         block_expert_N = jnp.searchsorted(jnp.cumsum(padded_E), jnp.arange(n_blocks) * bs,
                                           side="right")
         block_expert_N = jnp.minimum(block_expert_N, e - 1)  # trailing empty blocks
@@ -187,8 +189,9 @@ def update_router_bias(model_or_state, loads: dict, rate: float):
     flat = dict(nnx.to_flat_state(model_or_state))
     new = {}
     for path, var in flat.items():
-        if len(path) >= 2 and path[0] == "blocks" and path[1] in loads and path[-1] == "router_bias":
-            var = var.replace(bias_step(var[...], loads[path[1]], rate))
+        layer = path[1] if len(path) > 2 and path[0] == "blocks" else None
+        if layer in loads and path[-1] == "router_bias":
+            var = var.replace(bias_step(var[...], loads[layer], rate))
         new[path] = var
     return nnx.from_flat_state(new)
 
