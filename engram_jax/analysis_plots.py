@@ -21,6 +21,7 @@ def plot_logit_lens(curves: dict, out_png: str) -> None:
     for label, kl in curves.items():
         ax.plot(np.arange(1, len(kl) + 1), kl, marker="o", label=label)
     ax.set_xlabel("block")
+    ax.set_xticks(range(1, 1 + max(len(kl) for kl in curves.values())))
     ax.set_ylabel("KL(final || block), nats/token")
     ax.set_title("LogitLens")
     ax.grid(alpha=0.3)

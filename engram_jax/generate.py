@@ -20,9 +20,9 @@ decode loop dispatches ``pre`` for the next token before it hashes and gathers o
 so the lookup overlaps the first blocks (ENGRAM_SPEC section 8).
 
 Decode steps have fixed shapes (one token, cache of ``max_len``): one compilation for all
-tokens. Prompts run in power-of-two chunks, so every prompt length reuses a few programs. Cached decoding equals a full forward
-pass for dropless MoE dispatch ("ragged", "blocked"); with "capacity" a full batch may drop
-tokens that a one-token step keeps.
+tokens. Prompts run in power-of-two chunks, so every prompt length reuses a few programs.
+Cached decoding equals a full forward pass for dropless MoE dispatch ("ragged", "blocked");
+with "capacity" a full batch may drop tokens that a one-token step keeps.
 
 Shape legend: B batch, T positions in this step, S cache length, M mHC branches, D d_model,
 N query heads, K kv heads, h head dim, r rope dim, V vocabulary, H hash heads, d row width.
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Callable
 
 import jax
@@ -174,9 +175,13 @@ def _post(graphdef, state, h_BxTxMxD, cache: dict, pos, rows: dict, key, tempera
     return logits_BxTxV, token_B, new, gates
 
 
-# One compiled program per (graphdef, static options, shapes), shared by all Generators.
-_pre_jit = jax.jit(_pre, static_argnums=0, static_argnames=("stop",), donate_argnums=(3,))
-_post_jit = jax.jit(_post, static_argnums=0, static_argnames=("start",), donate_argnums=(3,))
+@functools.lru_cache(maxsize=32)
+def programs(graphdef, first: int):
+    """The jitted ``pre``/``post`` of a model structure, shared by its Generators. The graphdef
+    is closed over, not a static argument: hashing it on every call costs milliseconds."""
+    pre = jax.jit(functools.partial(_pre, graphdef, stop=first), donate_argnums=(2,))
+    post = jax.jit(functools.partial(_post, graphdef, start=first), donate_argnums=(2,))
+    return pre, post
 
 
 def _placeholder_tables(tables: nnx.State) -> nnx.State:
@@ -204,6 +209,8 @@ class GenerateResult:
     tokens: np.ndarray  # [B, n] generated ids (after the prompt)
     prompt_len: int
     steps: int
+    prefill_seconds: float = 0.0  # until the first new token is on the host
+    decode_seconds: float = 0.0  # the remaining steps - 1 tokens
 
 
 class Generator:
@@ -214,15 +221,17 @@ class Generator:
     host). Stateful: :meth:`prefill` starts sequences, :meth:`feed` extends them by given
     tokens, :meth:`generate` samples. All sequences of a batch have the same length. Prompts
     run in power-of-two chunks of at most ``max_chunk`` tokens, so the programs compiled for
-    any prompt are among a few shapes (1, 2, 4, ..., max_chunk tokens).
+    any prompt are among a few shapes (1, 2, 4, ..., max_chunk tokens). ``overlap=False``
+    fetches the rows before dispatching the first blocks (for measuring the overlap).
     """
 
     def __init__(self, model, compression: CompressionTable, *, max_len: int = 512,
                  batch: int = 1, rows: Callable[[dict], dict] | None = None,
-                 max_chunk: int = 256):
+                 max_chunk: int = 256, overlap: bool = True):
         cfg = self.cfg = model.cfg
         self.model, self.compression = model, compression
         self.batch, self.max_len, self.max_chunk = int(batch), int(max_len), int(max_chunk)
+        self.overlap = overlap
         self.layers = model.engram_layers
         self.first = min(self.layers, default=len(model.blocks))
         self.offsets = {i: np.asarray(model.blocks[i].engram.table.offsets, np.int64)
@@ -235,8 +244,7 @@ class Generator:
         self.rows = rows if rows is not None else (DeviceRows(model) if self.layers else None)
         graphdef, tables, rest = nnx.split(model, TableParam, ...)
         self._state = (_placeholder_tables(tables), rest)
-        self._pre = functools.partial(_pre_jit, graphdef, stop=self.first)
-        self._post = functools.partial(_post_jit, graphdef, start=self.first)
+        self._pre, self._post = programs(graphdef, self.first)
         self.reset()
 
     # -- state -------------------------------------------------------------------------------
@@ -268,10 +276,14 @@ class Generator:
         if self.pos + t > self.max_len:
             raise ValueError(f"position {self.pos + t} exceeds max_len={self.max_len}")
         pos = jnp.asarray(self.pos, jnp.int32)
+        if not self.overlap:
+            rows = self.rows(self.engram_ids(tokens_host)) if self.layers else {}
+            jax.block_until_ready(rows)
         # 1. dispatch the blocks before the first Engram layer (they need only the tokens) ...
         h, self._cache_pre = self._pre(self._state, tokens_dev, self._cache_pre, pos)
         # 2. ... while the host hashes the new n-grams and fetches their rows
-        rows = self.rows(self.engram_ids(tokens_host)) if self.layers else {}
+        if self.overlap:
+            rows = self.rows(self.engram_ids(tokens_host)) if self.layers else {}
         temperature, top_k, key = sampling
         key = jax.random.key(0) if key is None else key
         logits, token_B, self._cache_post, _ = self._post(
@@ -315,11 +327,14 @@ class Generator:
         self.reset()
         sampling = (float(temperature), int(top_k), jax.random.key(seed))
         prompt = np.asarray(prompt_BxP, np.int32)
+        t0 = time.perf_counter()
         _, token_B = self._chunks(prompt, sampling)
         out, done = [], np.zeros(self.batch, bool)
         for step in range(max_new_tokens):
             token_dev = token_B[:, None]
             host = np.asarray(token_dev)  # waits for the previous step
+            if step == 0:
+                t1 = time.perf_counter()
             out.append(host)
             if eos_id is not None:
                 done |= host[:, 0] == eos_id
@@ -327,7 +342,9 @@ class Generator:
                 break
             _, token_B = self._forward(token_dev, host, sampling)
         tokens = np.concatenate(out, axis=1) if out else np.zeros((self.batch, 0), np.int32)
-        return GenerateResult(tokens, prompt.shape[1], len(out))
+        t2 = time.perf_counter()
+        return GenerateResult(tokens, prompt.shape[1], len(out), t1 - t0 if out else t2 - t0,
+                              t2 - t1 if out else 0.0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -325,7 +325,7 @@ class HostRows:
 
     @classmethod
     def from_checkpoint(cls, state_dir: str, layers, **kw) -> HostRows:
-        """Rows read on demand from the checkpoint on disk (``<workdir>/checkpoints/<step>/state``)."""
+        """Rows read on demand from a checkpoint on disk (``W/checkpoints/<step>/state``)."""
         return cls({i: TensorStoreRows.for_layer(state_dir, i) for i in layers}, **kw)
 
     def stats(self) -> dict:
@@ -346,7 +346,7 @@ class HostRows:
                 rows_NxD = self._direct(store, ids.reshape(-1))
             else:
                 slots_N, miss_ids, miss_slots = plan
-                u = _pad_len(len(miss_ids))
+                u = _pad_len(ids.size)  # fixed per step shape: no recompilation as misses vary
                 ids_U = np.zeros(u, np.int64)
                 ids_U[: len(miss_ids)] = miss_ids
                 slots_U = np.full(u, self.caches[i].size, np.int64)  # padding: dropped

@@ -148,14 +148,14 @@ def test_sampling_seeded_and_top1_is_greedy(model, tokens):
 
 
 def test_decode_compiles_once(model, tokens):
-    from engram_jax.generate import _post_jit, _pre_jit
-
     gen = Generator(model, compression(), max_len=32, batch=B)
     gen.generate(tokens[:, :5], 3)
-    sizes = (_pre_jit._cache_size(), _post_jit._cache_size())
+    sizes = (gen._pre._cache_size(), gen._post._cache_size())
     gen.generate(tokens[:, :5], 12)  # 12 decode steps, no new program
-    Generator(model, compression(), max_len=32, batch=B).generate(tokens[:, :5], 4)
-    assert (_pre_jit._cache_size(), _post_jit._cache_size()) == sizes
+    other = Generator(model, compression(), max_len=32, batch=B)
+    other.generate(tokens[:, :5], 4)
+    assert other._post is gen._post
+    assert (gen._pre._cache_size(), gen._post._cache_size()) == sizes
 
 
 def test_eos_stops_and_max_len_enforced(model, tokens):
@@ -208,7 +208,8 @@ def test_tensorstore_rows_from_orbax_checkpoint(tmp_path, model):
     ids = np.array([7, 0, 123, 7, 599], np.int64)
     for layer in model.engram_layers:
         rows = TensorStoreRows.for_layer(state_dir, layer).take(ids)
-        np.testing.assert_array_equal(rows, np.asarray(model.blocks[layer].engram.table.table[...])[ids])
+        table = np.asarray(model.blocks[layer].engram.table.table[...])
+        np.testing.assert_array_equal(rows, table[ids])
     with pytest.raises(FileNotFoundError):
         find_table_key(state_dir, 0)
     # and a Generator decoding straight from the checkpoint matches the resident one
