@@ -177,10 +177,26 @@ def find_table_key(state_dir: str, layer: int) -> str:
     return min(params, key=len)
 
 
+def table_save_args(state, chunk_byte_size: int = 1 << 20):
+    """Orbax ``SaveArgs`` for a state pytree: Engram tables (2-D arrays whose path names
+    ``engram`` and ``table``) written in chunks of about ``chunk_byte_size`` bytes, so that
+    :class:`TensorStoreRows` reads only the chunks holding the rows it needs. Use as
+    ``ocp.args.StandardSave(state, save_args=table_save_args(state))``."""
+    import orbax.checkpoint as ocp
+
+    def args(path, x):
+        key = jax.tree_util.keystr(path)
+        if getattr(x, "ndim", 0) == 2 and "engram" in key and "table" in key:
+            return ocp.SaveArgs(chunk_byte_size=int(chunk_byte_size))
+        return ocp.SaveArgs()
+
+    return jax.tree_util.tree_map_with_path(args, state)
+
+
 class TensorStoreRows:
     """One table inside a checkpoint, opened with tensorstore: ``take`` reads only the chunks
-    holding the requested rows (Orbax writes one chunk per saved shard unless
-    ``chunk_byte_size`` is set, so small chunks are what make row reads cheap)."""
+    holding the requested rows. Orbax writes one chunk per saved shard unless told otherwise:
+    save with :func:`table_save_args` so that a row read touches kilobytes, not the table."""
 
     def __init__(self, state_dir: str, key: str):
         import tensorstore as ts

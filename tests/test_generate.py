@@ -27,6 +27,7 @@ from engram_jax.offload import (
     make_store,
     most_frequent,
     simulate_hit_rate,
+    table_save_args,
 )
 from engram_jax.presets import get_preset
 from engram_jax.tokenizer import CompressionTable
@@ -202,14 +203,20 @@ def test_tensorstore_rows_from_orbax_checkpoint(tmp_path, model):
     state = {"tables": nnx.to_pure_dict(tables), "rest": nnx.to_pure_dict(rest)}
     mgr = ocp.CheckpointManager(tmp_path / "checkpoints")
     mgr.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+    mgr.save(8, args=ocp.args.Composite(state=ocp.args.StandardSave(
+        state, save_args=table_save_args(state, chunk_byte_size=4096))))
     mgr.wait_until_finished()
+    chunked = TensorStoreRows.for_layer(str(tmp_path / "checkpoints" / "8" / "state"), 1)
+    assert chunked.array.chunk_layout.read_chunk.shape[0] < chunked.shape[0]
     state_dir = str(tmp_path / "checkpoints" / "7" / "state")
     assert find_table_key(state_dir, 2) == "tables.blocks.2.engram.table.table"
     ids = np.array([7, 0, 123, 7, 599], np.int64)
     for layer in model.engram_layers:
-        rows = TensorStoreRows.for_layer(state_dir, layer).take(ids)
         table = np.asarray(model.blocks[layer].engram.table.table[...])
-        np.testing.assert_array_equal(rows, table[ids])
+        for step in (7, 8):
+            store = TensorStoreRows.for_layer(str(tmp_path / "checkpoints" / str(step) / "state"),
+                                              layer)
+            np.testing.assert_array_equal(store.take(ids), table[ids])
     with pytest.raises(FileNotFoundError):
         find_table_key(state_dir, 0)
     # and a Generator decoding straight from the checkpoint matches the resident one
