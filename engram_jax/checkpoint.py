@@ -9,6 +9,14 @@ saves, the last ``keep`` kept. Each checkpoint holds three items:
   sees exactly the batches the uninterrupted run would;
 - ``config``: the run's :class:`~engram_jax.config.Config` as JSON.
 
+Several processes: every process calls ``save``/``restore``; Orbax writes each array's shards
+from the process that holds them, and Grain writes one iterator file per process
+(``data/process_<i>-of-<n>.json``). Arrays restore onto any mesh and process count. The
+iterator state only restores with the same process count (:meth:`Checkpointer.has_data_state`);
+otherwise :func:`engram_jax.train.train` restores the arrays only and seeks a fresh iterator to
+the checkpoint's step: the pipeline is a shuffled ``MapDataset`` whose element i is global batch
+i whatever the process count, so the resumed run reads exactly the batches it would have.
+
 A process killed during an async save leaves ``<step>.orbax-checkpoint-tmp*``; Orbax ignores
 those, so ``latest_step()`` is always a complete checkpoint.
 """
@@ -70,6 +78,15 @@ class Checkpointer:
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def data_state_path(self, step: int) -> str:
+        """This process's Grain iterator state in checkpoint ``step``: Grain writes one file per
+        process, ``process_<i>-of-<n>.json``, so it exists only for the same process count."""
+        return os.path.join(self.directory, str(step), "data",
+                            f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+
+    def has_data_state(self, step: int) -> bool:
+        return os.path.exists(self.data_state_path(step))
 
     def restore(self, step: int, abstract_state: Any, data_iter: Any | None = None) -> Any:
         """Restore ``state`` onto the shardings in ``abstract_state`` (ShapeDtypeStructs);

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from engram_jax import sharding as shd
 from engram_jax.checkpoint import Checkpointer, abstract_like, config_mismatch
@@ -102,7 +103,22 @@ def init_state(cfg: Config, mesh, tx) -> tuple[Any, dict]:
                  table_mu={k: m[0] for k, m in moments.items()},
                  table_nu={k: m[1] for k, m in moments.items()},
                  step=jnp.zeros((), jnp.int32))
-    return graphdef, state
+    return graphdef, _on_mesh(mesh, state)
+
+
+def _on_mesh(mesh, tree):
+    """Replicate over ``mesh`` every leaf not already placed on it (optimizer counts, the
+    step). Else they stay on the default device, and a restore from a checkpoint COMMITS them
+    there: jit then refuses to mix them with the mesh's arrays (more than one device)."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def put(x):
+        s = getattr(x, "sharding", None)
+        if isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh:
+            return x
+        return jax.device_put(x, replicated)
+
+    return jax.tree.map(put, tree)
 
 
 def _tables_by_layer(tables: nnx.State) -> dict[str, jax.Array]:
@@ -297,6 +313,17 @@ def _drop_suspect_checkpoint(ckpt: Checkpointer, step: int, start: int) -> int |
     return ckpt.latest_step()
 
 
+def _seek(it, position: int) -> None:
+    """Move a fresh training iterator to batch ``position`` (= the number of batches the run
+    consumed before that step's checkpoint)."""
+    state = it.get_state()
+    if isinstance(state, dict) and "next_index" in state:  # MapDataset-backed: random access
+        it.set_state({**state, "next_index": position})
+        return
+    for _ in range(position):  # e.g. mp_prefetch workers: replay
+        next(it)
+
+
 def train(cfg: Config, workdir: str, *, progress: bool = True) -> dict:
     """Train ``cfg`` in ``workdir``, resuming from its latest complete checkpoint.
 
@@ -310,8 +337,13 @@ def train(cfg: Config, workdir: str, *, progress: bool = True) -> dict:
     _check_batch_split(cfg, mesh)
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
+    multi = jax.process_count() > 1
+    if multi and not is_main:  # process 0 builds the shared tokenizer/token cache first
+        multihost_utils.sync_global_devices("engram_jax.train:data")
     data = build_data(cfg, workdir, process_index=jax.process_index(),
                       process_count=jax.process_count())
+    if multi and is_main:
+        multihost_utils.sync_global_devices("engram_jax.train:data")
     tx = make_optimizer(cfg, cfg.train.steps)
     graphdef, state = init_state(cfg, mesh, tx)
     flat, _ = flatten_state(state)
@@ -320,8 +352,14 @@ def train(cfg: Config, workdir: str, *, progress: bool = True) -> dict:
     it = data.train_iter()
     start = ckpt.latest_step() or 0
     if start:
-        restored = ckpt.restore(start, abstract_like(flat), it)
+        # The iterator state is per process (Grain writes process_<i>-of-<n>.json). Resuming
+        # with another process count restores the model only and seeks the iterator to the
+        # step: batch i of the pipeline is the same global batch for any process count.
+        same_processes = ckpt.has_data_state(start)
+        restored = ckpt.restore(start, abstract_like(flat), it if same_processes else None)
         state = unflatten_state(restored, state)
+        if not same_processes:
+            _seek(it, start)
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             json.dump(cfg.to_dict(), f, indent=1, sort_keys=True)
