@@ -9,6 +9,10 @@ and the study's figures ``out/*.png``. It is the only side-effecting part of the
 - Restart: a run whose ``summary.json`` says ``ok`` for the same config is not trained again.
 - Failure: a run that raises (or diverges) becomes a row with ``status``/``error`` and the
   sweep goes on.
+- Parallel invocations on one ``out`` (e.g. on subsets, to use more processes): each run is
+  claimed with a lock file; a run held by another live process is reported ``busy`` and
+  skipped; re-running the full command afterwards skips everything finished and writes the
+  complete results.
 - Sharing: every run's ``data/`` is a link to ``out/data``, so the tokenizer is trained and
   the corpus encoded once per sweep; XLA executables go to a persistent compilation cache
   (``out/jax_cache``), so runs of the same shapes (the seeds of a point, the same layout in two
@@ -17,6 +21,7 @@ and the study's figures ``out/*.png``. It is the only side-effecting part of the
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -54,6 +59,37 @@ def _link_data(out: str, workdir: str) -> None:
         os.symlink(shared, link)
 
 
+def _lock(workdir: str) -> bool:
+    """Claim ``workdir`` for this process (``.sweep.lock`` holding the pid), so that several
+    invocations of a sweep on the same ``--out`` never train one run twice. A lock whose
+    process is gone is taken over. False: another live process holds it."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, ".sweep.lock")
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    os.kill(int(f.read().strip() or 0), 0)
+                return False
+            except (ProcessLookupError, ValueError, FileNotFoundError):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                continue
+            except PermissionError:  # alive, owned by someone else
+                return False
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def _unlock(workdir: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(workdir, ".sweep.lock"))
+
+
 def enable_compilation_cache(path: str) -> None:
     import jax
 
@@ -75,7 +111,9 @@ def _row(study: str, point, seed: int, cfg: Config, summary: dict | None, error:
     s = summary or {}
     for key in ("train_loss", "val_loss", "tokens", "wall_s", "compile_s"):
         row[key] = "" if s.get(key) is None else s[key]
-    row["status"] = s.get("status", "error") if not error else "error"
+    row["status"] = s.get("status", "error") if not error else error.split(":")[0]
+    if row["status"] not in ("ok", "busy", "diverged"):
+        row["status"] = "error"
     return row
 
 
@@ -109,6 +147,9 @@ def run_sweep(study: str, points: list, out: str, seeds=(0,), *, train_fn=None,
         summary, error = _finished(workdir, cfg), ""
         if summary is not None:
             log(f"[{i}/{total}] {name}: done before (val loss {summary.get('val_loss')}), skipped")
+        elif not _lock(workdir):
+            error = "busy: another sweep process is training this run"
+            log(f"[{i}/{total}] {name}: {error}, skipped")
         else:
             log(f"[{i}/{total}] {name}: training {cfg.train.steps} steps "
                 f"({time.time() - t0:.0f} s into the sweep)")
@@ -120,6 +161,8 @@ def run_sweep(study: str, points: list, out: str, seeds=(0,), *, train_fn=None,
             except Exception as e:  # noqa: BLE001 - one failed run must not stop the sweep
                 error = f"{type(e).__name__}: {e}"
                 log(f"[{i}/{total}] {name}: FAILED: {error}\n{traceback.format_exc(limit=3)}")
+            finally:
+                _unlock(workdir)
             if summary and not error:
                 log(f"[{i}/{total}] {name}: val loss {summary.get('val_loss')}, train loss "
                     f"{summary.get('train_loss')}, {summary.get('wall_s')} s")

@@ -166,6 +166,25 @@ def test_runner_skips_finished_runs_and_survives_a_failure(tmp_path):
         assert json.load(f)["figures"] == ["loss_vs_slots.png"]
 
 
+def test_runner_leaves_runs_claimed_by_a_live_process(tmp_path):
+    import subprocess
+    import sys
+
+    out = str(tmp_path / "sweep")
+    points = memory_scaling.sweep(toy(), (1e4, 4e4))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    for name, pid in (("slots10000-s0", os.getpid()), ("slots40000-s0", dead)):
+        os.makedirs(os.path.join(out, "runs", name))
+        with open(os.path.join(out, "runs", name, ".sweep.lock"), "w") as f:
+            f.write(str(pid))
+    calls = []
+    rows = run_sweep("slots", points, out, train_fn=_fake_train(calls), log=lambda s: None)
+    assert [r["status"] for r in rows] == ["busy", "ok"]  # live lock kept, stale one taken
+    assert [os.path.basename(c) for c in calls] == ["slots40000-s0"]
+    assert not os.path.exists(os.path.join(out, "runs", "slots40000-s0", ".sweep.lock"))
+
+
 def test_runner_retrains_when_the_config_changed(tmp_path):
     out = str(tmp_path / "sweep")
     p = ablations.sweep(toy(), ["reference"])
