@@ -211,6 +211,7 @@ class GenerateResult:
     steps: int
     prefill_seconds: float = 0.0  # until the first new token is on the host
     decode_seconds: float = 0.0  # the remaining steps - 1 tokens
+    decode_cpu_seconds: float = 0.0  # CPU time of this process (all threads) for those
 
 
 class Generator:
@@ -334,7 +335,7 @@ class Generator:
             token_dev = token_B[:, None]
             host = np.asarray(token_dev)  # waits for the previous step
             if step == 0:
-                t1 = time.perf_counter()
+                t1, c1 = time.perf_counter(), time.process_time()
             out.append(host)
             if eos_id is not None:
                 done |= host[:, 0] == eos_id
@@ -342,9 +343,10 @@ class Generator:
                 break
             _, token_B = self._forward(token_dev, host, sampling)
         tokens = np.concatenate(out, axis=1) if out else np.zeros((self.batch, 0), np.int32)
-        t2 = time.perf_counter()
-        return GenerateResult(tokens, prompt.shape[1], len(out), t1 - t0 if out else t2 - t0,
-                              t2 - t1 if out else 0.0)
+        t2, c2 = time.perf_counter(), time.process_time()
+        if not out:
+            return GenerateResult(tokens, prompt.shape[1], 0, t2 - t0)
+        return GenerateResult(tokens, prompt.shape[1], len(out), t1 - t0, t2 - t1, c2 - c1)
 
 
 # ---------------------------------------------------------------------------------------------
