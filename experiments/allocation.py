@@ -1,6 +1,7 @@
 """Sparsity allocation (the U-curve): iso-P_tot, iso-P_act configs over rho.
 
-Command (toy scale, ~20 min on 2 loaded CPU cores; results in results/rho_sweep/):
+Command (toy scale, 10 runs of 6-20 min each on the loaded 2-core CPU; results in
+results/rho_sweep/):
 
     engram-jax sweep rho --preset toy --seeds 2 --steps 200 --rhos 1,0.9,0.8,0.6,0.4 \\
         --out /tmp/engram-sweeps/rho_sweep
