@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from engram_jax import sharding as shd
 from engram_jax.checkpoint import Checkpointer, abstract_like, config_mismatch
@@ -313,6 +312,16 @@ def _drop_suspect_checkpoint(ckpt: Checkpointer, step: int, start: int) -> int |
     return ckpt.latest_step()
 
 
+def _barrier(name: str, timeout_s: int = 3600) -> None:
+    """Wait until every process reaches ``name`` (no-op with one process). Uses the
+    jax.distributed coordination service, not a device collective: no gloo deadline."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the client Orbax and jax's serialization use
+
+    distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
+
+
 def _seek(it, position: int) -> None:
     """Move a fresh training iterator to batch ``position`` (= the number of batches the run
     consumed before that step's checkpoint)."""
@@ -337,13 +346,12 @@ def train(cfg: Config, workdir: str, *, progress: bool = True) -> dict:
     _check_batch_split(cfg, mesh)
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
-    multi = jax.process_count() > 1
-    if multi and not is_main:  # process 0 builds the shared tokenizer/token cache first
-        multihost_utils.sync_global_devices("engram_jax.train:data")
+    if not is_main:  # process 0 builds the shared tokenizer/token cache first
+        _barrier("engram_jax.train.data")
     data = build_data(cfg, workdir, process_index=jax.process_index(),
                       process_count=jax.process_count())
-    if multi and is_main:
-        multihost_utils.sync_global_devices("engram_jax.train:data")
+    if is_main:
+        _barrier("engram_jax.train.data")
     tx = make_optimizer(cfg, cfg.train.steps)
     graphdef, state = init_state(cfg, mesh, tx)
     flat, _ = flatten_state(state)
@@ -371,6 +379,9 @@ def train(cfg: Config, workdir: str, *, progress: bool = True) -> dict:
     step_fn = step_fn.lower(state, batch).compile()
     eval_fn = jax.jit(make_eval_step(cfg, graphdef))
     compile_s = time.time() - t0
+    # Gloo gives a peer 30 s to join the first collective; compile times differ by more on a
+    # loaded host, so all processes start the first step together.
+    _barrier("engram_jax.train.compiled")
     val = data.val_batches(cfg.train.eval_batches) if cfg.train.eval_every else []
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
 
