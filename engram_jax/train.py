@@ -352,6 +352,7 @@ def train(cfg: Config, workdir: str, *, progress: bool = True) -> dict:
                       process_count=jax.process_count())
     if is_main:
         _barrier("engram_jax.train.data")
+        _publish_tokenizer(data.tokenizer_path, workdir)
     tx = make_optimizer(cfg, cfg.train.steps)
     graphdef, state = init_state(cfg, mesh, tx)
     flat, _ = flatten_state(state)
@@ -483,6 +484,27 @@ def load_model(workdir: str, step: int | None = None) -> tuple[Config, EngramLM]
     return cfg, nnx.merge(graphdef, state["params"], state["tables"], state["rest"])
 
 
+def _publish_tokenizer(path, workdir: str) -> None:
+    """Copy the run's SentencePiece model to ``WORKDIR/tokenizer.model`` (where generation,
+    analysis and evaluation on other data look for it)."""
+    import shutil
+
+    dest = os.path.join(workdir, "tokenizer.model")
+    if os.path.abspath(str(path)) != os.path.abspath(dest):
+        tmp = dest + ".tmp"
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, dest)
+
+
+def run_tokenizer_path(workdir: str) -> str:
+    """The SentencePiece model a run trained with."""
+    path = os.path.join(workdir, "tokenizer.model")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: the run's tokenizer is needed to "
+                                "tokenize other data the same way")
+    return path
+
+
 def evaluate_workdir(workdir: str, *, data: str | None = None, batches: int | None = None) -> dict:
     """Validation loss of a workdir's latest checkpoint (on ``data`` if given)."""
     import dataclasses
@@ -490,8 +512,9 @@ def evaluate_workdir(workdir: str, *, data: str | None = None, batches: int | No
     from engram_jax.data import build_data
 
     cfg, graphdef, state, step = load_state(workdir)
-    if data is not None:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=data))
+    if data is not None:  # other text, tokenized with the run's own tokenizer
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+            cfg.data, path=data, tokenizer=run_tokenizer_path(workdir)))
     mesh = shd.make_mesh(single_device_mesh_cfg(), jax.devices()[:1])
     bundle = build_data(cfg, workdir)
     n = batches or cfg.train.eval_batches
