@@ -149,7 +149,7 @@ def _aux_metrics(aux: dict) -> dict:
     out = {}
     loads = list(aux["moe_loads"].values())
     if loads:
-        imb = [jnp.max(l) / jnp.maximum(jnp.mean(l.astype(jnp.float32)), 1e-9) for l in loads]
+        imb = [jnp.max(x) / jnp.maximum(jnp.mean(x.astype(jnp.float32)), 1e-9) for x in loads]
         out["moe_imbalance"] = jnp.mean(jnp.stack(imb))
     for layer, g in aux["engram_gates"].items():
         out[f"engram_gate_{layer}"] = jnp.mean(g)
