@@ -8,7 +8,6 @@ table) is checked to HAVE a table-shard-sized collective, so the test can fail.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
