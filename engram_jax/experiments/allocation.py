@@ -18,9 +18,10 @@ would break iso-FLOPs. The router (D x E per MoE layer) is activated too and shr
 leading dense FFN(s): ``model.dense_hidden += round((P_act - act) / (3 D n_dense_layers))``
 (the one backbone field that scales activated parameters without touching the experts; at
 rho = 1 with the default targets it is unchanged). The table rows then absorb whatever is
-left of ``P_tot``, to within a few rows. Every point's actual counts come from :func:`count_params` and must be
-within ``tol`` (2%) of both targets, else ``ValueError``. ``rho`` is quantized by whole
-experts, so each point reports the *actual* rho next to the nominal one.
+left of ``P_tot``, to within a few rows. Every point's actual counts come from
+:func:`count_params` and must be within ``tol`` (2%) of both targets, else ``ValueError``.
+``rho`` is quantized by whole experts, so each point reports the *actual* rho next to the
+nominal one.
 """
 
 from __future__ import annotations
@@ -118,8 +119,9 @@ def sweep(base: Config, rhos=RHOS, p_tot: int | None = None, p_act: int | None =
         name = f"rho{float(rho):.2f}"
         cfg = dataclasses.replace(cfg, name=f"{base.name}-{name}")
         points.append(Point(name, cfg, {
-            "rho": float(rho), "rho_actual": round(c["rho"], 4), "experts": cfg.moe.n_routed_experts,
-            "slots": _slots(cfg), "dense_hidden": cfg.model.dense_hidden}))
+            "rho": float(rho), "rho_actual": round(c["rho"], 4),
+            "experts": cfg.moe.n_routed_experts, "slots": _slots(cfg),
+            "dense_hidden": cfg.model.dense_hidden}))
     return points
 
 
