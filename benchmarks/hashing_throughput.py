@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from bench_markdown import update_markdown  # noqa: E402
 
 from engram_jax.config import EngramConfig
 from engram_jax.hashing import NgramHasher
@@ -115,15 +115,6 @@ def markdown(rows, command: str) -> str:
     return "\n".join(lines)
 
 
-def update_markdown(path: Path, section: str) -> None:
-    """Replace (or append) only this benchmark's section of the shared BENCHMARKS.md."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text, encoding="utf-8")
 
 
 def main() -> None:
@@ -137,7 +128,7 @@ def main() -> None:
     section = markdown(rows, command)
     print(section)
     if args.update:
-        update_markdown(args.update, section)
+        update_markdown(args.update, HEADING, section)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from bench_markdown import update_markdown  # noqa: E402
 from flax import nnx
 
 from engram_jax.config import override
@@ -180,15 +180,6 @@ def markdown(cfg, model, speeds, hits, info, args, command) -> str:
     return "\n".join(lines)
 
 
-def update_markdown(path: Path, section: str) -> None:
-    """Replace (or append) only this benchmark's section of the shared BENCHMARKS.md."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text, encoding="utf-8")
 
 
 def main() -> None:
@@ -221,7 +212,7 @@ def main() -> None:
     section = markdown(cfg, model, speeds, hits, info, args, command)
     print(section)
     if args.update:
-        update_markdown(args.update, section)
+        update_markdown(args.update, HEADING, section)
 
 
 def build_compression_identity(cfg):

@@ -35,6 +35,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_markdown import update_markdown  # noqa: E402
 
 from engram_jax import sharding as shd
 from engram_jax import train as T
@@ -172,15 +173,6 @@ def matmul_peak(sizes=(1024, 2048), repeats: int = 10) -> tuple[float, dict]:
     return max(per.values()), per
 
 
-def update_markdown(path: Path, heading: str, section: str) -> None:
-    """Replace (or append) only the section under ``heading``."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section.rstrip("\n") + "\n\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
-    path.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
 
 
 def date_utc() -> str:
