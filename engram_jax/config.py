@@ -332,7 +332,7 @@ class Config:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Config":
+    def from_dict(cls, d: dict) -> Config:
         kwargs = {}
         for f in dataclasses.fields(cls):
             if f.name not in d:
