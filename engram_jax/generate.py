@@ -378,8 +378,8 @@ def find_tokenizer(workdir: str, cfg) -> str:
 
 def load_workdir(workdir: str, step: int | None = None):
     """``(cfg, model, tokenizer, compression)`` of a trained run (latest checkpoint)."""
+    from engram_jax.runs import load_model
     from engram_jax.tokenizer import build_compression, load_tokenizer
-    from engram_jax.train import load_model
 
     cfg, model = load_model(workdir, step)
     sp = load_tokenizer(find_tokenizer(workdir, cfg))

@@ -69,7 +69,7 @@ def _write_json(path: str, obj) -> None:
 
 
 def _load(workdir: str, step):
-    from engram_jax.train import load_model
+    from engram_jax.runs import load_model
 
     return load_model(workdir, step)
 

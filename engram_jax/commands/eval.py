@@ -15,7 +15,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from engram_jax.train import evaluate_workdir
+    from engram_jax.runs import evaluate_workdir
 
     result = evaluate_workdir(args.workdir, data=args.data, batches=args.batches)
     print(json.dumps(result))
