@@ -26,7 +26,6 @@ those, so ``latest_step()`` is always a complete checkpoint.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -111,18 +110,6 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"]
-
-    def restore_config(self, step: int | None = None) -> dict:
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
-        path = os.path.join(self.directory, str(step), "config", "metadata")
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                return json.load(f)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            config=ocp.args.JsonRestore()))
-        return restored["config"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
