@@ -329,3 +329,20 @@ def test_real_run_executes_what_dry_run_prints(name, extra, env, tmp_path):
     log = Path(env["FAKE_GCLOUD_LOG"]).read_text().split("\n")[:-1]
     ran = [["gcloud", *entry.split("\0")[:-1]] for entry in log]
     assert ran == printed
+
+
+def test_local_tarball_inside_the_tree_is_not_packed_into_itself(env, tmp_path):
+    """TMPDIR inside the packed tree (as on CI, where both are the test's tmp dir): tar must skip
+    the archive it is writing instead of failing with "file changed as we read it"."""
+    src = tmp_path
+    (src / "setup.py").write_text("# fake\n" * 1000)
+    (src / "runs").mkdir()
+    (src / "runs" / "big.bin").write_bytes(b"x" * 100)
+    del env["FAKE_GCLOUD_FAIL"]
+    for _ in range(3):  # the failure was a race; a few runs make it likely to show if it returns
+        r = sh("install", *LOC, "--local", ".", env=env, cwd=src)
+        assert r.returncode == 0, r.stderr
+    members = subprocess.run(["tar", "-tzf", str(tmp_path / "engram-jax-pod.tar.gz")],
+                             check=True, capture_output=True, text=True).stdout.split()
+    assert "./setup.py" in members
+    assert not any("engram-jax-pod.tar.gz" in m or m.startswith("./runs") for m in members)

@@ -32,8 +32,12 @@ check_common
 
 if [[ -n $LOCAL ]]; then
   tarball="${TMPDIR:-/tmp}/engram-jax-$NAME.tar.gz"
+  # When TMPDIR lies inside the tree, tar must neither pack the archive it is writing nor see the
+  # directory change under it ("file changed as we read it"): the file exists before tar starts
+  # and is excluded by name.
+  [[ $DRY_RUN == 1 ]] || : > "$tarball"
   run tar -czf "$tarball" --exclude=.git --exclude=.venv --exclude=__pycache__ \
-    --exclude='*.egg-info' --exclude=./runs -C "$LOCAL" .
+    --exclude='*.egg-info' --exclude=./runs --exclude="engram-jax-$NAME.tar.gz" -C "$LOCAL" .
   run gcloud compute tpus tpu-vm scp "$tarball" "$NAME:engram-jax.tar.gz" "${LOC[@]}" --worker=all
   fetch="rm -rf $SRC && mkdir -p $SRC && tar -xzf ~/engram-jax.tar.gz -C $SRC"
 else
