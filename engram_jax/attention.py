@@ -38,22 +38,58 @@ def rope(x_BxTxNxH: jax.Array, positions_T: jax.Array, theta: float) -> jax.Arra
     return out.astype(x_BxTxNxH.dtype)
 
 
-def causal_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxV: jax.Array,
-                     scale: float) -> jax.Array:
-    """Softmax(q k^T * scale + causal mask) v with K <= N kv heads; softmax in float32."""
+def attend(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxV: jax.Array, pos_T: jax.Array,
+           scale: float) -> jax.Array:
+    """Softmax(q k^T * scale, masked) v with K <= N kv heads; scores and softmax in float32.
+
+    Query t sits at absolute position ``pos_T[t]`` and sees key slot s when ``s <= pos_T[t]``:
+    with ``pos_T = arange(T)`` over T keys this is the causal mask of a full forward pass; over
+    a decode cache of S slots, later slots (empty or stale) are hidden.
+    """
     b, t, n, h = q_BxTxNxH.shape
-    k_heads = k_BxSxKxH.shape[2]
+    k_heads, s = k_BxSxKxH.shape[2], k_BxSxKxH.shape[1]
     q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k_heads, n // k_heads, h)
     s_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH,
                              preferred_element_type=jnp.float32) * scale
-    causal_TxS = jnp.tril(jnp.ones((t, k_BxSxKxH.shape[1]), dtype=bool))
-    s_BxKxGxTxS = jnp.where(causal_TxS[None, None, None], s_BxKxGxTxS, jnp.finfo(jnp.float32).min)
+    visible_TxS = jnp.arange(s)[None, :] <= pos_T[:, None]
+    s_BxKxGxTxS = jnp.where(visible_TxS[None, None, None], s_BxKxGxTxS,
+                            jnp.finfo(jnp.float32).min)
     p_BxKxGxTxS = jax.nn.softmax(s_BxKxGxTxS, axis=-1).astype(v_BxSxKxV.dtype)
     o_BxTxKxGxV = jnp.einsum("bkgts,bskv->btkgv", p_BxKxGxTxS, v_BxSxKxV)
     return o_BxTxKxGxV.reshape(b, t, n, v_BxSxKxV.shape[-1])
 
 
-class GQAttention(nnx.Module):
+def _write(cache_BxSx_: jax.Array, new_BxTx_: jax.Array, pos) -> jax.Array:
+    start = (0, pos) + (0,) * (cache_BxSx_.ndim - 2)
+    return jax.lax.dynamic_update_slice(cache_BxSx_, new_BxTx_.astype(cache_BxSx_.dtype), start)
+
+
+class _Attention(nnx.Module):
+    """``__call__`` (a full causal pass) and ``step`` (T new positions against a KV cache) share
+    the subclass's ``project``: ``x, positions -> (q, k, v, softmax scale)``."""
+
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        b, t, _ = x_BxTxD.shape
+        pos_T = jnp.arange(t)
+        q_BxTxNx_, k_BxTxKx_, v_BxTxKxH, scale = self.project(x_BxTxD, pos_T)
+        o_BxTxNxH = attend(q_BxTxNx_, k_BxTxKx_.astype(q_BxTxNx_.dtype), v_BxTxKxH, pos_T, scale)
+        return self.wo(o_BxTxNxH.reshape(b, t, -1))
+
+    def step(self, x_BxTxD: jax.Array, kv: dict, pos) -> tuple[jax.Array, dict]:
+        """T new positions starting at ``pos``, keys/values written into the cache
+        ``kv = {"k": [B,S,K,.], "v": [B,S,K,.]}`` at slots pos..pos+T-1: -> (y, new kv)."""
+        b, t, _ = x_BxTxD.shape
+        pos_T = pos + jnp.arange(t)
+        q_BxTxNx_, k_new, v_new, scale = self.project(x_BxTxD, pos_T)
+        k_BxSxKx_, v_BxSxKxH = _write(kv["k"], k_new, pos), _write(kv["v"], v_new, pos)
+        o_BxTxNxH = attend(q_BxTxNx_, k_BxSxKx_.astype(q_BxTxNx_.dtype), v_BxSxKxH, pos_T, scale)
+        return self.wo(o_BxTxNxH.reshape(b, t, -1)), {"k": k_BxSxKx_, "v": v_BxSxKxH}
+
+    def cache_shapes(self, batch: int, max_len: int) -> tuple[tuple, tuple]:
+        raise NotImplementedError
+
+
+class GQAttention(_Attention):
     """Grouped-query causal self-attention with RoPE on queries and keys (no biases)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -66,20 +102,25 @@ class GQAttention(nnx.Module):
         self.wv = Linear(d, k * h, use_bias=False, axes=("embed", "heads"), dtype=dt, rngs=rngs)
         self.wo = Linear(n * h, d, use_bias=False, axes=("heads", "embed"), dtype=dt, rngs=rngs)
 
-    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    def project(self, x_BxTxD: jax.Array, pos_T: jax.Array):
         b, t, _ = x_BxTxD.shape
-        pos_T = jnp.arange(t)
-        q_BxTxNxH = rope(self.wq(x_BxTxD).reshape(b, t, self.n_heads, self.head_dim),
-                         pos_T, self.theta)
-        k_BxTxKxH = rope(self.wk(x_BxTxD).reshape(b, t, self.n_kv_heads, self.head_dim),
-                         pos_T, self.theta)
-        v_BxTxKxH = self.wv(x_BxTxD).reshape(b, t, self.n_kv_heads, self.head_dim)
-        o_BxTxNxH = causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, self.head_dim ** -0.5)
-        return self.wo(o_BxTxNxH.reshape(b, t, -1))
+        n, k, h = self.n_heads, self.n_kv_heads, self.head_dim
+        q_BxTxNxH = rope(self.wq(x_BxTxD).reshape(b, t, n, h), pos_T, self.theta)
+        k_BxTxKxH = rope(self.wk(x_BxTxD).reshape(b, t, k, h), pos_T, self.theta)
+        v_BxTxKxH = self.wv(x_BxTxD).reshape(b, t, k, h)
+        return q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, h ** -0.5
+
+    def cache_shapes(self, batch: int, max_len: int) -> tuple[tuple, tuple]:
+        shape = (batch, max_len, self.n_kv_heads, self.head_dim)
+        return shape, shape
 
 
-class MLAttention(nnx.Module):
-    """Multi-head Latent Attention (DeepSeek-V2/V3) with decoupled RoPE keys."""
+class MLAttention(_Attention):
+    """Multi-head Latent Attention (DeepSeek-V2/V3) with decoupled RoPE keys.
+
+    The decode cache holds the expanded per-head keys and values (not the latent ``c_kv``):
+    simple and exact, at n_heads x the latent's memory.
+    """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         if cfg.qk_rope_head_dim % 2:
@@ -105,10 +146,9 @@ class MLAttention(nnx.Module):
                             rngs=rngs)
         self.wo = Linear(n * h, d, use_bias=False, axes=("heads", "embed"), dtype=dt, rngs=rngs)
 
-    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    def project(self, x_BxTxD: jax.Array, pos_T: jax.Array):
         b, t, _ = x_BxTxD.shape
         n, h, r = self.n_heads, self.head_dim, self.rope_dim
-        pos_T = jnp.arange(t)
         # 1. queries [no-RoPE | RoPE] per head, optionally through the q bottleneck
         q = self.wq_b(self.q_norm(self.wq_a(x_BxTxD))) if self.q_lora else self.wq(x_BxTxD)
         q_BxTxNx_ = q.reshape(b, t, n, h + r)
@@ -122,10 +162,11 @@ class MLAttention(nnx.Module):
         kv_BxTxNx2H = self.wkv_b(self.kv_norm(c_BxTxL)).reshape(b, t, n, 2 * h)
         k_BxTxNx_ = jnp.concatenate(
             [kv_BxTxNx2H[..., :h], jnp.broadcast_to(k_rope_BxTx1xR, (b, t, n, r))], axis=-1)
-        v_BxTxNxH = kv_BxTxNx2H[..., h:]
-        o_BxTxNxH = causal_attention(q_BxTxNx_, k_BxTxNx_.astype(q_BxTxNx_.dtype), v_BxTxNxH,
-                                     (h + r) ** -0.5)
-        return self.wo(o_BxTxNxH.reshape(b, t, n * h))
+        return q_BxTxNx_, k_BxTxNx_, kv_BxTxNx2H[..., h:], (h + r) ** -0.5
+
+    def cache_shapes(self, batch: int, max_len: int) -> tuple[tuple, tuple]:
+        n, h = self.n_heads, self.head_dim
+        return (batch, max_len, n, h + self.rope_dim), (batch, max_len, n, h)
 
 
 def make_attention(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:

@@ -1,9 +1,9 @@
 """Autoregressive generation with a KV cache: jitted prefill + fixed-shape incremental decode.
 
-Decoding calls the model's own submodules (embedding, mHC wrappers, attention projections,
-Engram, FFN/MoE, readout) in the order of ``model.Block.__call__``, adding only what a cache
-needs: attention writes its keys/values into a fixed ``[B, S, ...]`` buffer at the current
-position and attends to positions ``<= pos + t``; RoPE uses absolute positions.
+Decoding runs the model's own code: ``EngramLM.embed_tokens``, ``Block.step`` (the same
+sublayers as ``Block.__call__``; attention writes its keys/values into a fixed ``[B, S, ...]``
+buffer at the current position and attends to slots ``<= pos + t``, RoPE at absolute
+positions) and ``EngramLM.readout``.
 
 Engram keeps its own decode state (ENGRAM_SPEC sections 2-3, 8):
 - on the host, the last N-1 *compressed* ids of each sequence: the hash ids of a new token
@@ -40,98 +40,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from engram_jax.attention import MLAttention, rope
 from engram_jax.engram import TableParam
 from engram_jax.hashing import NgramHasher
 from engram_jax.tokenizer import CompressionTable
 
-# ---------------------------------------------------------------------------------------------
-# Cached forward pieces (pure functions of modules and arrays)
-
-
-def cached_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxV, pos_T, scale):
-    """Softmax attention of queries at absolute positions ``pos_T`` over a cache of S slots;
-    slot s is visible when ``s <= pos`` (later slots are empty or stale). Mirrors
-    ``attention.causal_attention`` arithmetic (float32 scores and softmax)."""
-    b, t, n, h = q_BxTxNxH.shape
-    kh, s = k_BxSxKxH.shape[2], k_BxSxKxH.shape[1]
-    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, kh, n // kh, h)
-    s_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH,
-                             preferred_element_type=jnp.float32) * scale
-    visible_TxS = jnp.arange(s)[None, :] <= pos_T[:, None]
-    s_BxKxGxTxS = jnp.where(visible_TxS[None, None, None], s_BxKxGxTxS,
-                            jnp.finfo(jnp.float32).min)
-    p_BxKxGxTxS = jax.nn.softmax(s_BxKxGxTxS, axis=-1).astype(v_BxSxKxV.dtype)
-    o_BxTxKxGxV = jnp.einsum("bkgts,bskv->btkgv", p_BxKxGxTxS, v_BxSxKxV)
-    return o_BxTxKxGxV.reshape(b, t, n, v_BxSxKxV.shape[-1])
-
-
-def _write(cache_BxSx_, new_BxTx_, pos):
-    start = (0, pos) + (0,) * (cache_BxSx_.ndim - 2)
-    return jax.lax.dynamic_update_slice(cache_BxSx_, new_BxTx_.astype(cache_BxSx_.dtype), start)
-
-
-def attention_step(attn, x_BxTxD, kv: dict, pos):
-    """One attention sublayer over T new positions starting at ``pos``: -> (y, new kv)."""
-    b, t, _ = x_BxTxD.shape
-    pos_T = pos + jnp.arange(t)
-    if isinstance(attn, MLAttention):
-        n, h, r = attn.n_heads, attn.head_dim, attn.rope_dim
-        q = attn.wq_b(attn.q_norm(attn.wq_a(x_BxTxD))) if attn.q_lora else attn.wq(x_BxTxD)
-        q_BxTxNx_ = q.reshape(b, t, n, h + r)
-        q_BxTxNx_ = jnp.concatenate(
-            [q_BxTxNx_[..., :h], rope(q_BxTxNx_[..., h:], pos_T, attn.theta)], axis=-1)
-        kv_a = attn.wkv_a(x_BxTxD)
-        c_BxTxL, k_rope_BxTx1xR = kv_a[..., :attn.kv_rank], kv_a[..., None, attn.kv_rank:]
-        k_rope_BxTx1xR = rope(k_rope_BxTx1xR, pos_T, attn.theta)
-        kv_BxTxNx2H = attn.wkv_b(attn.kv_norm(c_BxTxL)).reshape(b, t, n, 2 * h)
-        k_new = jnp.concatenate(
-            [kv_BxTxNx2H[..., :h], jnp.broadcast_to(k_rope_BxTx1xR, (b, t, n, r))], axis=-1)
-        v_new, scale = kv_BxTxNx2H[..., h:], (h + r) ** -0.5
-    else:
-        n, kh, h = attn.n_heads, attn.n_kv_heads, attn.head_dim
-        q_BxTxNx_ = rope(attn.wq(x_BxTxD).reshape(b, t, n, h), pos_T, attn.theta)
-        k_new = rope(attn.wk(x_BxTxD).reshape(b, t, kh, h), pos_T, attn.theta)
-        v_new, scale = attn.wv(x_BxTxD).reshape(b, t, kh, h), h ** -0.5
-    k_BxSxKx_, v_BxSxKxH = _write(kv["k"], k_new, pos), _write(kv["v"], v_new, pos)
-    o_BxTxNxH = cached_attention(q_BxTxNx_, k_BxSxKx_.astype(q_BxTxNx_.dtype), v_BxSxKxH,
-                                 pos_T, scale)
-    return attn.wo(o_BxTxNxH.reshape(b, t, -1)), {"k": k_BxSxKx_, "v": v_BxSxKxH}
-
-
-def block_step(block, h_BxTxMxD, cache: dict, pos, rows):
-    """``model.Block.__call__`` with a cache: -> (h, new cache, gates [B,T,M] or None)."""
-    cache = dict(cache)
-    gates_BxTxM = None
-    if block.engram is not None:
-        y_BxTxMxD, gates_BxTxM, cache["conv"] = block.engram.step(h_BxTxMxD, cache["conv"],
-                                                                  rows=rows)
-        h_BxTxMxD = h_BxTxMxD + y_BxTxMxD.astype(h_BxTxMxD.dtype)
-    u_BxTxD, maps = block.attn_hc.read(h_BxTxMxD)
-    y_BxTxD, cache["kv"] = attention_step(block.attn, block.attn_norm(u_BxTxD).astype(block.dtype),
-                                          cache["kv"], pos)
-    h_BxTxMxD = block.attn_hc.write(h_BxTxMxD, y_BxTxD, maps)
-    u_BxTxD, maps = block.ffn_hc.read(h_BxTxMxD)
-    x_BxTxD = block.ffn_norm(u_BxTxD).astype(block.dtype)
-    y_BxTxD = block.ffn(x_BxTxD)[0] if block.is_moe else block.ffn(x_BxTxD)
-    return block.ffn_hc.write(h_BxTxMxD, y_BxTxD, maps), cache, gates_BxTxM
-
 
 def init_cache(model, batch: int, max_len: int) -> dict:
     """Zero decode state ``{layer: {"kv": {"k", "v"}, "conv": history (Engram layers)}}``."""
-    m = model.cfg.model
-    dt = jnp.dtype(m.dtype)
-    if m.attention == "mla":
-        k_shape = (batch, max_len, m.n_heads, m.head_dim + m.qk_rope_head_dim)
-        v_shape = (batch, max_len, m.n_heads, m.head_dim)
-    else:
-        k_shape = v_shape = (batch, max_len, m.n_kv_heads, m.head_dim)
-    cache = {}
-    for i, block in enumerate(model.blocks):
-        cache[i] = {"kv": {"k": jnp.zeros(k_shape, dt), "v": jnp.zeros(v_shape, dt)}}
-        if block.engram is not None:
-            cache[i]["conv"] = block.engram.init_cache(batch)
-    return cache
+    return {i: block.init_cache(batch, max_len) for i, block in enumerate(model.blocks)}
 
 
 def sample(logits_BxV, key, temperature, top_k):
@@ -153,12 +69,10 @@ def sample(logits_BxV, key, temperature, top_k):
 
 def _pre(graphdef, state, tokens_BxT, cache: dict, pos, *, stop: int):
     model = nnx.merge(graphdef, *state)
-    m = model.cfg.model
-    x_BxTxD = jnp.take(model.embed[...], tokens_BxT, axis=0)
-    h_BxTxMxD = jnp.broadcast_to(x_BxTxD[:, :, None, :], x_BxTxD.shape[:2] + (m.hc_mult, m.d_model))
+    h_BxTxMxD = model.embed_tokens(tokens_BxT)
     new = {}
     for i in range(stop):
-        h_BxTxMxD, new[i], _ = block_step(model.blocks[i], h_BxTxMxD, cache[i], pos, None)
+        h_BxTxMxD, new[i], _ = model.blocks[i].step(h_BxTxMxD, cache[i], pos)
     return h_BxTxMxD, new
 
 
@@ -167,7 +81,7 @@ def _post(graphdef, state, h_BxTxMxD, cache: dict, pos, rows: dict, key, tempera
     model = nnx.merge(graphdef, *state)
     new, gates = {}, {}
     for i in range(start, len(model.blocks)):
-        h_BxTxMxD, new[i], g = block_step(model.blocks[i], h_BxTxMxD, cache[i], pos, rows.get(i))
+        h_BxTxMxD, new[i], g = model.blocks[i].step(h_BxTxMxD, cache[i], pos, rows.get(i))
         if g is not None:
             gates[i] = g
     logits_BxTxV = model.readout(h_BxTxMxD)

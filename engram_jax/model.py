@@ -57,21 +57,46 @@ class Block(nnx.Module):
 
     def __call__(self, h_BxTxMxD, ids=None, rows=None):
         """-> (h, expert load [E] or None, Engram gates [B,T,M] or None)."""
-        gates_BxTxM = load_E = None
+        gates_BxTxM = None
         if self.engram is not None:
             y_BxTxMxD, gates_BxTxM = self.engram(h_BxTxMxD, ids=ids, rows=rows,
                                                  return_gates=True)
             h_BxTxMxD = h_BxTxMxD + y_BxTxMxD.astype(h_BxTxMxD.dtype)
+        h_BxTxMxD, load_E, _ = self._attn_ffn(h_BxTxMxD, lambda x: (self.attn(x), None))
+        return h_BxTxMxD, load_E, gates_BxTxM
+
+    def step(self, h_BxTxMxD, cache: dict, pos, rows=None):
+        """``__call__`` for T new positions starting at ``pos``, against the decode state
+        ``cache = {"kv": {"k", "v"}, "conv": ...}`` (:meth:`init_cache`); ``rows`` are the
+        gathered Engram rows of these positions. -> (h, new cache, Engram gates or None)."""
+        cache = dict(cache)
+        gates_BxTxM = None
+        if self.engram is not None:
+            y_BxTxMxD, gates_BxTxM, cache["conv"] = self.engram.step(h_BxTxMxD, cache["conv"],
+                                                                     rows=rows)
+            h_BxTxMxD = h_BxTxMxD + y_BxTxMxD.astype(h_BxTxMxD.dtype)
+        h_BxTxMxD, _, cache["kv"] = self._attn_ffn(
+            h_BxTxMxD, lambda x: self.attn.step(x, cache["kv"], pos))
+        return h_BxTxMxD, cache, gates_BxTxM
+
+    def init_cache(self, batch: int, max_len: int) -> dict:
+        """Zero decode state of this block: the KV cache and, with Engram, its conv history."""
+        k_shape, v_shape = self.attn.cache_shapes(batch, max_len)
+        cache = {"kv": {"k": jnp.zeros(k_shape, self.dtype), "v": jnp.zeros(v_shape, self.dtype)}}
+        if self.engram is not None:
+            cache["conv"] = self.engram.init_cache(batch)
+        return cache
+
+    def _attn_ffn(self, h_BxTxMxD, attention):
+        """The attention and FFN sublayers, each read from and written back to the branches.
+        ``attention(x) -> (y, extra)``. -> (h, expert load or None, extra)."""
         u_BxTxD, maps = self.attn_hc.read(h_BxTxMxD)
-        y_BxTxD = self.attn(self.attn_norm(u_BxTxD).astype(self.dtype))
+        y_BxTxD, extra = attention(self.attn_norm(u_BxTxD).astype(self.dtype))
         h_BxTxMxD = self.attn_hc.write(h_BxTxMxD, y_BxTxD, maps)
         u_BxTxD, maps = self.ffn_hc.read(h_BxTxMxD)
         x_BxTxD = self.ffn_norm(u_BxTxD).astype(self.dtype)
-        if self.is_moe:
-            y_BxTxD, load_E = self.ffn(x_BxTxD)
-        else:
-            y_BxTxD = self.ffn(x_BxTxD)
-        return self.ffn_hc.write(h_BxTxMxD, y_BxTxD, maps), load_E, gates_BxTxM
+        y_BxTxD, load_E = self.ffn(x_BxTxD) if self.is_moe else (self.ffn(x_BxTxD), None)
+        return self.ffn_hc.write(h_BxTxMxD, y_BxTxD, maps), load_E, extra
 
 
 def _run_block(block: Block, h, ids, rows):
@@ -117,6 +142,12 @@ class EngramLM(nnx.Module):
         """``{layer: ids [B,T,H]} -> {layer: rows [B,T,H,d]}`` (float32) for every Engram layer."""
         return {i: self.blocks[i].engram.table.rows(engram_ids[i]) for i in self.engram_layers}
 
+    def embed_tokens(self, tokens_BxT: jax.Array) -> jax.Array:
+        """Token embeddings copied into the M residual branches: [B,T,M,D]."""
+        m = self.cfg.model
+        x_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0)
+        return jnp.broadcast_to(x_BxTxD[:, :, None, :], x_BxTxD.shape[:2] + (m.hc_mult, m.d_model))
+
     def readout(self, h_BxTxMxD: jax.Array) -> jax.Array:
         """Final norm of the branch mean, then the LM head: float32 logits [B,T,V]."""
         dt = jnp.dtype(self.cfg.model.dtype)
@@ -135,9 +166,7 @@ class EngramLM(nnx.Module):
         if missing:
             raise ValueError(f"Engram layers {missing} need engram_ids or engram_rows "
                              "(hash ids come from engram_jax.hashing in the input pipeline)")
-        x_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0)
-        h_BxTxMxD = jnp.broadcast_to(x_BxTxD[:, :, None, :], x_BxTxD.shape[:2] +
-                                     (m.hc_mult, m.d_model))
+        h_BxTxMxD = self.embed_tokens(tokens_BxT)
         run = _run_block_remat if m.remat else _run_block
         aux = {"moe_loads": {}, "engram_gates": {}}
         if collect:
