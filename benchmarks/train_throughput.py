@@ -275,6 +275,22 @@ def main() -> None:
               "(a gather, no FLOPs), V*d the LM head; the attention term counts the full "
               "T x T products forward and backward. XLA GFLOP is the compiled step's "
               "`cost_analysis()` (includes optimizer arithmetic, MoE block padding).", ""]
+    (_, f_eng, _, _, mfu_eng, _), (_, f_base, _, _, mfu_base, _) = rows[:2]
+
+    def verdict(r: float) -> str:
+        return "met" if r <= 1.10 else "missed"
+
+    reading = (f"Reading (computed from the figures above): Engram adds "
+               f"{(cpu_ratio - 1) * 100:+.1f}% CPU time (goal {verdict(cpu_ratio)}) and "
+               f"{(ratio - 1) * 100:+.1f}% wall time (goal {verdict(ratio)}) per step, for "
+               f"{(f_eng / f_base - 1) * 100:+.1f}% model FLOPs; MFU {mfu_eng * 100:.1f}% with "
+               f"and {mfu_base * 100:.1f}% without. XLA executes "
+               f"{eng.xla_flops / f_eng:.2f}x the model FLOPs (optimizer, MoE block padding).")
+    if args.attribution:
+        parts = ", ".join(f"{v.name}: {(v.cpu_median / eng.cpu_median - 1) * 100:+.1f}%"
+                          for v in variants[2:])
+        reading += f" CPU time of the Engram variants relative to the full Engram: {parts}."
+    lines += [reading, ""]
     text = "\n".join(lines)
     print(text)
     if args.update:
