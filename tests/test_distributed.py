@@ -134,15 +134,21 @@ def _losses(workdir):
 
 def test_two_processes_train_checkpoint_resume_match_one_process(tmp_path):
     multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
-    # 2 processes x 4 devices, one data=8 mesh; checkpoints at steps 2 and 4 from both
-    outs = _run_two_processes(multi, "--set", "mesh.data=8", "--steps", "4")
+    # 2 processes x 4 devices, one data=8 mesh; checkpoints at steps 2 and 4 from both; a Grain
+    # worker process per host, and evaluation every 2 steps (neither may change the losses)
+    workers = ("--set", "data.worker_count=1")
+    outs = _run_two_processes(multi, "--set", "mesh.data=8", "--steps", "4", *workers,
+                              "--set", "train.eval_every=2", "--set", "train.eval_batches=1")
     assert "ok: 4 steps" in outs[0][1] and "train loss" not in outs[1][1]  # process 0 reports
+    with open(os.path.join(multi, "metrics.jsonl"), encoding="utf-8") as f:
+        evals = {r["step"]: r["val_loss"] for r in map(json.loads, f) if "val_loss" in r}
+    assert sorted(evals) == [2, 4] and all(np.isfinite(v) for v in evals.values())
     ckpt = os.path.join(multi, "checkpoints", "4")
     assert os.path.isdir(ckpt)
     data_files = sorted(os.listdir(os.path.join(ckpt, "data")))
     assert "process_0-of-2.json" in data_files and "process_1-of-2.json" in data_files
-    # resume with 2 processes, extending the run
-    _run_two_processes(multi, "--steps", "6")
+    # resume with 2 processes (the workers' iterator state restored), extending the run
+    _run_two_processes(multi, "--steps", "6", *workers)
     with open(os.path.join(multi, "summary.json"), encoding="utf-8") as f:
         assert json.load(f)["resumed_from"] == 4
 
