@@ -32,8 +32,10 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-# Config sections that may differ between a run and its resumption (schedule-free knobs).
-RESUMABLE_KEYS = {"train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+# Config keys that may differ between a run and its resumption: the run's length and lr decay
+# boundaries (extending a run), logging/eval/checkpoint cadence, input workers, the mesh.
+RESUMABLE_KEYS = {"train.steps", "optim.decay_steps", "train.log_every", "train.eval_every",
+                  "train.eval_batches",
                   "train.checkpoint_every", "train.keep_checkpoints", "data.prefetch",
                   "data.worker_count", "mesh.data", "mesh.fsdp", "mesh.expert", "mesh.tensor",
                   "name"}

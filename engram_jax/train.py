@@ -35,7 +35,7 @@ from engram_jax.engram import TableParam
 from engram_jax.metrics import MetricsLog
 from engram_jax.model import EngramLM
 from engram_jax.moe import RouterBias, bias_step
-from engram_jax.optim import make_optimizer, table_learning_rate_schedule
+from engram_jax.optim import decay_boundaries, make_optimizer, table_learning_rate_schedule
 from engram_jax.tables import init_moments, sparse_tables_step
 
 
@@ -66,6 +66,13 @@ def resolve_config(workdir: str, preset: str | None, sets: list[str]) -> Config:
             raise ValueError(
                 f"workdir {workdir} holds a run with a different config ({', '.join(diff[:6])}"
                 f"{'...' if len(diff) > 6 else ''}); use another --workdir or the same config")
+        old_b = decay_boundaries(saved.optim, saved.train.steps)
+        new_b = decay_boundaries(cfg.optim, cfg.train.steps)
+        if old_b != new_b and jax.process_index() == 0:
+            print(f"engram-jax train: warning: train.steps {saved.train.steps} -> "
+                  f"{cfg.train.steps} moves the default lr decay boundaries from {list(old_b)} "
+                  f"to {list(new_b)}; set optim.decay_steps={list(old_b)} to keep the schedule "
+                  "this run started with", file=sys.stderr, flush=True)
     return cfg
 
 

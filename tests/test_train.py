@@ -1,5 +1,6 @@
 """End-to-end training through the CLI: kill -9 and resume bit-identically, eval, bad inputs."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -108,3 +109,22 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path):
     losses = _losses(wd)
     assert all(v == v and abs(v) != float("inf") for v in losses.values())
     assert steps and max(steps) < max(losses)  # the state before the NaN step is dropped
+
+
+def test_extending_steps_warns_that_the_default_decay_boundaries_move(tmp_path, capsys):
+    from engram_jax.presets import get_preset
+    from engram_jax.train import resolve_config
+
+    tiny = get_preset("tiny")
+    saved = dataclasses.replace(tiny, train=dataclasses.replace(tiny.train, steps=100),
+                                optim=dataclasses.replace(tiny.optim, decay_steps=()))
+    (tmp_path / "config.json").write_text(json.dumps(saved.to_dict()))
+    # default boundaries are 80% and 90% of train.steps (OptimConfig.decay_steps docs)
+    cfg = resolve_config(str(tmp_path), None, ["train.steps=200"])
+    assert cfg.train.steps == 200
+    err = capsys.readouterr().err
+    assert "[80, 90]" in err and "[160, 180]" in err and "optim.decay_steps=[80, 90]" in err
+    # the suggested fix silences it; so does leaving the length alone
+    resolve_config(str(tmp_path), None, ["train.steps=200", "optim.decay_steps=[80,90]"])
+    resolve_config(str(tmp_path), None, [])
+    assert capsys.readouterr().err == ""
