@@ -68,11 +68,11 @@ def resolve_config(workdir: str, preset: str | None, sets: list[str]) -> Config:
                 f"{'...' if len(diff) > 6 else ''}); use another --workdir or the same config")
         old_b = decay_boundaries(saved.optim, saved.train.steps)
         new_b = decay_boundaries(cfg.optim, cfg.train.steps)
-        if old_b != new_b and jax.process_index() == 0:
+        if not cfg.optim.decay_steps and old_b != new_b and jax.process_index() == 0:
             print(f"engram-jax train: warning: train.steps {saved.train.steps} -> "
                   f"{cfg.train.steps} moves the default lr decay boundaries from {list(old_b)} "
-                  f"to {list(new_b)}; set optim.decay_steps={list(old_b)} to keep the schedule "
-                  "this run started with", file=sys.stderr, flush=True)
+                  f"(the workdir's config) to {list(new_b)}; pass --set "
+                  f"optim.decay_steps={list(old_b)} to keep them", file=sys.stderr, flush=True)
     return cfg
 
 

@@ -124,7 +124,8 @@ def test_extending_steps_warns_that_the_default_decay_boundaries_move(tmp_path, 
     assert cfg.train.steps == 200
     err = capsys.readouterr().err
     assert "[80, 90]" in err and "[160, 180]" in err and "optim.decay_steps=[80, 90]" in err
-    # the suggested fix silences it; so does leaving the length alone
+    # explicit boundaries (the suggested fix, or any others) silence it; so does the same length
     resolve_config(str(tmp_path), None, ["train.steps=200", "optim.decay_steps=[80,90]"])
+    resolve_config(str(tmp_path), None, ["train.steps=200", "optim.decay_steps=[150]"])
     resolve_config(str(tmp_path), None, [])
     assert capsys.readouterr().err == ""
