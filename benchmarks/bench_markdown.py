@@ -1,9 +1,22 @@
-"""Writing one benchmark's section of the shared BENCHMARKS.md (the others stay untouched)."""
+"""Writing one benchmark's section of the shared BENCHMARKS.md (the others stay untouched), and
+the pieces every section's header shares: the command as run and the date."""
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+
+def command_line() -> str:
+    """The command that produced a section, as a reader would re-run it from the repo root."""
+    script = Path(sys.argv[0]).name
+    return " ".join(["python", f"benchmarks/{script}", *sys.argv[1:]])
+
+
+def date_utc() -> str:
+    return subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip()
 
 
 def update_markdown(path: Path, heading: str, section: str) -> None:
@@ -16,3 +29,11 @@ def update_markdown(path: Path, heading: str, section: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
     path.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
+
+
+def publish(heading: str, section: str | list[str], update: Path | None) -> None:
+    """Print a section (text or lines) and, with ``--update FILE``, write it into FILE."""
+    text = section if isinstance(section, str) else "\n".join(section)
+    print(text)
+    if update:
+        update_markdown(update, heading, text)

@@ -299,7 +299,7 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from train_throughput import date_utc, update_markdown
+    from bench_markdown import command_line, date_utc, publish
 
     os.makedirs(args.dir, exist_ok=True)
     free = shutil.disk_usage(args.dir).free / 2 ** 30
@@ -345,7 +345,7 @@ def main() -> None:
     wref = max(ddb["write_direct"], ddb["write_fdatasync"])
     rref = max(ddb["read_direct"], ddb["read_evicted"])
 
-    command = "python " + " ".join(["benchmarks/checkpoint_bandwidth.py", *sys.argv[1:]])
+    command = command_line()
     lines = [HEADING, "", f"Command: `{command}`  ", f"Date: {date_utc()}  ",
              f"Machine: {os.cpu_count()} CPU cores shared with other jobs (load average "
              f"{load:.1f} at start), {args.dir} on `{df.splitlines()[-1].split()[0]}`; "
@@ -415,10 +415,7 @@ def main() -> None:
               f"RSS {save['peak_rss_gb']:.2f} GB. CRC-32 of the table in row order "
               f"{save['crc']:#010x}; lookup = `sharded_lookup` of 8x512 fixed ids on the "
               "restored mesh vs on the saving mesh, bitwise.", ""]
-    text = "\n".join(lines)
-    print(text)
-    if args.update:
-        update_markdown(args.update, HEADING, text)
+    publish(HEADING, lines, args.update)
 
 
 if __name__ == "__main__":

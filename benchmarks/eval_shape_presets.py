@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import time
 from pathlib import Path
 
 import jax
+from bench_markdown import command_line, date_utc, publish
 from flax import nnx
 
 from engram_jax.model import EngramLM
@@ -30,8 +30,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--update", type=Path, help="replace this section of a markdown file")
     args = ap.parse_args()
-    lines = [HEADING, "", "Command: `python benchmarks/eval_shape_presets.py --update "
-             "BENCHMARKS.md`  ",
+    lines = [HEADING, "", f"Command: `{command_line()}`  ", f"Date: {date_utc()}  ",
              f"Machine: {os.cpu_count()} CPU cores shared with other jobs (load average "
              f"{os.getloadavg()[0]:.1f} at start), jax {jax.__version__}; wall-clock, one run.",
              "", "| preset | eval_shape s | P_tot (actual Params) | Engram tables |",
@@ -45,14 +44,7 @@ def main() -> None:
         assert actual["total"] == count_params(cfg)["total"], name
         lines.append(f"| {name} | {seconds:.1f} | {human(actual['total'])} | "
                      f"{human(actual['engram_tables'])} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.update:
-        doc = args.update.read_text()
-        pattern = re.compile(re.escape(HEADING) + r"\n.*?(?=\n## |\Z)", re.DOTALL)
-        doc = (pattern.sub(lambda _: text.rstrip("\n"), doc) if pattern.search(doc)
-               else doc.rstrip("\n") + "\n\n" + text)
-        args.update.write_text(doc.rstrip("\n") + "\n")
+    publish(HEADING, lines, args.update)
 
 
 if __name__ == "__main__":

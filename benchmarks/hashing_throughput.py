@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_markdown import update_markdown  # noqa: E402
+from bench_markdown import command_line, publish  # noqa: E402
 
 from engram_jax.config import EngramConfig
 from engram_jax.hashing import NgramHasher
@@ -124,11 +124,7 @@ def main() -> None:
     parser.add_argument("--update", type=Path, help="write the section into this markdown file")
     args = parser.parse_args()
     rows = run(SHAPES[:2] if args.quick else SHAPES, args.repeats)
-    command = "python " + " ".join(["benchmarks/hashing_throughput.py", *sys.argv[1:]])
-    section = markdown(rows, command)
-    print(section)
-    if args.update:
-        update_markdown(args.update, HEADING, section)
+    publish(HEADING, markdown(rows, command_line()), args.update)
 
 
 if __name__ == "__main__":

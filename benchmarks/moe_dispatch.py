@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from bench_markdown import command_line, date_utc, publish
 from flax import nnx
 
 from engram_jax.config import MoEConfig
@@ -82,24 +81,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--update", type=Path, help="replace this section of a markdown file")
     args = ap.parse_args()
-    date = subprocess.run(["date", "-u"], check=False, capture_output=True, text=True)
-    command = f"python benchmarks/moe_dispatch.py --repeats {args.repeats} --update BENCHMARKS.md"
     load = os.getloadavg()[0]
     machine = (f"Machine: {os.cpu_count()} CPU cores shared with other jobs (load average "
                f"{load:.1f} at start), jax {jax.__version__}. Best of {args.repeats} wall-clock "
                "runs, so times are noisy; the GFLOP column (XLA's cost analysis) is not.")
-    lines = [HEADING, "", f"Command: `{command}`  ", f"Date: {date.stdout.strip()}  ", machine, ""]
+    lines = [HEADING, "", f"Command: `{command_line()}`  ", f"Date: {date_utc()}  ", machine,
+             ""]
     for preset, batch, seq in (("tiny", 8, 128), ("small", 16, 256)):
         lines += [*bench(preset, batch, seq, args.repeats), ""]
     lines += [NOTE, ""]
-    text = "\n".join(lines)
-    print(text)
-    if args.update:
-        doc = args.update.read_text() if args.update.exists() else "# Benchmarks\n\n"
-        pattern = re.compile(re.escape(HEADING) + r"\n.*?(?=\n## |\Z)", re.DOTALL)
-        doc = pattern.sub(lambda _: text.rstrip("\n"), doc) if pattern.search(doc) else (
-            doc.rstrip("\n") + "\n\n" + text)
-        args.update.write_text(doc.rstrip("\n") + "\n")
+    publish(HEADING, lines, args.update)
 
 
 if __name__ == "__main__":

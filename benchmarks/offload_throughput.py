@@ -36,7 +36,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from bench_markdown import update_markdown  # noqa: E402
+from bench_markdown import command_line, publish  # noqa: E402
 from flax import nnx
 
 from engram_jax.config import override
@@ -208,11 +208,8 @@ def main() -> None:
     speeds = time_decode(make_modes(model, comp, args), prompt.astype(np.int32), args)
     print(speeds, file=sys.stderr)
     hits, info = hit_rates(model, cfg, args)
-    command = "python " + " ".join(["benchmarks/offload_throughput.py", *sys.argv[1:]])
-    section = markdown(cfg, model, speeds, hits, info, args, command)
-    print(section)
-    if args.update:
-        update_markdown(args.update, HEADING, section)
+    publish(HEADING, markdown(cfg, model, speeds, hits, info, args, command_line()),
+            args.update)
 
 
 def build_compression_identity(cfg):

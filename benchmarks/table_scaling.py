@@ -32,7 +32,8 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import Variant, date_utc, enable_compile_cache, interleave, update_markdown  # noqa: E402
+from bench_markdown import command_line, date_utc, publish  # noqa: E402
+from train_throughput import Variant, enable_compile_cache, interleave  # noqa: E402
 
 HEADING = "## Train step vs table size: sparse vs dense table updates (CPU)"
 BASE = ["engram.layer_ids=[1]", "engram.n_head_per_ngram=4"]
@@ -96,7 +97,7 @@ def main() -> None:
         for n in (sizes[0], sizes[-1]):
             bar.append((n, *outside_bar(n, args.bar_steps)))
 
-    command = "python " + " ".join(["benchmarks/table_scaling.py", *sys.argv[1:]])
+    command = command_line()
     lines = [HEADING, "", f"Command: `{command}`  ", f"Date: {date_utc()}  ",
              f"Machine: {os.cpu_count()} CPU cores shared with other jobs (load average "
              f"{load:.1f} at start), jax {jax.__version__}. All variants compiled first, then "
@@ -155,10 +156,7 @@ def main() -> None:
                     f"{de[0].temp_bytes / 1e6:.1f} -> {de[-1].temp_bytes / 1e6:.1f} MB: a "
                     "table-sized gradient and Adam over every row.")
     lines += ["", reading, ""]
-    text = "\n".join(lines)
-    print(text)
-    if args.update:
-        update_markdown(args.update, HEADING, text)
+    publish(HEADING, lines, args.update)
 
 
 if __name__ == "__main__":

@@ -27,15 +27,13 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_markdown import update_markdown  # noqa: E402
+from bench_markdown import command_line, date_utc, publish  # noqa: E402
 
 from engram_jax import sharding as shd
 from engram_jax import train as T
@@ -175,10 +173,6 @@ def matmul_peak(sizes=(1024, 2048), repeats: int = 10) -> tuple[float, dict]:
 
 
 
-def date_utc() -> str:
-    return subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip()
-
-
 # ---------------------------------------------------------------------------------------------
 
 
@@ -246,7 +240,7 @@ def main() -> None:
                                f"{v.cpu_median / base.cpu_median:.3f} |")
     else:
         extra_lines = []
-    command = "python " + " ".join(["benchmarks/train_throughput.py", *sys.argv[1:]])
+    command = command_line()
     lines = [HEADING, "", f"Command: `{command}`  ", f"Date: {date_utc()}  ",
              f"Machine: {os.cpu_count()} CPU cores shared with other jobs (load average "
              f"{load:.1f} at start), jax {jax.__version__}. {args.repeats} interleaved rounds of "
@@ -291,10 +285,7 @@ def main() -> None:
                           for v in variants[2:])
         reading += f" CPU time of the Engram variants relative to the full Engram: {parts}."
     lines += [reading, ""]
-    text = "\n".join(lines)
-    print(text)
-    if args.update:
-        update_markdown(args.update, HEADING, text)
+    publish(HEADING, lines, args.update)
 
 
 if __name__ == "__main__":
