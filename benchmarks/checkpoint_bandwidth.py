@@ -107,19 +107,25 @@ def zstd_ab(args, table, state) -> list[dict]:
         for comp in (True, False):
             d = os.path.join(args.dir, f"ab_{'zstd' if comp else 'raw'}_{rep}")
             mgr = ocp.CheckpointManager(
-                d, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
-                item_handlers={"state": ocp.PyTreeCheckpointHandler(use_compression=comp)})
+                d,
+                options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
+                item_handlers={"state": ocp.PyTreeCheckpointHandler(use_compression=comp)},
+            )
             t0, c0 = time.perf_counter(), _cpu()
             mgr.save(1, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state)), force=True)
             mgr.wait_until_finished()
             wall, cpu = time.perf_counter() - t0, _cpu() - c0
             mgr.close()
-            du = int(subprocess.run(["du", "-sb", d], capture_output=True, text=True)
-                     .stdout.split()[0])
+            du = int(
+                subprocess.run(["du", "-sb", d], capture_output=True, text=True).stdout.split()[0]
+            )
             shutil.rmtree(d, ignore_errors=True)
             res.append(dict(zstd=comp, wall=wall, cpu=cpu, disk_bytes=du))
-            print(f"  raw Orbax zstd={comp}: {wall:.1f} s wall, {cpu:.1f} s CPU, "
-                  f"{du / 1e6:.0f} MB", file=sys.stderr, flush=True)
+            print(
+                f"  raw Orbax zstd={comp}: {wall:.1f} s wall, {cpu:.1f} s CPU, {du / 1e6:.0f} MB",
+                file=sys.stderr,
+                flush=True,
+            )
     return res
 
 
@@ -132,17 +138,20 @@ def worker(args) -> None:
 
     n_dev = len(jax.devices())
     mesh, tsh, rep = _mesh_and_sharding(n_dev)
-    rows = int(args.gib * 2 ** 30 // (4 * D)) // 1024 * 1024
+    rows = int(args.gib * 2**30 // (4 * D)) // 1024 * 1024
     nbytes = rows * D * 4
-    out = dict(devices=n_dev, rows=rows, bytes=nbytes,
-               malloc_arena_max=os.environ.get("MALLOC_ARENA_MAX"))
+    out = dict(
+        devices=n_dev, rows=rows, bytes=nbytes, malloc_arena_max=os.environ.get("MALLOC_ARENA_MAX")
+    )
     if args.worker == "save":
+
         def fill():
-            x = jax.lax.broadcasted_iota(jnp.uint32, (rows, D), 0) * jnp.uint32(D) + \
-                jax.lax.broadcasted_iota(jnp.uint32, (rows, D), 1)
+            x = jax.lax.broadcasted_iota(jnp.uint32, (rows, D), 0) * jnp.uint32(
+                D
+            ) + jax.lax.broadcasted_iota(jnp.uint32, (rows, D), 1)
             x = x * jnp.uint32(2654435761)
             x = x ^ (x >> 15)
-            return (x >> 8).astype(jnp.float32) * (2.0 ** -24) - 0.5
+            return (x >> 8).astype(jnp.float32) * (2.0**-24) - 0.5
 
         table = jax.jit(fill, out_shardings=tsh)()
         state = {KEY_TABLE: table, KEY_STEP: jax.device_put(jnp.int32(7), rep)}
@@ -159,10 +168,15 @@ def worker(args) -> None:
             t2 = time.perf_counter()
             os.sync()
             t3 = time.perf_counter()
-            out["saves"].append(dict(returned=t1 - t0, finished=t2 - t0, synced=t3 - t0,
-                                     cpu=_cpu() - c0))
-            print(f"  save {step}: returned {t1 - t0:.2f} s, finished {t2 - t0:.2f} s, "
-                  f"synced {t3 - t0:.2f} s", file=sys.stderr, flush=True)
+            out["saves"].append(
+                dict(returned=t1 - t0, finished=t2 - t0, synced=t3 - t0, cpu=_cpu() - c0)
+            )
+            print(
+                f"  save {step}: returned {t1 - t0:.2f} s, finished {t2 - t0:.2f} s, "
+                f"synced {t3 - t0:.2f} s",
+                file=sys.stderr,
+                flush=True,
+            )
         ck.close()
         if args.ab_repeats:
             out["zstd_ab"] = zstd_ab(args, table, state)
@@ -170,8 +184,10 @@ def worker(args) -> None:
         from jax import ShapeDtypeStruct as SDS
 
         ck = Checkpointer(args.dir, keep=1)
-        target = {KEY_TABLE: SDS((rows, D), jnp.float32, sharding=tsh),
-                  KEY_STEP: SDS((), jnp.int32, sharding=rep)}
+        target = {
+            KEY_TABLE: SDS((rows, D), jnp.float32, sharding=tsh),
+            KEY_STEP: SDS((), jnp.int32, sharding=rep),
+        }
         t0, c0 = time.perf_counter(), _cpu()
         restored = ck.restore(ck.latest_step(), target)
         jax.block_until_ready(restored)
@@ -207,16 +223,31 @@ def worker(args) -> None:
 # Orchestrator
 
 
-def _run_worker(kind: str, devices: int, directory: str, args, arena: bool,
-                rss_limit_gb: float) -> dict:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu")
+def _run_worker(
+    kind: str, devices: int, directory: str, args, arena: bool, rss_limit_gb: float
+) -> dict:
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+    )
     env.pop("MALLOC_ARENA_MAX", None)
     if arena:
         env["MALLOC_ARENA_MAX"] = "2"
-    cmd = [sys.executable, __file__, "--worker", kind, "--dir", directory,
-           "--gib", str(args.gib), "--saves", str(args.saves),
-           "--ab-repeats", str(args.ab_repeats if kind == "save" else 0)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        kind,
+        "--dir",
+        directory,
+        "--gib",
+        str(args.gib),
+        "--saves",
+        str(args.saves),
+        "--ab-repeats",
+        str(args.ab_repeats if kind == "save" else 0),
+    ]
     label = f"{kind} on {devices} device(s){' MALLOC_ARENA_MAX=2' if arena else ''}"
     print(f"{label} ...", flush=True)
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
@@ -236,8 +267,9 @@ def _run_worker(kind: str, devices: int, directory: str, args, arena: bool,
     text = p.stdout.read()
     if killed:
         print(f"  killed: RSS above {rss_limit_gb} GB", flush=True)
-        return dict(killed=True, peak_rss_gb=peak, malloc_arena_max="2" if arena else None,
-                    devices=devices)
+        return dict(
+            killed=True, peak_rss_gb=peak, malloc_arena_max="2" if arena else None, devices=devices
+        )
     if p.returncode:
         raise RuntimeError(f"{label} failed ({p.returncode})")
     res = json.loads(next(ln for ln in text.splitlines() if ln.startswith("RESULT "))[7:])
@@ -269,12 +301,14 @@ def dd_bandwidth(directory: str, gib: float) -> dict:
     f = os.path.join(directory, "dd.bin")
     count = max(1, int(gib * 64))  # 16 MiB blocks
     out = {}
-    out["write_direct"] = _dd(["if=/dev/zero", f"of={f}", "bs=16M", f"count={count}",
-                               "oflag=direct"])
+    out["write_direct"] = _dd(
+        ["if=/dev/zero", f"of={f}", "bs=16M", f"count={count}", "oflag=direct"]
+    )
     out["read_direct"] = _dd([f"if={f}", "of=/dev/null", "bs=16M", "iflag=direct"])
     os.remove(f)
-    out["write_fdatasync"] = _dd(["if=/dev/zero", f"of={f}", "bs=16M", f"count={count}",
-                                  "conv=fdatasync"])
+    out["write_fdatasync"] = _dd(
+        ["if=/dev/zero", f"of={f}", "bs=16M", f"count={count}", "conv=fdatasync"]
+    )
     _evict(directory)
     out["read_evicted"] = _dd([f"if={f}", "of=/dev/null", "bs=16M"])
     os.remove(f)
@@ -286,11 +320,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gib", type=float, default=2.0, help="table size in GiB")
     ap.add_argument("--saves", type=int, default=3, help="timed saves (8 devices)")
-    ap.add_argument("--ab-repeats", type=int, default=0,
-                    help="also save with raw Orbax, zstd on vs off, this many times each")
+    ap.add_argument(
+        "--ab-repeats",
+        type=int,
+        default=0,
+        help="also save with raw Orbax, zstd on vs off, this many times each",
+    )
     ap.add_argument("--dir", default="/tmp/ckpt_bandwidth", help="scratch directory (deleted)")
-    ap.add_argument("--rss-limit-gb", type=float, default=14.0,
-                    help="kill a worker above this RSS (shared machine)")
+    ap.add_argument(
+        "--rss-limit-gb",
+        type=float,
+        default=14.0,
+        help="kill a worker above this RSS (shared machine)",
+    )
     ap.add_argument("--update", type=Path, help="replace this section of a markdown file")
     ap.add_argument("--worker", choices=["save", "restore"], help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -302,7 +344,7 @@ def main() -> None:
     from bench_markdown import command_line, date_utc, publish
 
     os.makedirs(args.dir, exist_ok=True)
-    free = shutil.disk_usage(args.dir).free / 2 ** 30
+    free = shutil.disk_usage(args.dir).free / 2**30
     if free < 3 * args.gib + 2:
         raise SystemExit(f"{args.dir}: only {free:.1f} GiB free")
     df = subprocess.run(["df", "-h", args.dir], capture_output=True, text=True).stdout
@@ -314,14 +356,16 @@ def main() -> None:
         print("dd (before) ...", flush=True)
         dd = [dd_bandwidth(args.dir, args.gib)]
         save = _run_worker("save", 8, ck_dir, args, arena=True, rss_limit_gb=args.rss_limit_gb)
-        du = subprocess.run(["du", "-sb", os.path.join(ck_dir, "checkpoints")],
-                            capture_output=True, text=True).stdout.split()[0]
+        du = subprocess.run(
+            ["du", "-sb", os.path.join(ck_dir, "checkpoints")], capture_output=True, text=True
+        ).stdout.split()[0]
         restores = []
         for devices in (4, 1):
             for arena in (True, False):
                 _evict(ck_dir)
-                restores.append(_run_worker("restore", devices, ck_dir, args, arena,
-                                            args.rss_limit_gb))
+                restores.append(
+                    _run_worker("restore", devices, ck_dir, args, arena, args.rss_limit_gb)
+                )
         print("dd (after) ...", flush=True)
         dd.append(dd_bandwidth(args.dir, args.gib))
     finally:
@@ -346,75 +390,101 @@ def main() -> None:
     rref = max(ddb["read_direct"], ddb["read_evicted"])
 
     command = command_line()
-    lines = [HEADING, "", f"Command: `{command}`  ", f"Date: {date_utc()}  ",
-             f"Machine: {os.cpu_count()} CPU cores shared with other jobs (load average "
-             f"{load:.1f} at start), {args.dir} on `{df.splitlines()[-1].split()[0]}`; "
-             "page cache evicted with `posix_fadvise(DONTNEED)` before every read (no "
-             "privilege to drop caches).", "",
-             f"State: one Engram table `[{save['rows']:,}, {D}]` fp32 = {mb:,.0f} MB "
-             f"({nbytes / 2 ** 30:.2f} GiB; {int(du) / 1e6:,.0f} MB on disk) + the step, saved "
-             f"from 8 fake CPU devices (rows sharded 8 ways) with `Checkpointer.save` "
-             f"(async), {args.saves} saves, medians.", "",
-             "| | seconds | MB/s | vs dd |", "|---|---:|---:|---:|",
-             f"| dd write `bs=16M oflag=direct` | | {ddb['write_direct']:.0f} | |",
-             f"| dd write `bs=16M conv=fdatasync` | | {ddb['write_fdatasync']:.0f} | |",
-             f"| dd read `bs=16M iflag=direct` | | {ddb['read_direct']:.0f} | |",
-             f"| dd read `bs=16M`, cache evicted | | {ddb['read_evicted']:.0f} | |",
-             f"| Orbax `save()` returned | {ret:.2f} | | |",
-             f"| Orbax save, write finished (CPU {cpu_save:.1f} s) | {fin:.2f} | {save_bw:.0f} | "
-             f"{save_bw / wref * 100:.0f}% |",
-             f"| Orbax save, finished + `os.sync()` | {syn:.2f} | {sync_bw:.0f} | "
-             f"{sync_bw / wref * 100:.0f}% |",
-             f"| Orbax restore, median of {len(ok)} (CPU {cpu_rest:.1f} s) | {rest:.2f} | "
-             f"{rest_bw:.0f} | "
-             f"{rest_bw / rref * 100:.0f}% |",
-             f"| tensorstore alone: whole array into one NumPy array, median of {len(ok)} "
-             f"(CPU {ts_cpu:.1f} s) | {ts_s:.2f} | {mb / ts_s:.0f} | "
-             f"{mb / ts_s / rref * 100:.0f}% |", "",
-             "Ratios against the best dd write / read of the two runs (before and after), "
-             "buffered or direct, whichever is faster; goal >= 50%. CPU = user+system seconds "
-             "of the process during the operation.", "",
-             f"Reading (computed from the figures above): save reaches "
-             f"{save_bw / ddb['write_direct'] * 100:.0f}% of dd's O_DIRECT write and "
-             f"{save_bw / ddb['write_fdatasync'] * 100:.0f}% of its buffered write + fdatasync. "
-             f"Restore reaches {rest_bw / ddb['read_direct'] * 100:.0f}% of dd's O_DIRECT read "
-             f"and {rest_bw / ddb['read_evicted'] * 100:.0f}% of its buffered read of an "
-             f"evicted file; tensorstore alone, without Orbax's sharding and device copies, "
-             f"reaches {mb / ts_s / rref * 100:.0f}% of the best dd read. Restore spends "
-             f"{cpu_rest:.1f} s of CPU for {rest:.1f} s of wall time on {os.cpu_count()} "
-             f"cores: it is bound by CPU (copies), not by the disk.", ""]
+    lines = [
+        HEADING,
+        "",
+        f"Command: `{command}`  ",
+        f"Date: {date_utc()}  ",
+        f"Machine: {os.cpu_count()} CPU cores shared with other jobs (load average "
+        f"{load:.1f} at start), {args.dir} on `{df.splitlines()[-1].split()[0]}`; "
+        "page cache evicted with `posix_fadvise(DONTNEED)` before every read (no "
+        "privilege to drop caches).",
+        "",
+        f"State: one Engram table `[{save['rows']:,}, {D}]` fp32 = {mb:,.0f} MB "
+        f"({nbytes / 2**30:.2f} GiB; {int(du) / 1e6:,.0f} MB on disk) + the step, saved "
+        f"from 8 fake CPU devices (rows sharded 8 ways) with `Checkpointer.save` "
+        f"(async), {args.saves} saves, medians.",
+        "",
+        "| | seconds | MB/s | vs dd |",
+        "|---|---:|---:|---:|",
+        f"| dd write `bs=16M oflag=direct` | | {ddb['write_direct']:.0f} | |",
+        f"| dd write `bs=16M conv=fdatasync` | | {ddb['write_fdatasync']:.0f} | |",
+        f"| dd read `bs=16M iflag=direct` | | {ddb['read_direct']:.0f} | |",
+        f"| dd read `bs=16M`, cache evicted | | {ddb['read_evicted']:.0f} | |",
+        f"| Orbax `save()` returned | {ret:.2f} | | |",
+        f"| Orbax save, write finished (CPU {cpu_save:.1f} s) | {fin:.2f} | {save_bw:.0f} | "
+        f"{save_bw / wref * 100:.0f}% |",
+        f"| Orbax save, finished + `os.sync()` | {syn:.2f} | {sync_bw:.0f} | "
+        f"{sync_bw / wref * 100:.0f}% |",
+        f"| Orbax restore, median of {len(ok)} (CPU {cpu_rest:.1f} s) | {rest:.2f} | "
+        f"{rest_bw:.0f} | "
+        f"{rest_bw / rref * 100:.0f}% |",
+        f"| tensorstore alone: whole array into one NumPy array, median of {len(ok)} "
+        f"(CPU {ts_cpu:.1f} s) | {ts_s:.2f} | {mb / ts_s:.0f} | "
+        f"{mb / ts_s / rref * 100:.0f}% |",
+        "",
+        "Ratios against the best dd write / read of the two runs (before and after), "
+        "buffered or direct, whichever is faster; goal >= 50%. CPU = user+system seconds "
+        "of the process during the operation.",
+        "",
+        f"Reading (computed from the figures above): save reaches "
+        f"{save_bw / ddb['write_direct'] * 100:.0f}% of dd's O_DIRECT write and "
+        f"{save_bw / ddb['write_fdatasync'] * 100:.0f}% of its buffered write + fdatasync. "
+        f"Restore reaches {rest_bw / ddb['read_direct'] * 100:.0f}% of dd's O_DIRECT read "
+        f"and {rest_bw / ddb['read_evicted'] * 100:.0f}% of its buffered read of an "
+        f"evicted file; tensorstore alone, without Orbax's sharding and device copies, "
+        f"reaches {mb / ts_s / rref * 100:.0f}% of the best dd read. Restore spends "
+        f"{cpu_rest:.1f} s of CPU for {rest:.1f} s of wall time on {os.cpu_count()} "
+        f"cores: it is bound by CPU (copies), not by the disk.",
+        "",
+    ]
     if save.get("zstd_ab"):
-        lines += ["Raw Orbax (`PyTreeCheckpointHandler`, same process, alternating), zstd "
-                  "compression (Orbax's default; `Checkpointer` turns it off) on vs off:", "",
-                  "| zstd | save s (median) | MB/s | CPU s | on disk MB |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += [
+            "Raw Orbax (`PyTreeCheckpointHandler`, same process, alternating), zstd "
+            "compression (Orbax's default; `Checkpointer` turns it off) on vs off:",
+            "",
+            "| zstd | save s (median) | MB/s | CPU s | on disk MB |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for comp in (True, False):
             rs = [r for r in save["zstd_ab"] if r["zstd"] == comp]
             w = float(np.median([r["wall"] for r in rs]))
-            lines.append(f"| {'on' if comp else 'off'} | {w:.2f} | {mb / w:.0f} | "
-                         f"{float(np.median([r['cpu'] for r in rs])):.1f} | "
-                         f"{rs[0]['disk_bytes'] / 1e6:,.0f} |")
+            lines.append(
+                f"| {'on' if comp else 'off'} | {w:.2f} | {mb / w:.0f} | "
+                f"{float(np.median([r['cpu'] for r in rs])):.1f} | "
+                f"{rs[0]['disk_bytes'] / 1e6:,.0f} |"
+            )
         lines.append("")
     lines += [
-             "Cross-mesh restore of the 8-device checkpoint (abstract target with the new "
-             "mesh's `NamedSharding`, rows over all devices):", "",
-             "| restore onto | MALLOC_ARENA_MAX | seconds | MB/s | vs dd read | CRC-32 = saved "
-             "(Orbax, tensorstore) | lookup identical | peak RSS GB |",
-             "|---|---|---:|---:|---:|---|---|---:|"]
+        "Cross-mesh restore of the 8-device checkpoint (abstract target with the new "
+        "mesh's `NamedSharding`, rows over all devices):",
+        "",
+        "| restore onto | MALLOC_ARENA_MAX | seconds | MB/s | vs dd read | CRC-32 = saved "
+        "(Orbax, tensorstore) | lookup identical | peak RSS GB |",
+        "|---|---|---:|---:|---:|---|---|---:|",
+    ]
     for r in restores:
         if r.get("killed"):
-            lines.append(f"| {r['devices']} device(s) | {r['malloc_arena_max'] or 'unset'} | "
-                         f"killed | | | | | > {args.rss_limit_gb:.0f} |")
+            lines.append(
+                f"| {r['devices']} device(s) | {r['malloc_arena_max'] or 'unset'} | "
+                f"killed | | | | | > {args.rss_limit_gb:.0f} |"
+            )
             continue
-        lines.append(f"| {r['devices']} device(s), `{r['sharding']}` | "
-                     f"{r['malloc_arena_max'] or 'unset'} | {r['restore_s']:.2f} | "
-                     f"{mb / r['restore_s']:.0f} | {mb / r['restore_s'] / rref * 100:.0f}% | "
-                     f"{r['crc'] == save['crc'] and r['ts_crc'] == save['crc']} | "
-                     f"{r['lookup_identical']} | {r['peak_rss_gb']:.2f} |")
-    lines += ["", f"Save worker (8 devices, MALLOC_ARENA_MAX=2, builds the table too): peak "
-              f"RSS {save['peak_rss_gb']:.2f} GB. CRC-32 of the table in row order "
-              f"{save['crc']:#010x}; lookup = `sharded_lookup` of 8x512 fixed ids on the "
-              "restored mesh vs on the saving mesh, bitwise.", ""]
+        lines.append(
+            f"| {r['devices']} device(s), `{r['sharding']}` | "
+            f"{r['malloc_arena_max'] or 'unset'} | {r['restore_s']:.2f} | "
+            f"{mb / r['restore_s']:.0f} | {mb / r['restore_s'] / rref * 100:.0f}% | "
+            f"{r['crc'] == save['crc'] and r['ts_crc'] == save['crc']} | "
+            f"{r['lookup_identical']} | {r['peak_rss_gb']:.2f} |"
+        )
+    lines += [
+        "",
+        f"Save worker (8 devices, MALLOC_ARENA_MAX=2, builds the table too): peak "
+        f"RSS {save['peak_rss_gb']:.2f} GB. CRC-32 of the table in row order "
+        f"{save['crc']:#010x}; lookup = `sharded_lookup` of 8x512 fixed ids on the "
+        "restored mesh vs on the saving mesh, bitwise.",
+        "",
+    ]
     publish(HEADING, lines, args.update)
 
 

@@ -30,11 +30,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--update", type=Path, help="replace this section of a markdown file")
     args = ap.parse_args()
-    lines = [HEADING, "", f"Command: `{command_line()}`  ", f"Date: {date_utc()}  ",
-             f"Machine: {os.cpu_count()} CPU cores shared with other jobs (load average "
-             f"{os.getloadavg()[0]:.1f} at start), jax {jax.__version__}; wall-clock, one run.",
-             "", "| preset | eval_shape s | P_tot (actual Params) | Engram tables |",
-             "|---|---:|---:|---:|"]
+    lines = [
+        HEADING,
+        "",
+        f"Command: `{command_line()}`  ",
+        f"Date: {date_utc()}  ",
+        f"Machine: {os.cpu_count()} CPU cores shared with other jobs (load average "
+        f"{os.getloadavg()[0]:.1f} at start), jax {jax.__version__}; wall-clock, one run.",
+        "",
+        "| preset | eval_shape s | P_tot (actual Params) | Engram tables |",
+        "|---|---:|---:|---:|",
+    ]
     for name in PRESETS:
         cfg = get_preset(name)
         start = time.perf_counter()
@@ -42,8 +48,10 @@ def main() -> None:
         seconds = time.perf_counter() - start
         actual = count_module_params(model)
         assert actual["total"] == count_params(cfg)["total"], name
-        lines.append(f"| {name} | {seconds:.1f} | {human(actual['total'])} | "
-                     f"{human(actual['engram_tables'])} |")
+        lines.append(
+            f"| {name} | {seconds:.1f} | {human(actual['total'])} | "
+            f"{human(actual['engram_tables'])} |"
+        )
     publish(HEADING, lines, args.update)
 
 

@@ -26,8 +26,13 @@ from engram_jax.hashing import NgramHasher
 HEADING = "## Host n-gram hashing"
 SHAPES = ((8, 128), (8, 1024), (16, 4096), (64, 1024), (64, 4096))
 # Paper-like retrieval settings: 2 layers, N=3, 8 heads per order, 2.26M-row heads.
-CONFIG = EngramConfig(engram_vocab_size=(2_262_400, 2_262_400), max_ngram_size=3,
-                      n_head_per_ngram=8, n_embed_per_ngram=64, layer_ids=(1, 15))
+CONFIG = EngramConfig(
+    engram_vocab_size=(2_262_400, 2_262_400),
+    max_ngram_size=3,
+    n_head_per_ngram=8,
+    n_embed_per_ngram=64,
+    layer_ids=(1, 15),
+)
 VOCAB = 99_000  # about 129k raw ids after the paper's ~23% compression
 PAD = 2
 
@@ -36,8 +41,10 @@ def baseline_hash(hasher: NgramHasher, ids: np.ndarray) -> dict[int, np.ndarray]
     """The same arithmetic, written the straightforward way (demo style)."""
     x = np.asarray(ids, dtype=np.int64)
     _, t = x.shape
-    shifts = [x] + [np.pad(x, ((0, 0), (k, 0)), constant_values=hasher.pad_id)[:, :t]
-                    for k in range(1, hasher.max_ngram_size)]
+    shifts = [x] + [
+        np.pad(x, ((0, 0), (k, 0)), constant_values=hasher.pad_id)[:, :t]
+        for k in range(1, hasher.max_ngram_size)
+    ]
     out = {}
     for lid in hasher.layer_ids:
         m = hasher.multipliers[lid]
@@ -73,13 +80,18 @@ def run(shapes, repeats: int) -> list[dict]:
             got = fast(ids)
             for lid in CONFIG.layer_ids:
                 np.testing.assert_array_equal(got[lid], want[lid])
-        times = {"baseline": _best_seconds(lambda x: baseline_hash(fast64, x), ids, repeats),
-                 "int64": _best_seconds(fast64, ids, repeats),
-                 "int32": _best_seconds(fast32, ids, repeats)}
+        times = {
+            "baseline": _best_seconds(lambda x: baseline_hash(fast64, x), ids, repeats),
+            "int64": _best_seconds(fast64, ids, repeats),
+            "int32": _best_seconds(fast32, ids, repeats),
+        }
         rows.append({"B": b, "T": t, **{k: b * t / v for k, v in times.items()}})
-        print(f"B={b:3d} T={t:5d}  baseline {rows[-1]['baseline'] / 1e6:6.2f} M tok/s  "
-              f"NgramHasher int64 {rows[-1]['int64'] / 1e6:6.2f}  int32 "
-              f"{rows[-1]['int32'] / 1e6:6.2f}", file=sys.stderr)
+        print(
+            f"B={b:3d} T={t:5d}  baseline {rows[-1]['baseline'] / 1e6:6.2f} M tok/s  "
+            f"NgramHasher int64 {rows[-1]['int64'] / 1e6:6.2f}  int32 "
+            f"{rows[-1]['int32'] / 1e6:6.2f}",
+            file=sys.stderr,
+        )
     return rows
 
 
@@ -87,34 +99,46 @@ def markdown(rows, command: str) -> str:
     date = subprocess.run(["date"], check=False, capture_output=True, text=True).stdout.strip()
     cpu = platform.processor() or platform.machine()
     lines = [
-        HEADING, "",
+        HEADING,
+        "",
         f"Command: `{command}`  ",
         f"Date: {date}  ",
-        (f"Machine: {cpu}, NumPy {np.__version__}, single-threaded. Timed with "
-         "`time.process_time` (CPU seconds of this process, best of runs) because the 2-core "
-         "VM is shared with other jobs; on an idle core this equals wall time."),
+        (
+            f"Machine: {cpu}, NumPy {np.__version__}, single-threaded. Timed with "
+            "`time.process_time` (CPU seconds of this process, best of runs) because the 2-core "
+            "VM is shared with other jobs; on an idle core this equals wall time."
+        ),
         "",
-        (f"Settings: 2 Engram layers {CONFIG.layer_ids}, N={CONFIG.max_ngram_size}, "
-         f"{CONFIG.n_head_per_ngram} heads per order (16 ids per token per layer), head tables "
-         f"~{CONFIG.engram_vocab_size[0]:,} rows (primes), compressed vocab {VOCAB:,}. "
-         "Throughput counts tokens hashed for both layers. Outputs asserted equal."),
+        (
+            f"Settings: 2 Engram layers {CONFIG.layer_ids}, N={CONFIG.max_ngram_size}, "
+            f"{CONFIG.n_head_per_ngram} heads per order (16 ids per token per layer), head tables "
+            f"~{CONFIG.engram_vocab_size[0]:,} rows (primes), compressed vocab {VOCAB:,}. "
+            "Throughput counts tokens hashed for both layers. Outputs asserted equal."
+        ),
         "",
-        ("| B | T | baseline (M tok/s) | NgramHasher int64 | speedup | NgramHasher int32 | "
-         "speedup |"),
+        (
+            "| B | T | baseline (M tok/s) | NgramHasher int64 | speedup | NgramHasher int32 | "
+            "speedup |"
+        ),
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['B']} | {r['T']} | {r['baseline'] / 1e6:.2f} | "
-                     f"{r['int64'] / 1e6:.2f} | {r['int64'] / r['baseline']:.1f}x | "
-                     f"{r['int32'] / 1e6:.2f} | {r['int32'] / r['baseline']:.1f}x |")
-    lines += ["", ("Baseline: the demo's arithmetic written plainly (`np.pad` per shift, `%` per "
-                   "head, `np.stack`). NgramHasher: each product once, shifted views, cache-sized "
-                   "chunks, `mix - (mix // p) * p` with NumPy's SIMD scalar division, int32 "
-                   "finish, one transpose per chunk. int32 is what the input pipeline ships."),
-              ""]
+        lines.append(
+            f"| {r['B']} | {r['T']} | {r['baseline'] / 1e6:.2f} | "
+            f"{r['int64'] / 1e6:.2f} | {r['int64'] / r['baseline']:.1f}x | "
+            f"{r['int32'] / 1e6:.2f} | {r['int32'] / r['baseline']:.1f}x |"
+        )
+    lines += [
+        "",
+        (
+            "Baseline: the demo's arithmetic written plainly (`np.pad` per shift, `%` per "
+            "head, `np.stack`). NgramHasher: each product once, shifted views, cache-sized "
+            "chunks, `mix - (mix // p) * p` with NumPy's SIMD scalar division, int32 "
+            "finish, one transpose per chunk. int32 is what the input pipeline ships."
+        ),
+        "",
+    ]
     return "\n".join(lines)
-
-
 
 
 def main() -> None:

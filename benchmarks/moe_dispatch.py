@@ -27,10 +27,12 @@ from engram_jax.moe import MoE, SwiGLU
 from engram_jax.presets import get_preset
 
 HEADING = "## MoE dispatch (CPU)"
-NOTE = ("ragged_dot lowers on CPU to a masked dense dot over all E experts (E times the routed "
-        "FLOPs); blocked pads each expert's rows to a block multiple and gathers one weight "
-        "matrix per block; capacity computes E x C slots. The presets use `blocked` on CPU and "
-        "`ragged` (native grouped matmul) for TPU/GPU.")
+NOTE = (
+    "ragged_dot lowers on CPU to a masked dense dot over all E experts (E times the routed "
+    "FLOPs); blocked pads each expert's rows to a block multiple and gathers one weight "
+    "matrix per block; capacity computes E x C slots. The presets use `blocked` on CPU and "
+    "`ragged` (native grouped matmul) for TPU/GPU."
+)
 
 
 def _timed(fn, args, repeats: int) -> tuple[float, float]:
@@ -49,6 +51,7 @@ def _loss_grad(graphdef, rest, first_output_only: bool):
     def loss(state, x):
         out = nnx.merge(graphdef, state, *rest)(x)
         return jnp.mean(jnp.square(out[0] if first_output_only else out))
+
     return jax.value_and_grad(loss)
 
 
@@ -57,8 +60,9 @@ def bench(preset: str, batch: int, seq: int, repeats: int) -> list[str]:
     d, moe_cfg = cfg.model.d_model, cfg.moe
     x = jax.random.normal(jax.random.key(0), (batch, seq, d))
     rows = []
-    dense = SwiGLU(d, (moe_cfg.top_k + moe_cfg.n_shared_experts) * moe_cfg.expert_hidden,
-                   rngs=nnx.Rngs(0))
+    dense = SwiGLU(
+        d, (moe_cfg.top_k + moe_cfg.n_shared_experts) * moe_cfg.expert_hidden, rngs=nnx.Rngs(0)
+    )
     g, s = nnx.split(dense, nnx.Param)
     ref_t, ref_f = _timed(_loss_grad(g, (), False), (s, x), repeats)
     rows.append(("dense SwiGLU, width (k+shared)*F", ref_t, ref_f))
@@ -68,8 +72,10 @@ def bench(preset: str, batch: int, seq: int, repeats: int) -> list[str]:
         t, f = _timed(_loss_grad(g, (bias,), True), (s, x), repeats)
         label = dispatch + (f" (factor {mc.capacity_factor})" if dispatch == "capacity" else "")
         rows.append((label, t, f))
-    head = (f"| {preset}: S={batch}x{seq}, D={d}, E={moe_cfg.n_routed_experts}, "
-            f"k={moe_cfg.top_k}, F={moe_cfg.expert_hidden} | fwd+bwd ms | vs dense | GFLOP |")
+    head = (
+        f"| {preset}: S={batch}x{seq}, D={d}, E={moe_cfg.n_routed_experts}, "
+        f"k={moe_cfg.top_k}, F={moe_cfg.expert_hidden} | fwd+bwd ms | vs dense | GFLOP |"
+    )
     out = [head, "|---|---:|---:|---:|"]
     for label, t, f in rows:
         out.append(f"| {label} | {t * 1e3:.1f} | {t / ref_t:.2f}x | {f / 1e9:.2f} |")
@@ -82,11 +88,12 @@ def main() -> None:
     ap.add_argument("--update", type=Path, help="replace this section of a markdown file")
     args = ap.parse_args()
     load = os.getloadavg()[0]
-    machine = (f"Machine: {os.cpu_count()} CPU cores shared with other jobs (load average "
-               f"{load:.1f} at start), jax {jax.__version__}. Best of {args.repeats} wall-clock "
-               "runs, so times are noisy; the GFLOP column (XLA's cost analysis) is not.")
-    lines = [HEADING, "", f"Command: `{command_line()}`  ", f"Date: {date_utc()}  ", machine,
-             ""]
+    machine = (
+        f"Machine: {os.cpu_count()} CPU cores shared with other jobs (load average "
+        f"{load:.1f} at start), jax {jax.__version__}. Best of {args.repeats} wall-clock "
+        "runs, so times are noisy; the GFLOP column (XLA's cost analysis) is not."
+    )
+    lines = [HEADING, "", f"Command: `{command_line()}`  ", f"Date: {date_utc()}  ", machine, ""]
     for preset, batch, seq in (("tiny", 8, 128), ("small", 16, 256)):
         lines += [*bench(preset, batch, seq, args.repeats), ""]
     lines += [NOTE, ""]

@@ -52,8 +52,9 @@ HEADING = "## Offloaded tables at inference"
 
 def build_config(args):
     cfg = get_preset(args.preset)
-    eng = dataclasses.replace(cfg.engram, engram_vocab_size=(args.head_rows, args.head_rows),
-                              layer_ids=tuple(args.layers))
+    eng = dataclasses.replace(
+        cfg.engram, engram_vocab_size=(args.head_rows, args.head_rows), layer_ids=tuple(args.layers)
+    )
     cfg = dataclasses.replace(cfg, engram=eng)
     return override(cfg, args.sets)
 
@@ -76,7 +77,8 @@ def make_modes(model, comp, args):
         "host, no overlap": Generator(model, comp, rows=HostRows(kind), overlap=False, **gen),
         "host numpy": Generator(model, comp, rows=HostRows(numpy), **gen),
         f"host + LRU {args.hot_rows}": Generator(
-            model, comp, rows=HostRows(kind, hot_rows=args.hot_rows), **gen),
+            model, comp, rows=HostRows(kind, hot_rows=args.hot_rows), **gen
+        ),
     }
 
 
@@ -94,8 +96,14 @@ def time_decode(modes, prompt, args) -> dict:
             res = gen.generate(prompt, args.new_tokens)
             wall[name].append((res.steps - 1) / res.decode_seconds)
             cpu[name].append(1e3 * res.decode_cpu_seconds / (res.steps - 1))
-    return {name: dict(best=max(wall[name]), median=statistics.median(wall[name]),
-                       cpu_ms=statistics.median(cpu[name])) for name in modes}
+    return {
+        name: dict(
+            best=max(wall[name]),
+            median=statistics.median(wall[name]),
+            cpu_ms=statistics.median(cpu[name]),
+        )
+        for name in modes
+    }
 
 
 def hit_rates(model, cfg, args) -> tuple[list[dict], dict]:
@@ -114,13 +122,25 @@ def hit_rates(model, cfg, args) -> tuple[list[dict], dict]:
         lru = simulate_hit_rate(ids_TxH[half:], cap, "lru")
         hot = most_frequent(ids_TxH[:half], cap)
         static = simulate_hit_rate(ids_TxH[half:], cap, "static", hot_ids=hot)
-        rows.append(dict(capacity=cap, lru=lru["hit_rate"], static=static["hit_rate"],
-                         lru_fetch=lru["fetched_per_token"],
-                         static_fetch=static["fetched_per_token"]))
-    info = dict(tokens=len(tokens), measured=len(ids_TxH) - half, layer=layer,
-                distinct=len(np.unique(ids_TxH[half:])), heads=ids_TxH.shape[1],
-                table_rows=model.blocks[layer].engram.table.n_rows,
-                compressed=comp.num_compressed, vocab=comp.vocab_size)
+        rows.append(
+            dict(
+                capacity=cap,
+                lru=lru["hit_rate"],
+                static=static["hit_rate"],
+                lru_fetch=lru["fetched_per_token"],
+                static_fetch=static["fetched_per_token"],
+            )
+        )
+    info = dict(
+        tokens=len(tokens),
+        measured=len(ids_TxH) - half,
+        layer=layer,
+        distinct=len(np.unique(ids_TxH[half:])),
+        heads=ids_TxH.shape[1],
+        table_rows=model.blocks[layer].engram.table.n_rows,
+        compressed=comp.num_compressed,
+        vocab=comp.vocab_size,
+    )
     return rows, info
 
 
@@ -132,54 +152,72 @@ def markdown(cfg, model, speeds, hits, info, args, command) -> str:
     mb = sum(r * cfg.engram.d_head * 4 for r in rows_per_layer) / 2**20
     base = speeds["resident"]
     lines = [
-        HEADING, "",
+        HEADING,
+        "",
         f"Command: `{command}`  ",
         f"Date: {date}  ",
-        (f"Machine: {platform.machine()}, {jax.devices()[0].platform.upper()}, 2 cores shared "
-         f"with other jobs (load average {load:.0f} during the run), jax {jax.__version__}. "
-         f"{args.rounds} interleaved rounds, batch 1, {args.prompt_len}-token prompt, "
-         f"{args.new_tokens} greedy tokens; decode figures exclude the prefill. Wall-clock "
-         "rates swing with the other jobs: the best round is the least disturbed one, and CPU "
-         "ms/token (this process, all threads) is the cost least sensitive to the load. All "
-         "modes generated identical tokens (asserted)."),
+        (
+            f"Machine: {platform.machine()}, {jax.devices()[0].platform.upper()}, 2 cores shared "
+            f"with other jobs (load average {load:.0f} during the run), jax {jax.__version__}. "
+            f"{args.rounds} interleaved rounds, batch 1, {args.prompt_len}-token prompt, "
+            f"{args.new_tokens} greedy tokens; decode figures exclude the prefill. Wall-clock "
+            "rates swing with the other jobs: the best round is the least disturbed one, and CPU "
+            "ms/token (this process, all threads) is the cost least sensitive to the load. All "
+            "modes generated identical tokens (asserted)."
+        ),
         "",
-        (f"Model: preset `{args.preset}` (d={m.d_model}, {m.n_layers} blocks, mHC {m.hc_mult}, "
-         f"{cfg.moe.n_routed_experts} experts), random init, Engram at blocks "
-         f"{list(cfg.engram.layer_ids)}: {sum(rows_per_layer):,} table rows x "
-         f"{cfg.engram.d_head} = {mb:.0f} MB of tables. On CPU host and device memory are the "
-         "same RAM: this measures the offload code path, not a PCIe link."),
+        (
+            f"Model: preset `{args.preset}` (d={m.d_model}, {m.n_layers} blocks, mHC {m.hc_mult}, "
+            f"{cfg.moe.n_routed_experts} experts), random init, Engram at blocks "
+            f"{list(cfg.engram.layer_ids)}: {sum(rows_per_layer):,} table rows x "
+            f"{cfg.engram.d_head} = {mb:.0f} MB of tables. On CPU host and device memory are the "
+            "same RAM: this measures the offload code path, not a PCIe link."
+        ),
         "",
-        ("| mode | best tokens/s | speed vs resident | median tokens/s | CPU ms/token | "
-         "CPU vs resident |"),
+        (
+            "| mode | best tokens/s | speed vs resident | median tokens/s | CPU ms/token | "
+            "CPU vs resident |"
+        ),
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name, v in speeds.items():
-        lines.append(f"| {name} | {v['best']:.1f} | {100 * (v['best'] / base['best'] - 1):+.1f}% "
-                     f"| {v['median']:.1f} | {v['cpu_ms']:.2f} | "
-                     f"{100 * (v['cpu_ms'] / base['cpu_ms'] - 1):+.1f}% |")
+        lines.append(
+            f"| {name} | {v['best']:.1f} | {100 * (v['best'] / base['best'] - 1):+.1f}% "
+            f"| {v['median']:.1f} | {v['cpu_ms']:.2f} | "
+            f"{100 * (v['cpu_ms'] / base['cpu_ms'] - 1):+.1f}% |"
+        )
     lines += [
         "",
-        (f"Hot-row cache on real text: {info['tokens']:,} tokens of stdlib source (BPE "
-         f"{info['vocab']:,}, {info['compressed']:,} after compression), Engram layer "
-         f"{info['layer']} ({info['heads']} lookups per token into {info['table_rows']:,} rows); "
-         f"hit rates over the last {info['measured']:,} tokens ({info['distinct']:,} distinct "
-         "rows). Static = the most frequent rows of the first half of the stream."),
+        (
+            f"Hot-row cache on real text: {info['tokens']:,} tokens of stdlib source (BPE "
+            f"{info['vocab']:,}, {info['compressed']:,} after compression), Engram layer "
+            f"{info['layer']} ({info['heads']} lookups per token into "
+            f"{info['table_rows']:,} rows); "
+            f"hit rates over the last {info['measured']:,} tokens ({info['distinct']:,} distinct "
+            "rows). Static = the most frequent rows of the first half of the stream."
+        ),
         "",
         "| cache rows | LRU hit rate | rows fetched/token | static hit rate | rows fetched/token |",
         "|---:|---:|---:|---:|---:|",
     ]
     for r in hits:
-        lines.append(f"| {r['capacity']:,} | {100 * r['lru']:.1f}% | {r['lru_fetch']:.2f} | "
-                     f"{100 * r['static']:.1f}% | {r['static_fetch']:.2f} |")
-    lines += ["", (
-        "Reading: the offload target is 'within 10% of resident'; CPU ms/token is the figure to "
-        "judge it by here. On a CPU the hot-row cache can only add work (its bookkeeping runs in "
-        "Python per step, and device and host are the same RAM); on an accelerator it is what "
-        f"cuts the host-to-device rows per token from {info['heads']} per layer to the 'rows "
-        "fetched/token' column. Without the cache every lookup is a host gather."), ""]
+        lines.append(
+            f"| {r['capacity']:,} | {100 * r['lru']:.1f}% | {r['lru_fetch']:.2f} | "
+            f"{100 * r['static']:.1f}% | {r['static_fetch']:.2f} |"
+        )
+    lines += [
+        "",
+        (
+            "Reading: the offload target is 'within 10% of resident'; CPU ms/token is the figure "
+            "to judge it by here. On a CPU the hot-row cache can only add work (its bookkeeping "
+            "runs in Python per step, and device and host are the same RAM); on an accelerator it "
+            "is what "
+            f"cuts the host-to-device rows per token from {info['heads']} per layer to the 'rows "
+            "fetched/token' column. Without the cache every lookup is a host gather."
+        ),
+        "",
+    ]
     return "\n".join(lines)
-
-
 
 
 def main() -> None:
@@ -194,8 +232,7 @@ def main() -> None:
     p.add_argument("--hot-rows", type=int, default=4096)
     p.add_argument("--text-bytes", type=int, default=4_000_000)
     p.add_argument("--stream-tokens", type=int, default=400_000)
-    p.add_argument("--capacities", type=int, nargs="+",
-                   default=[1024, 4096, 16384, 65536, 262144])
+    p.add_argument("--capacities", type=int, nargs="+", default=[1024, 4096, 16384, 65536, 262144])
     p.add_argument("--update", type=Path, help="write the section into this markdown file")
     args = p.parse_args()
 
@@ -208,8 +245,7 @@ def main() -> None:
     speeds = time_decode(make_modes(model, comp, args), prompt.astype(np.int32), args)
     print(speeds, file=sys.stderr)
     hits, info = hit_rates(model, cfg, args)
-    publish(HEADING, markdown(cfg, model, speeds, hits, info, args, command_line()),
-            args.update)
+    publish(HEADING, markdown(cfg, model, speeds, hits, info, args, command_line()), args.update)
 
 
 def build_compression_identity(cfg):

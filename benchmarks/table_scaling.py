@@ -41,8 +41,14 @@ BASE = ["engram.layer_ids=[1]", "engram.n_head_per_ngram=4"]
 
 def outside_bar(n: int, steps: int) -> tuple[float, str]:
     workdir = tempfile.mkdtemp(prefix=f"tscale{n}_", dir="/tmp")
-    sets = [*BASE, f"engram.engram_vocab_size=[{n},{n}]", f"train.steps={steps}",
-            "train.eval_every=0", "train.checkpoint_every=0", "train.log_every=1"]
+    sets = [
+        *BASE,
+        f"engram.engram_vocab_size=[{n},{n}]",
+        f"train.steps={steps}",
+        "train.eval_every=0",
+        "train.checkpoint_every=0",
+        "train.log_every=1",
+    ]
     exe = str(Path(sys.executable).with_name("engram-jax"))
     cmd = [exe, "train", "--preset", "tiny", "--workdir", workdir]
     for s in sets:
@@ -57,8 +63,9 @@ def outside_bar(n: int, steps: int) -> tuple[float, str]:
     times = [r["step_time_s"] for r in recs if "step_time_s" in r]
     shutil.rmtree(workdir, ignore_errors=True)
     med = float(np.median(times))
-    print(f"  N={n}: {len(times)} steps, median step_time_s {med:.4f} (wall {wall:.0f} s)",
-          flush=True)
+    print(
+        f"  N={n}: {len(times)} steps, median step_time_s {med:.4f} (wall {wall:.0f} s)", flush=True
+    )
     return med, shown
 
 
@@ -68,11 +75,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per round and variant")
     ap.add_argument("--no-dense", action="store_true", help="sparse path only")
-    ap.add_argument("--outside-bar", action="store_true",
-                    help="also run `engram-jax train` for the smallest and largest N")
+    ap.add_argument(
+        "--outside-bar",
+        action="store_true",
+        help="also run `engram-jax train` for the smallest and largest N",
+    )
     ap.add_argument("--bar-steps", type=int, default=30)
-    ap.add_argument("--cache-dir", default="/tmp/engram_jax_bench_cache",
-                    help="JAX persistent compilation cache ('' to disable)")
+    ap.add_argument(
+        "--cache-dir",
+        default="/tmp/engram_jax_bench_cache",
+        help="JAX persistent compilation cache ('' to disable)",
+    )
     ap.add_argument("--update", type=Path, help="replace this section of a markdown file")
     args = ap.parse_args()
     enable_compile_cache(args.cache_dir)
@@ -84,11 +97,11 @@ def main() -> None:
         if path == "dense" and args.no_dense:
             continue
         for n in sizes:
-            v = Variant(f"{path} N={n}", "tiny",
-                        [*BASE, f"engram.engram_vocab_size=[{n},{n}]", *extra])
+            v = Variant(
+                f"{path} N={n}", "tiny", [*BASE, f"engram.engram_vocab_size=[{n},{n}]", *extra]
+            )
             v.path, v.n = path, n
-            print(f"compiled {v.name} ({v.table_rows():,} rows) in {v.compile_s:.1f} s",
-                  flush=True)
+            print(f"compiled {v.name} ({v.table_rows():,} rows) in {v.compile_s:.1f} s", flush=True)
             variants.append(v)
     interleave(variants, args.repeats, args.steps)
 
@@ -98,63 +111,89 @@ def main() -> None:
             bar.append((n, *outside_bar(n, args.bar_steps)))
 
     command = command_line()
-    lines = [HEADING, "", f"Command: `{command}`  ", f"Date: {date_utc()}  ",
-             f"Machine: {os.cpu_count()} CPU cores shared with other jobs (load average "
-             f"{load:.1f} at start), jax {jax.__version__}. All variants compiled first, then "
-             f"{args.repeats} interleaved rounds of {args.steps} steps each; medians.", "",
-             "`tiny` with `" + " ".join(f"--set {s}" for s in BASE)
-             + " --set engram.engram_vocab_size=[N,N]`; dense = "
-             "`--set engram.sparse_update=False`.",
-             ""]
+    lines = [
+        HEADING,
+        "",
+        f"Command: `{command}`  ",
+        f"Date: {date_utc()}  ",
+        f"Machine: {os.cpu_count()} CPU cores shared with other jobs (load average "
+        f"{load:.1f} at start), jax {jax.__version__}. All variants compiled first, then "
+        f"{args.repeats} interleaved rounds of {args.steps} steps each; medians.",
+        "",
+        "`tiny` with `"
+        + " ".join(f"--set {s}" for s in BASE)
+        + " --set engram.engram_vocab_size=[N,N]`; dense = "
+        "`--set engram.sparse_update=False`.",
+        "",
+    ]
     paths = sorted({v.path for v in variants}, key=["sparse", "dense"].index)
     head = "| N | table rows |" + "".join(
-        f" {p} wall ms | vs smallest | {p} CPU ms | vs smallest |" for p in paths)
+        f" {p} wall ms | vs smallest | {p} CPU ms | vs smallest |" for p in paths
+    )
     lines += [head, "|---:|---:|" + "---:|---:|---:|---:|" * len(paths)]
     by = {(v.path, v.n): v for v in variants}
     for n in sizes:
         row = f"| {n:,} | {by[(paths[0], n)].table_rows():,} |"
         for p in paths:
             v, v0 = by[(p, n)], by[(p, sizes[0])]
-            row += (f" {v.median * 1e3:.1f} | {v.median / v0.median:.3f} |"
-                    f" {v.cpu_median * 1e3:.1f} | {v.cpu_median / v0.cpu_median:.3f} |")
+            row += (
+                f" {v.median * 1e3:.1f} | {v.median / v0.median:.3f} |"
+                f" {v.cpu_median * 1e3:.1f} | {v.cpu_median / v0.cpu_median:.3f} |"
+            )
         lines.append(row)
-    ratio = lambda p, attr: (getattr(by[(p, sizes[-1])], attr)
-                             / getattr(by[(p, sizes[0])], attr))
-    lines += ["", f"Sparse step(largest)/step(smallest): wall **{ratio('sparse', 'median'):.3f}**,"
-              f" CPU time **{ratio('sparse', 'cpu_median'):.3f}** (goal <= 1.15)."]
+    ratio = lambda p, attr: getattr(by[(p, sizes[-1])], attr) / getattr(by[(p, sizes[0])], attr)
+    lines += [
+        "",
+        f"Sparse step(largest)/step(smallest): wall **{ratio('sparse', 'median'):.3f}**,"
+        f" CPU time **{ratio('sparse', 'cpu_median'):.3f}** (goal <= 1.15).",
+    ]
     if "dense" in paths:
-        lines[-1] += (f" Dense: wall {ratio('dense', 'median'):.3f}, CPU time "
-                      f"{ratio('dense', 'cpu_median'):.3f}.")
-    lines += ["", "Compiled step (XLA): scratch memory besides inputs/outputs, donated bytes, "
-              "and the instructions whose result is table-shaped:", "",
-              "| variant | temp MB | aliased (donated) MB | table-shaped ops |",
-              "|---|---:|---:|---|"]
+        lines[-1] += (
+            f" Dense: wall {ratio('dense', 'median'):.3f}, CPU time "
+            f"{ratio('dense', 'cpu_median'):.3f}."
+        )
+    lines += [
+        "",
+        "Compiled step (XLA): scratch memory besides inputs/outputs, donated bytes, "
+        "and the instructions whose result is table-shaped:",
+        "",
+        "| variant | temp MB | aliased (donated) MB | table-shaped ops |",
+        "|---|---:|---:|---|",
+    ]
     for v in variants:
         ops = ", ".join(f"{k} x{c}" for k, c in sorted(v.table_ops.items())) or "-"
-        lines.append(f"| {v.name} | {v.temp_bytes / 1e6:.1f} | {v.alias_bytes / 1e6:.1f} "
-                     f"| {ops} |")
+        lines.append(f"| {v.name} | {v.temp_bytes / 1e6:.1f} | {v.alias_bytes / 1e6:.1f} | {ops} |")
     if bar:
-        lines += ["", f"Outside-bar command, {args.bar_steps} steps each, median `step_time_s` "
-                  "from `metrics.jsonl` (`W` a fresh /tmp directory):", ""]
+        lines += [
+            "",
+            f"Outside-bar command, {args.bar_steps} steps each, median `step_time_s` "
+            "from `metrics.jsonl` (`W` a fresh /tmp directory):",
+            "",
+        ]
         for _, med, shown in bar:
             lines.append(f"- `{shown}`: {med * 1e3:.1f} ms")
-        lines.append(f"- ratio N={bar[-1][0]:,} / N={bar[0][0]:,}: "
-                     f"**{bar[-1][1] / bar[0][1]:.3f}**")
+        lines.append(
+            f"- ratio N={bar[-1][0]:,} / N={bar[0][0]:,}: **{bar[-1][1] / bar[0][1]:.3f}**"
+        )
     sp = [v for v in variants if v.path == "sparse"]
-    reading = (f"Reading (computed from the figures above): with "
-               f"{sp[-1].table_rows() / sp[0].table_rows():.0f}x the table rows the sparse step "
-               f"takes {ratio('sparse', 'median'):.3f}x the wall time and "
-               f"{ratio('sparse', 'cpu_median'):.3f}x the CPU time (goal <= 1.15: "
-               f"{'met' if ratio('sparse', 'median') <= 1.15 else 'missed'} on wall time). Its "
-               f"scratch memory goes {sp[0].temp_bytes / 1e6:.1f} -> {sp[-1].temp_bytes / 1e6:.1f}"
-               f" MB while the donated (in-place) bytes grow with the tables "
-               f"({sp[0].alias_bytes / 1e6:.1f} -> {sp[-1].alias_bytes / 1e6:.1f} MB).")
+    reading = (
+        f"Reading (computed from the figures above): with "
+        f"{sp[-1].table_rows() / sp[0].table_rows():.0f}x the table rows the sparse step "
+        f"takes {ratio('sparse', 'median'):.3f}x the wall time and "
+        f"{ratio('sparse', 'cpu_median'):.3f}x the CPU time (goal <= 1.15: "
+        f"{'met' if ratio('sparse', 'median') <= 1.15 else 'missed'} on wall time). Its "
+        f"scratch memory goes {sp[0].temp_bytes / 1e6:.1f} -> {sp[-1].temp_bytes / 1e6:.1f}"
+        f" MB while the donated (in-place) bytes grow with the tables "
+        f"({sp[0].alias_bytes / 1e6:.1f} -> {sp[-1].alias_bytes / 1e6:.1f} MB)."
+    )
     if "dense" in paths:
         de = [v for v in variants if v.path == "dense"]
-        reading += (f" The dense path grows {ratio('dense', 'median'):.2f}x in wall time and "
-                    f"{ratio('dense', 'cpu_median'):.2f}x in CPU time, with scratch "
-                    f"{de[0].temp_bytes / 1e6:.1f} -> {de[-1].temp_bytes / 1e6:.1f} MB: a "
-                    "table-sized gradient and Adam over every row.")
+        reading += (
+            f" The dense path grows {ratio('dense', 'median'):.2f}x in wall time and "
+            f"{ratio('dense', 'cpu_median'):.2f}x in CPU time, with scratch "
+            f"{de[0].temp_bytes / 1e6:.1f} -> {de[-1].temp_bytes / 1e6:.1f} MB: a "
+            "table-sized gradient and Adam over every row."
+        )
     lines += ["", reading, ""]
     publish(HEADING, lines, args.update)
 

@@ -44,9 +44,11 @@ from engram_jax.params import count_params
 from engram_jax.presets import get_preset
 
 HEADING = "## Train-step throughput and MFU (CPU)"
-ATTRIBUTION = [("Engram, dense table update", ["engram.sparse_update=False"]),
-               ("Engram, no short conv", ["engram.use_short_conv=False"]),
-               ("Engram, no gate", ["engram.use_gating=False"])]
+ATTRIBUTION = [
+    ("Engram, dense table update", ["engram.sparse_update=False"]),
+    ("Engram, no short conv", ["engram.use_short_conv=False"]),
+    ("Engram, no gate", ["engram.use_gating=False"]),
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,8 +92,11 @@ class Variant:
         graphdef, self.state = T.init_state(cfg, self.mesh, tx)
         self.batch = shd.global_batch_from_local(self.mesh, synthetic_batch(cfg))
         t0 = time.perf_counter()
-        compiled = jax.jit(T.make_train_step(cfg, graphdef, tx, self.mesh),
-                           donate_argnums=0).lower(self.state, self.batch).compile()
+        compiled = (
+            jax.jit(T.make_train_step(cfg, graphdef, tx, self.mesh), donate_argnums=0)
+            .lower(self.state, self.batch)
+            .compile()
+        )
         self.compile_s = time.perf_counter() - t0
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -126,18 +131,21 @@ class Variant:
 
     def table_rows(self) -> int:
         return sum(int(x.shape[0]) for x in self.state["table_mu"].values()) or sum(
-            int(np.prod(v.shape[:1])) for p, v in jax.tree_util.tree_leaves_with_path(
-                self.state["params"]) if "table" in jax.tree_util.keystr(p))
+            int(np.prod(v.shape[:1]))
+            for p, v in jax.tree_util.tree_leaves_with_path(self.state["params"])
+            if "table" in jax.tree_util.keystr(p)
+        )
 
 
 def table_shaped_ops(hlo: str, state: dict) -> dict:
     """Opcodes of the compiled step's instructions whose result is shaped like an Engram table
     (e.g. ``f32[10000384,16]``): in place, only the row scatters (and their fusions) should be;
     a ``copy`` would mean a table-sized copy per step."""
-    shapes = {f"f32[{x.shape[0]},{x.shape[1]}]"
-              for path, x in jax.tree_util.tree_leaves_with_path((state["tables"],
-                                                                   state["params"]))
-              if "table" in jax.tree_util.keystr(path) and getattr(x, "ndim", 0) == 2}
+    shapes = {
+        f"f32[{x.shape[0]},{x.shape[1]}]"
+        for path, x in jax.tree_util.tree_leaves_with_path((state["tables"], state["params"]))
+        if "table" in jax.tree_util.keystr(path) and getattr(x, "ndim", 0) == 2
+    }
     ops: dict = {}
     for line in hlo.splitlines():
         m = re.match(r"\s*(?:ROOT )?%?[\w.-]+ = (f32\[[\d,]+\])\S* ([\w-]+)\(", line)
@@ -150,9 +158,12 @@ def interleave(variants: list[Variant], repeats: int, steps: int, label: str = "
     for r in range(repeats):
         for v in variants:
             v.run(steps)
-            print(f"  {label}rep {r + 1}/{repeats} {v.name}: median of {steps} steps "
-                  f"{np.median(v.times[-steps:]) * 1e3:.1f} ms wall, "
-                  f"{np.median(v.cpu[-steps:]) * 1e3:.1f} ms CPU", flush=True)
+            print(
+                f"  {label}rep {r + 1}/{repeats} {v.name}: median of {steps} steps "
+                f"{np.median(v.times[-steps:]) * 1e3:.1f} ms wall, "
+                f"{np.median(v.cpu[-steps:]) * 1e3:.1f} ms CPU",
+                flush=True,
+            )
 
 
 def matmul_peak(sizes=(1024, 2048), repeats: int = 10) -> tuple[float, dict]:
@@ -167,10 +178,8 @@ def matmul_peak(sizes=(1024, 2048), repeats: int = 10) -> tuple[float, dict]:
             t = time.perf_counter()
             jax.block_until_ready(f(a))
             best = min(best, time.perf_counter() - t)
-        per[n] = 2 * n ** 3 / best
+        per[n] = 2 * n**3 / best
     return max(per.values()), per
-
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,9 +192,9 @@ def model_flops(cfg) -> tuple[float, dict]:
     tokens = cfg.train.batch_size * cfg.train.seq_len
     matmul_params = pc["activated"] - retrieved + m.vocab_size * m.d_model
     attn = 12 * m.n_layers * m.n_heads * m.head_dim * cfg.train.seq_len * tokens
-    return 6 * matmul_params * tokens + attn, dict(activated=pc["activated"],
-                                                   retrieved=retrieved,
-                                                   matmul_params=matmul_params)
+    return 6 * matmul_params * tokens + attn, dict(
+        activated=pc["activated"], retrieved=retrieved, matmul_params=matmul_params
+    )
 
 
 def main() -> None:
@@ -193,13 +202,24 @@ def main() -> None:
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--repeats", type=int, default=7, help="interleaved rounds per variant")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per round")
-    ap.add_argument("--set", dest="sets", action="append", default=[],
-                    help="extra override for both variants (repeatable)")
-    ap.add_argument("--attribution", action="store_true",
-                    help="also time Engram variants without parts (dense table update, no "
-                         "short conv, no gate) to see where Engram's time goes")
-    ap.add_argument("--cache-dir", default="/tmp/engram_jax_bench_cache",
-                    help="JAX persistent compilation cache ('' to disable)")
+    ap.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        help="extra override for both variants (repeatable)",
+    )
+    ap.add_argument(
+        "--attribution",
+        action="store_true",
+        help="also time Engram variants without parts (dense table update, no "
+        "short conv, no gate) to see where Engram's time goes",
+    )
+    ap.add_argument(
+        "--cache-dir",
+        default="/tmp/engram_jax_bench_cache",
+        help="JAX persistent compilation cache ('' to disable)",
+    )
     ap.add_argument("--update", type=Path, help="replace this section of a markdown file")
     args = ap.parse_args()
     enable_compile_cache(args.cache_dir)
@@ -207,8 +227,10 @@ def main() -> None:
 
     print("measuring fp32 matmul peak ...", flush=True)
     peak0, per0 = matmul_peak()
-    variants = [Variant("with Engram", args.preset, args.sets),
-                Variant("without Engram", args.preset, [*args.sets, "engram.layer_ids=[]"])]
+    variants = [
+        Variant("with Engram", args.preset, args.sets),
+        Variant("without Engram", args.preset, [*args.sets, "engram.layer_ids=[]"]),
+    ]
     if args.attribution:
         for name, extra in ATTRIBUTION:
             variants.append(Variant(name, args.preset, [*args.sets, *extra]))
@@ -225,64 +247,96 @@ def main() -> None:
     for v in variants:
         flops, info = model_flops(v.cfg)
         toks = v.cfg.train.batch_size * v.cfg.train.seq_len
-        rows.append((v, flops, info, toks / v.median, flops / v.median / peak,
-                     v.xla_flops / v.median / peak))
+        rows.append(
+            (
+                v,
+                flops,
+                info,
+                toks / v.median,
+                flops / v.median / peak,
+                v.xla_flops / v.median / peak,
+            )
+        )
     ratio = eng.median / base.median
     cpu_ratio = eng.cpu_median / base.cpu_median
     if args.attribution:
-        extra_lines = ["", "Attribution (same run, interleaved): step time of Engram variants "
-                       "relative to the backbone without Engram.", "",
-                       "| variant | wall ms | vs without | CPU ms | vs without |",
-                       "|---|---:|---:|---:|---:|"]
+        extra_lines = [
+            "",
+            "Attribution (same run, interleaved): step time of Engram variants "
+            "relative to the backbone without Engram.",
+            "",
+            "| variant | wall ms | vs without | CPU ms | vs without |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for v in variants:
-            extra_lines.append(f"| {v.name} | {v.median * 1e3:.1f} | "
-                               f"{v.median / base.median:.3f} | {v.cpu_median * 1e3:.1f} | "
-                               f"{v.cpu_median / base.cpu_median:.3f} |")
+            extra_lines.append(
+                f"| {v.name} | {v.median * 1e3:.1f} | "
+                f"{v.median / base.median:.3f} | {v.cpu_median * 1e3:.1f} | "
+                f"{v.cpu_median / base.cpu_median:.3f} |"
+            )
     else:
         extra_lines = []
     command = command_line()
-    lines = [HEADING, "", f"Command: `{command}`  ", f"Date: {date_utc()}  ",
-             f"Machine: {os.cpu_count()} CPU cores shared with other jobs (load average "
-             f"{load:.1f} at start), jax {jax.__version__}. {args.repeats} interleaved rounds of "
-             f"{args.steps} steps per variant; medians of all {args.repeats * args.steps} step "
-             "times. Peak: best fp32 `jax.jit(a @ a)` in this run, "
-             + ", ".join(f"{n}^2: {r / 1e9:.0f} GFLOP/s" for n, r in per.items())
-             + f" -> {peak / 1e9:.0f} GFLOP/s.", "",
-             f"Preset `{args.preset}`{' ' + ' '.join(args.sets) if args.sets else ''}: "
-             f"batch {cfg.train.batch_size} x {cfg.train.seq_len} tokens, d={cfg.model.d_model}, "
-             f"{cfg.model.n_layers} blocks; Engram at {list(cfg.engram.layer_ids)}, "
-             f"{eng.table_rows():,} table rows (sparse row-wise Adam).", "",
-             "| variant | step ms (median) | step CPU s | tokens/s | activated params "
-             "| model GFLOP/step | MFU | XLA GFLOP/step | XLA-FLOP util. |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        HEADING,
+        "",
+        f"Command: `{command}`  ",
+        f"Date: {date_utc()}  ",
+        f"Machine: {os.cpu_count()} CPU cores shared with other jobs (load average "
+        f"{load:.1f} at start), jax {jax.__version__}. {args.repeats} interleaved rounds of "
+        f"{args.steps} steps per variant; medians of all {args.repeats * args.steps} step "
+        "times. Peak: best fp32 `jax.jit(a @ a)` in this run, "
+        + ", ".join(f"{n}^2: {r / 1e9:.0f} GFLOP/s" for n, r in per.items())
+        + f" -> {peak / 1e9:.0f} GFLOP/s.",
+        "",
+        f"Preset `{args.preset}`{' ' + ' '.join(args.sets) if args.sets else ''}: "
+        f"batch {cfg.train.batch_size} x {cfg.train.seq_len} tokens, d={cfg.model.d_model}, "
+        f"{cfg.model.n_layers} blocks; Engram at {list(cfg.engram.layer_ids)}, "
+        f"{eng.table_rows():,} table rows (sparse row-wise Adam).",
+        "",
+        "| variant | step ms (median) | step CPU s | tokens/s | activated params "
+        "| model GFLOP/step | MFU | XLA GFLOP/step | XLA-FLOP util. |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for v, flops, info, tps, mfu, xmfu in rows[:2]:
-        lines.append(f"| {v.name} | {v.median * 1e3:.1f} | {v.cpu_median:.2f} | {tps:,.0f} | "
-                     f"{info['activated']:,} | {flops / 1e9:.3f} | {mfu * 100:.1f}% | "
-                     f"{v.xla_flops / 1e9:.3f} | {xmfu * 100:.1f}% |")
-    lines += ["", f"Step time ratio Engram / no Engram: wall **{ratio:.3f}** "
-              f"({(ratio - 1) * 100:+.1f}%), CPU time **{cpu_ratio:.3f}** "
-              f"({(cpu_ratio - 1) * 100:+.1f}%); goal <= +10%. CPU time (user + system of all "
-              "threads of the process) is the steadier measure on a loaded machine; MFU uses "
-              "wall time.", *extra_lines, "",
-              "Model FLOPs: `6 * (P_act - R + V*d) * B*T + 12 * L * H * Dh * T * B*T`, P_act "
-              "from `count_params` (no embedding/head), R = retrieved Engram row parameters "
-              "(a gather, no FLOPs), V*d the LM head; the attention term counts the full "
-              "T x T products forward and backward. XLA GFLOP is the compiled step's "
-              "`cost_analysis()` (includes optimizer arithmetic, MoE block padding).", ""]
+        lines.append(
+            f"| {v.name} | {v.median * 1e3:.1f} | {v.cpu_median:.2f} | {tps:,.0f} | "
+            f"{info['activated']:,} | {flops / 1e9:.3f} | {mfu * 100:.1f}% | "
+            f"{v.xla_flops / 1e9:.3f} | {xmfu * 100:.1f}% |"
+        )
+    lines += [
+        "",
+        f"Step time ratio Engram / no Engram: wall **{ratio:.3f}** "
+        f"({(ratio - 1) * 100:+.1f}%), CPU time **{cpu_ratio:.3f}** "
+        f"({(cpu_ratio - 1) * 100:+.1f}%); goal <= +10%. CPU time (user + system of all "
+        "threads of the process) is the steadier measure on a loaded machine; MFU uses "
+        "wall time.",
+        *extra_lines,
+        "",
+        "Model FLOPs: `6 * (P_act - R + V*d) * B*T + 12 * L * H * Dh * T * B*T`, P_act "
+        "from `count_params` (no embedding/head), R = retrieved Engram row parameters "
+        "(a gather, no FLOPs), V*d the LM head; the attention term counts the full "
+        "T x T products forward and backward. XLA GFLOP is the compiled step's "
+        "`cost_analysis()` (includes optimizer arithmetic, MoE block padding).",
+        "",
+    ]
     (_, f_eng, _, _, mfu_eng, _), (_, f_base, _, _, mfu_base, _) = rows[:2]
 
     def verdict(r: float) -> str:
         return "met" if r <= 1.10 else "missed"
 
-    reading = (f"Reading (computed from the figures above): Engram adds "
-               f"{(cpu_ratio - 1) * 100:+.1f}% CPU time (goal {verdict(cpu_ratio)}) and "
-               f"{(ratio - 1) * 100:+.1f}% wall time (goal {verdict(ratio)}) per step, for "
-               f"{(f_eng / f_base - 1) * 100:+.1f}% model FLOPs; MFU {mfu_eng * 100:.1f}% with "
-               f"and {mfu_base * 100:.1f}% without. XLA executes "
-               f"{eng.xla_flops / f_eng:.2f}x the model FLOPs (optimizer, MoE block padding).")
+    reading = (
+        f"Reading (computed from the figures above): Engram adds "
+        f"{(cpu_ratio - 1) * 100:+.1f}% CPU time (goal {verdict(cpu_ratio)}) and "
+        f"{(ratio - 1) * 100:+.1f}% wall time (goal {verdict(ratio)}) per step, for "
+        f"{(f_eng / f_base - 1) * 100:+.1f}% model FLOPs; MFU {mfu_eng * 100:.1f}% with "
+        f"and {mfu_base * 100:.1f}% without. XLA executes "
+        f"{eng.xla_flops / f_eng:.2f}x the model FLOPs (optimizer, MoE block padding)."
+    )
     if args.attribution:
-        parts = ", ".join(f"{v.name}: {(v.cpu_median / eng.cpu_median - 1) * 100:+.1f}%"
-                          for v in variants[2:])
+        parts = ", ".join(
+            f"{v.name}: {(v.cpu_median / eng.cpu_median - 1) * 100:+.1f}%" for v in variants[2:]
+        )
         reading += f" CPU time of the Engram variants relative to the full Engram: {parts}."
     lines += [reading, ""]
     publish(HEADING, lines, args.update)

@@ -89,8 +89,7 @@ def unbiased_hsic(k_AxNxN: jax.Array, l_BxNxN: jax.Array) -> jax.Array:
     ksum_AxN, lsum_BxN = jnp.sum(k_AxNxN, axis=-1), jnp.sum(l_BxNxN, axis=-1)
     total_AxB = jnp.sum(ksum_AxN, axis=-1)[:, None] * jnp.sum(lsum_BxN, axis=-1)[None, :]
     cross_AxB = jnp.einsum("an,bn->ab", ksum_AxN, lsum_BxN)
-    return (trace_AxB + total_AxB / ((n - 1) * (n - 2)) - 2.0 * cross_AxB / (n - 2)) / (
-        n * (n - 3))
+    return (trace_AxB + total_AxB / ((n - 1) * (n - 2)) - 2.0 * cross_AxB / (n - 2)) / (n * (n - 3))
 
 
 @jax.jit
@@ -167,8 +166,9 @@ def soft_alignment(cka_AxB: np.ndarray, top_k: int = 5) -> np.ndarray:
 
 def gates(model, tokens_BxT, engram_ids: dict) -> dict:
     """``{layer: alpha [B, T, M]}`` (float32, in (0, 1)) for every Engram layer."""
-    _, _, g = _forward_hidden(model, jnp.asarray(tokens_BxT),
-                              {int(k): jnp.asarray(v) for k, v in engram_ids.items()})
+    _, _, g = _forward_hidden(
+        model, jnp.asarray(tokens_BxT), {int(k): jnp.asarray(v) for k, v in engram_ids.items()}
+    )
     return {int(k): np.asarray(v) for k, v in g.items()}
 
 
@@ -182,8 +182,9 @@ def _loss_sum(model, inputs_BxT, targets_BxT, ids):
 def mean_loss(model, batches) -> float:
     total, n = 0.0, 0
     for b in batches:
-        total += float(_loss_sum(model, jnp.asarray(b["inputs"]), jnp.asarray(b["targets"]),
-                                 _ids(b)))
+        total += float(
+            _loss_sum(model, jnp.asarray(b["inputs"]), jnp.asarray(b["targets"]), _ids(b))
+        )
         n += int(np.asarray(b["targets"]).size)
     return total / max(n, 1)
 
@@ -204,8 +205,12 @@ def engram_sensitivity(model, batches) -> dict:
     share of the per-token likelihood that survives (1: Engram does not matter)."""
     batches = list(batches)
     normal, zeroed = mean_loss(model, batches), mean_loss(without_engram(model), batches)
-    return {"loss": normal, "loss_engram_zeroed": zeroed, "delta": zeroed - normal,
-            "retained": float(np.exp(normal - zeroed))}
+    return {
+        "loss": normal,
+        "loss_engram_zeroed": zeroed,
+        "delta": zeroed - normal,
+        "retained": float(np.exp(normal - zeroed)),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,8 +229,9 @@ def validation_batches(cfg, workdir: str, num_batches: int, *, data: str | None 
     from engram_jax.generate import find_tokenizer
 
     tok = find_tokenizer(workdir, cfg)
-    data_cfg = dataclasses.replace(cfg.data, tokenizer=tok,
-                                   path=cfg.data.path if data is None else data)
+    data_cfg = dataclasses.replace(
+        cfg.data, tokenizer=tok, path=cfg.data.path if data is None else data
+    )
     bundle = build_data(dataclasses.replace(cfg, data=data_cfg), workdir)
     return bundle.val_batches(num_batches), tok
 
@@ -238,6 +244,7 @@ def rehash(batches, cfg, tokenizer_path: str) -> list[dict]:
     if not cfg.engram.enabled:
         return [dict(b, engram_ids={}) for b in batches]
     comp = build_compression(load_tokenizer(tokenizer_path), enabled=cfg.engram.compress_tokenizer)
-    hasher = NgramHasher(cfg.engram, comp.num_compressed, int(comp.lookup[cfg.engram.pad_id]),
-                         out_dtype=np.int32)
+    hasher = NgramHasher(
+        cfg.engram, comp.num_compressed, int(comp.lookup[cfg.engram.pad_id]), out_dtype=np.int32
+    )
     return [dict(b, engram_ids=hasher(comp.lookup[np.asarray(b["inputs"])])) for b in batches]

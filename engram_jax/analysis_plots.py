@@ -31,16 +31,35 @@ def plot_logit_lens(curves: dict, out_png: str) -> None:
     plt.close(fig)
 
 
-def plot_cka(cka_AxB: np.ndarray, alignment_A: np.ndarray, out_png: str, *,
-             label_a: str = "model", label_b: str = "compare") -> None:
+def plot_cka(
+    cka_AxB: np.ndarray,
+    alignment_A: np.ndarray,
+    out_png: str,
+    *,
+    label_a: str = "model",
+    label_b: str = "compare",
+) -> None:
     """CKA heatmap (rows: blocks of ``label_a``) with the soft alignment index overlaid."""
     plt = _pyplot()
     a, b = cka_AxB.shape
     fig, ax = plt.subplots(figsize=(1.2 + 0.45 * b, 1.0 + 0.45 * a))
-    im = ax.imshow(cka_AxB, origin="lower", cmap="viridis", vmin=0.0, vmax=1.0,
-                   extent=(0.5, b + 0.5, 0.5, a + 0.5), aspect="auto")
-    ax.plot(alignment_A, np.arange(1, a + 1), color="red", marker="o", lw=1.5,
-            label="soft alignment (top-5)")
+    im = ax.imshow(
+        cka_AxB,
+        origin="lower",
+        cmap="viridis",
+        vmin=0.0,
+        vmax=1.0,
+        extent=(0.5, b + 0.5, 0.5, a + 0.5),
+        aspect="auto",
+    )
+    ax.plot(
+        alignment_A,
+        np.arange(1, a + 1),
+        color="red",
+        marker="o",
+        lw=1.5,
+        label="soft alignment (top-5)",
+    )
     ax.plot([0.5, min(a, b) + 0.5], [0.5, min(a, b) + 0.5], color="white", ls="--", lw=0.8)
     ax.set_xlabel(f"{label_b} block")
     ax.set_ylabel(f"{label_a} block")

@@ -38,8 +38,9 @@ def rope(x_BxTxNxH: jax.Array, positions_T: jax.Array, theta: float) -> jax.Arra
     return out.astype(x_BxTxNxH.dtype)
 
 
-def attend(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxV: jax.Array, pos_T: jax.Array,
-           scale: float) -> jax.Array:
+def attend(
+    q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxV: jax.Array, pos_T: jax.Array, scale: float
+) -> jax.Array:
     """Softmax(q k^T * scale, masked) v with K <= N kv heads; scores and softmax in float32.
 
     Query t sits at absolute position ``pos_T[t]`` and sees key slot s when ``s <= pos_T[t]``:
@@ -49,11 +50,12 @@ def attend(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxV: jax.Array, pos
     b, t, n, h = q_BxTxNxH.shape
     k_heads, s = k_BxSxKxH.shape[2], k_BxSxKxH.shape[1]
     q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k_heads, n // k_heads, h)
-    s_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH,
-                             preferred_element_type=jnp.float32) * scale
+    s_BxKxGxTxS = (
+        jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32)
+        * scale
+    )
     visible_TxS = jnp.arange(s)[None, :] <= pos_T[:, None]
-    s_BxKxGxTxS = jnp.where(visible_TxS[None, None, None], s_BxKxGxTxS,
-                            jnp.finfo(jnp.float32).min)
+    s_BxKxGxTxS = jnp.where(visible_TxS[None, None, None], s_BxKxGxTxS, jnp.finfo(jnp.float32).min)
     p_BxKxGxTxS = jax.nn.softmax(s_BxKxGxTxS, axis=-1).astype(v_BxSxKxV.dtype)
     o_BxTxKxGxV = jnp.einsum("bkgts,bskv->btkgv", p_BxKxGxTxS, v_BxSxKxV)
     return o_BxTxKxGxV.reshape(b, t, n, v_BxSxKxV.shape[-1])
@@ -108,7 +110,7 @@ class GQAttention(_Attention):
         q_BxTxNxH = rope(self.wq(x_BxTxD).reshape(b, t, n, h), pos_T, self.theta)
         k_BxTxKxH = rope(self.wk(x_BxTxD).reshape(b, t, k, h), pos_T, self.theta)
         v_BxTxKxH = self.wv(x_BxTxD).reshape(b, t, k, h)
-        return q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, h ** -0.5
+        return q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, h**-0.5
 
     def cache_shapes(self, batch: int, max_len: int) -> tuple[tuple, tuple]:
         shape = (batch, max_len, self.n_kv_heads, self.head_dim)
@@ -124,8 +126,10 @@ class MLAttention(_Attention):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         if cfg.qk_rope_head_dim % 2:
-            raise ValueError(f"ModelConfig.qk_rope_head_dim={cfg.qk_rope_head_dim} is invalid: "
-                             "must be even (RoPE) for attention='mla'")
+            raise ValueError(
+                f"ModelConfig.qk_rope_head_dim={cfg.qk_rope_head_dim} is invalid: "
+                "must be even (RoPE) for attention='mla'"
+            )
         d, n, h, r = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.qk_rope_head_dim
         qr, lr = cfg.q_lora_rank, cfg.kv_lora_rank
         dt = jnp.dtype(cfg.dtype)
@@ -135,15 +139,18 @@ class MLAttention(_Attention):
         if qr > 0:
             self.wq_a = Linear(d, qr, use_bias=False, axes=("embed", None), dtype=dt, rngs=rngs)
             self.q_norm = RMSNorm(qr, cfg.norm_eps, axes=(None,))
-            self.wq_b = Linear(qr, n * (h + r), use_bias=False, axes=(None, "heads"), dtype=dt,
-                               rngs=rngs)
+            self.wq_b = Linear(
+                qr, n * (h + r), use_bias=False, axes=(None, "heads"), dtype=dt, rngs=rngs
+            )
         else:
-            self.wq = Linear(d, n * (h + r), use_bias=False, axes=("embed", "heads"), dtype=dt,
-                             rngs=rngs)
+            self.wq = Linear(
+                d, n * (h + r), use_bias=False, axes=("embed", "heads"), dtype=dt, rngs=rngs
+            )
         self.wkv_a = Linear(d, lr + r, use_bias=False, axes=("embed", None), dtype=dt, rngs=rngs)
         self.kv_norm = RMSNorm(lr, cfg.norm_eps, axes=(None,))
-        self.wkv_b = Linear(lr, n * 2 * h, use_bias=False, axes=(None, "heads"), dtype=dt,
-                            rngs=rngs)
+        self.wkv_b = Linear(
+            lr, n * 2 * h, use_bias=False, axes=(None, "heads"), dtype=dt, rngs=rngs
+        )
         self.wo = Linear(n * h, d, use_bias=False, axes=("heads", "embed"), dtype=dt, rngs=rngs)
 
     def project(self, x_BxTxD: jax.Array, pos_T: jax.Array):
@@ -153,15 +160,17 @@ class MLAttention(_Attention):
         q = self.wq_b(self.q_norm(self.wq_a(x_BxTxD))) if self.q_lora else self.wq(x_BxTxD)
         q_BxTxNx_ = q.reshape(b, t, n, h + r)
         q_BxTxNx_ = jnp.concatenate(
-            [q_BxTxNx_[..., :h], rope(q_BxTxNx_[..., h:], pos_T, self.theta)], axis=-1)
+            [q_BxTxNx_[..., :h], rope(q_BxTxNx_[..., h:], pos_T, self.theta)], axis=-1
+        )
         # 2. compressed latent c_kv (L) and the shared RoPE key (R)
         kv_a = self.wkv_a(x_BxTxD)
-        c_BxTxL, k_rope_BxTx1xR = kv_a[..., :self.kv_rank], kv_a[..., None, self.kv_rank:]
+        c_BxTxL, k_rope_BxTx1xR = kv_a[..., : self.kv_rank], kv_a[..., None, self.kv_rank :]
         k_rope_BxTx1xR = rope(k_rope_BxTx1xR, pos_T, self.theta)
         # 3. per-head keys (no-RoPE part) and values from the latent
         kv_BxTxNx2H = self.wkv_b(self.kv_norm(c_BxTxL)).reshape(b, t, n, 2 * h)
         k_BxTxNx_ = jnp.concatenate(
-            [kv_BxTxNx2H[..., :h], jnp.broadcast_to(k_rope_BxTx1xR, (b, t, n, r))], axis=-1)
+            [kv_BxTxNx2H[..., :h], jnp.broadcast_to(k_rope_BxTx1xR, (b, t, n, r))], axis=-1
+        )
         return q_BxTxNx_, k_BxTxNx_, kv_BxTxNx2H[..., h:], (h + r) ** -0.5
 
     def cache_shapes(self, batch: int, max_len: int) -> tuple[tuple, tuple]:

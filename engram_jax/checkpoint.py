@@ -34,11 +34,22 @@ import orbax.checkpoint as ocp
 
 # Config keys that may differ between a run and its resumption: the run's length and lr decay
 # boundaries (extending a run), logging/eval/checkpoint cadence, input workers, the mesh.
-RESUMABLE_KEYS = {"train.steps", "optim.decay_steps", "train.log_every", "train.eval_every",
-                  "train.eval_batches",
-                  "train.checkpoint_every", "train.keep_checkpoints", "data.prefetch",
-                  "data.worker_count", "mesh.data", "mesh.fsdp", "mesh.expert", "mesh.tensor",
-                  "name"}
+RESUMABLE_KEYS = {
+    "train.steps",
+    "optim.decay_steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "data.prefetch",
+    "data.worker_count",
+    "mesh.data",
+    "mesh.fsdp",
+    "mesh.expert",
+    "mesh.tensor",
+    "name",
+}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -62,9 +73,11 @@ def config_mismatch(saved: dict, current: dict) -> list[str]:
 def _item_handlers() -> dict:
     import grain
 
-    return {"state": ocp.PyTreeCheckpointHandler(use_compression=False),
-            "config": ocp.JsonCheckpointHandler(),
-            "data": grain.checkpoint.CheckpointHandler()}
+    return {
+        "state": ocp.PyTreeCheckpointHandler(use_compression=False),
+        "config": ocp.JsonCheckpointHandler(),
+        "data": grain.checkpoint.CheckpointHandler(),
+    }
 
 
 class Checkpointer:
@@ -73,9 +86,11 @@ class Checkpointer:
     def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_handlers=_item_handlers())
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_handlers=_item_handlers()
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -86,8 +101,7 @@ class Checkpointer:
     def save(self, step: int, state: Any, data_iter: Any | None, config_dict: dict) -> bool:
         import grain
 
-        items = dict(state=ocp.args.PyTreeSave(state),
-                     config=ocp.args.JsonSave(config_dict))
+        items = dict(state=ocp.args.PyTreeSave(state), config=ocp.args.JsonSave(config_dict))
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -95,8 +109,12 @@ class Checkpointer:
     def data_state_path(self, step: int) -> str:
         """This process's Grain iterator state in checkpoint ``step``: Grain writes one file per
         process, ``process_<i>-of-<n>.json``, so it exists only for the same process count."""
-        return os.path.join(self.directory, str(step), "data",
-                            f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+        return os.path.join(
+            self.directory,
+            str(step),
+            "data",
+            f"process_{jax.process_index()}-of-{jax.process_count()}.json",
+        )
 
     def has_data_state(self, step: int) -> bool:
         return os.path.exists(self.data_state_path(step))
@@ -125,4 +143,5 @@ def abstract_like(tree: Any) -> Any:
     """ShapeDtypeStructs (with shardings) of a pytree of arrays: a restore target."""
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-        tree)
+        tree,
+    )

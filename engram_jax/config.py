@@ -78,12 +78,18 @@ class EngramConfig:
         object.__setattr__(self, "engram_vocab_size", tuple(self.engram_vocab_size))
         object.__setattr__(self, "layer_ids", tuple(self.layer_ids))
         _pos_int(self, "max_ngram_size")
-        _check(self.max_ngram_size >= 2, "EngramConfig.max_ngram_size", "an integer >= 2",
-               self.max_ngram_size)
+        _check(
+            self.max_ngram_size >= 2,
+            "EngramConfig.max_ngram_size",
+            "an integer >= 2",
+            self.max_ngram_size,
+        )
         _check(
             len(self.engram_vocab_size) == self.max_ngram_size - 1
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 2
-                    for v in self.engram_vocab_size),
+            and all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 2
+                for v in self.engram_vocab_size
+            ),
             "EngramConfig.engram_vocab_size",
             f"a list of {self.max_ngram_size - 1} integers >= 2 (one per order 2..max_ngram_size)",
             self.engram_vocab_size,
@@ -103,14 +109,28 @@ class EngramConfig:
             "a list of distinct 0-based block indices",
             self.layer_ids,
         )
-        _check(isinstance(self.seed, int) and self.seed >= 0, "EngramConfig.seed",
-               "an integer >= 0", self.seed)
+        _check(
+            isinstance(self.seed, int) and self.seed >= 0,
+            "EngramConfig.seed",
+            "an integer >= 0",
+            self.seed,
+        )
         _check(isinstance(self.pad_id, int), "EngramConfig.pad_id", "an integer", self.pad_id)
         _check(self.norm_eps > 0, "EngramConfig.norm_eps", "> 0", self.norm_eps)
-        _check(self.table_lr_multiplier > 0, "EngramConfig.table_lr_multiplier", "> 0",
-               self.table_lr_multiplier)
-        _bools(self, "use_gating", "use_short_conv", "multi_branch", "compress_tokenizer",
-               "sparse_update")
+        _check(
+            self.table_lr_multiplier > 0,
+            "EngramConfig.table_lr_multiplier",
+            "> 0",
+            self.table_lr_multiplier,
+        )
+        _bools(
+            self,
+            "use_gating",
+            "use_short_conv",
+            "multi_branch",
+            "compress_tokenizer",
+            "sparse_update",
+        )
 
     @property
     def enabled(self) -> bool:
@@ -157,17 +177,21 @@ class MoEConfig:
         _pos_int(self, "n_routed_experts")
         _pos_int(self, "n_shared_experts", allow_zero=True)
         _pos_int(self, "top_k")
-        _check(self.top_k <= self.n_routed_experts, "MoEConfig.top_k",
-               f"<= n_routed_experts={self.n_routed_experts}", self.top_k)
+        _check(
+            self.top_k <= self.n_routed_experts,
+            "MoEConfig.top_k",
+            f"<= n_routed_experts={self.n_routed_experts}",
+            self.top_k,
+        )
         _pos_int(self, "expert_hidden")
         _choice(self, "score_func", ("sigmoid", "softmax"))
         _check(self.route_scale > 0, "MoEConfig.route_scale", "> 0", self.route_scale)
-        _check(self.bias_update_rate >= 0, "MoEConfig.bias_update_rate", ">= 0",
-               self.bias_update_rate)
+        _check(
+            self.bias_update_rate >= 0, "MoEConfig.bias_update_rate", ">= 0", self.bias_update_rate
+        )
         _bools(self, "norm_topk_prob")
         _choice(self, "dispatch", ("ragged", "blocked", "capacity"))
-        _check(self.capacity_factor > 0, "MoEConfig.capacity_factor", "> 0",
-               self.capacity_factor)
+        _check(self.capacity_factor > 0, "MoEConfig.capacity_factor", "> 0", self.capacity_factor)
 
 
 @dataclass(frozen=True)
@@ -202,17 +226,35 @@ class ModelConfig:
     remat: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                     "dense_hidden", "hc_mult", "max_seq_len", "kv_lora_rank",
-                     "qk_rope_head_dim"):
+        for name in (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "head_dim",
+            "dense_hidden",
+            "hc_mult",
+            "max_seq_len",
+            "kv_lora_rank",
+            "qk_rope_head_dim",
+        ):
             _pos_int(self, name)
         _pos_int(self, "q_lora_rank", allow_zero=True)
         _pos_int(self, "sinkhorn_iters", allow_zero=True)
         _pos_int(self, "n_dense_layers", allow_zero=True)
-        _check(self.n_dense_layers <= self.n_layers, "ModelConfig.n_dense_layers",
-               f"<= n_layers={self.n_layers}", self.n_dense_layers)
-        _check(self.n_heads % self.n_kv_heads == 0, "ModelConfig.n_kv_heads",
-               f"a divisor of n_heads={self.n_heads}", self.n_kv_heads)
+        _check(
+            self.n_dense_layers <= self.n_layers,
+            "ModelConfig.n_dense_layers",
+            f"<= n_layers={self.n_layers}",
+            self.n_dense_layers,
+        )
+        _check(
+            self.n_heads % self.n_kv_heads == 0,
+            "ModelConfig.n_kv_heads",
+            f"a divisor of n_heads={self.n_heads}",
+            self.n_kv_heads,
+        )
         _choice(self, "attention", ("gqa", "mla"))
         _check(self.head_dim % 2 == 0, "ModelConfig.head_dim", "even (RoPE)", self.head_dim)
         _check(self.rope_theta > 0, "ModelConfig.rope_theta", "> 0", self.rope_theta)
@@ -242,8 +284,12 @@ class OptimConfig:
         for name in ("lr", "muon_lr", "decay_factor", "eps"):
             _check(getattr(self, name) > 0, f"OptimConfig.{name}", "> 0", getattr(self, name))
         _pos_int(self, "warmup_steps", allow_zero=True)
-        _check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "OptimConfig.b1/b2", "in [0, 1)",
-               (self.b1, self.b2))
+        _check(
+            0 <= self.b1 < 1 and 0 <= self.b2 < 1,
+            "OptimConfig.b1/b2",
+            "in [0, 1)",
+            (self.b1, self.b2),
+        )
         _check(self.weight_decay >= 0, "OptimConfig.weight_decay", ">= 0", self.weight_decay)
         _check(self.grad_clip >= 0, "OptimConfig.grad_clip", ">= 0 (0 disables)", self.grad_clip)
         _bools(self, "use_muon")
@@ -264,8 +310,7 @@ class DataConfig:
     worker_count: int = 0  # Grain multiprocessing workers (0: in-process)
 
     def __post_init__(self) -> None:
-        _check(0 < self.val_fraction < 1, "DataConfig.val_fraction", "in (0, 1)",
-               self.val_fraction)
+        _check(0 < self.val_fraction < 1, "DataConfig.val_fraction", "in (0, 1)", self.val_fraction)
         _choice(self, "tokenizer_type", ("bpe", "unigram"))
         for name in ("max_files", "max_bytes", "prefetch", "worker_count"):
             _pos_int(self, name, allow_zero=True)
@@ -284,8 +329,14 @@ class TrainConfig:
     keep_checkpoints: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "log_every", "eval_batches",
-                     "keep_checkpoints"):
+        for name in (
+            "steps",
+            "batch_size",
+            "seq_len",
+            "log_every",
+            "eval_batches",
+            "keep_checkpoints",
+        ):
             _pos_int(self, name)
         for name in ("seed", "eval_every", "checkpoint_every"):
             _pos_int(self, name, allow_zero=True)
@@ -302,9 +353,12 @@ class MeshConfig:
 
     def __post_init__(self) -> None:
         sizes = (self.data, self.fsdp, self.expert, self.tensor)
-        _check(all(isinstance(s, int) and (s >= 1 or s == -1) for s in sizes)
-               and sizes.count(-1) <= 1, "MeshConfig", "positive sizes with at most one -1",
-               sizes)
+        _check(
+            all(isinstance(s, int) and (s >= 1 or s == -1) for s in sizes) and sizes.count(-1) <= 1,
+            "MeshConfig",
+            "positive sizes with at most one -1",
+            sizes,
+        )
 
 
 @dataclass(frozen=True)
@@ -320,10 +374,18 @@ class Config:
 
     def __post_init__(self) -> None:
         bad = [i for i in self.engram.layer_ids if i >= self.model.n_layers]
-        _check(not bad, "engram.layer_ids", f"block indices < model.n_layers={self.model.n_layers}",
-               self.engram.layer_ids)
-        _check(self.train.seq_len <= self.model.max_seq_len, "train.seq_len",
-               f"<= model.max_seq_len={self.model.max_seq_len}", self.train.seq_len)
+        _check(
+            not bad,
+            "engram.layer_ids",
+            f"block indices < model.n_layers={self.model.n_layers}",
+            self.engram.layer_ids,
+        )
+        _check(
+            self.train.seq_len <= self.model.max_seq_len,
+            "train.seq_len",
+            f"<= model.max_seq_len={self.model.max_seq_len}",
+            self.train.seq_len,
+        )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

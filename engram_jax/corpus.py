@@ -98,11 +98,21 @@ def write_manifest(path: Path, root: Path, files: list[Path]) -> dict:
     entries = []
     for f in files:
         data = _read_bytes(f)
-        entries.append({"path": f.relative_to(root).as_posix(), "bytes": len(data),
-                        "sha256": hashlib.sha256(data).hexdigest()})
+        entries.append(
+            {
+                "path": f.relative_to(root).as_posix(),
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+        )
     digest = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
-    manifest = {"root": str(root), "python": sys.version.split()[0], "files": entries,
-                "total_bytes": sum(e["bytes"] for e in entries), "sha256": digest}
+    manifest = {
+        "root": str(root),
+        "python": sys.version.split()[0],
+        "files": entries,
+        "total_bytes": sum(e["bytes"] for e in entries),
+        "sha256": digest,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
@@ -121,8 +131,9 @@ def _jsonl_documents(path: Path, key: str, field: str, stats: SourceStats) -> It
             raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
         if not isinstance(record, dict) or field not in record:
             fields = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise ValueError(f"{path}:{lineno}: no text field {field!r} (found {fields}); "
-                             "set data.text_field")
+            raise ValueError(
+                f"{path}:{lineno}: no text field {field!r} (found {fields}); set data.text_field"
+            )
         text = record[field]
         if not isinstance(text, str):
             raise ValueError(f"{path}:{lineno}: field {field!r} is not a string")  # noqa: TRY004
@@ -133,8 +144,9 @@ def _jsonl_documents(path: Path, key: str, field: str, stats: SourceStats) -> It
         yield Document(f"{key}:{lineno}", text, bad)
 
 
-def _file_documents(path: Path, key: str, cfg: DataConfig, stats: SourceStats,
-                    *, split_blocks: bool) -> Iterator[Document]:
+def _file_documents(
+    path: Path, key: str, cfg: DataConfig, stats: SourceStats, *, split_blocks: bool
+) -> Iterator[Document]:
     if path.suffix == ".jsonl":
         yield from _jsonl_documents(path, key, cfg.text_field, stats)
         return
@@ -151,8 +163,9 @@ def _file_documents(path: Path, key: str, cfg: DataConfig, stats: SourceStats,
         yield Document(f"{key}#{i}", block + "\n", bad and "\ufffd" in block)
 
 
-def iter_documents(cfg: DataConfig, files: list[Path] | None = None,
-                   root: Path | None = None) -> tuple[list[Document], SourceStats]:
+def iter_documents(
+    cfg: DataConfig, files: list[Path] | None = None, root: Path | None = None
+) -> tuple[list[Document], SourceStats]:
     """All non-empty documents of the configured source, in deterministic order, with stats.
 
     ``files``/``root``: the default-corpus file list (from :func:`default_corpus_files`).
@@ -173,8 +186,9 @@ def iter_documents(cfg: DataConfig, files: list[Path] | None = None,
         stats.files += 1
         stats.bytes += f.stat().st_size
         file_bad = False
-        for doc in _file_documents(f, f.relative_to(root).as_posix(), cfg, stats,
-                                   split_blocks=split):
+        for doc in _file_documents(
+            f, f.relative_to(root).as_posix(), cfg, stats, split_blocks=split
+        ):
             file_bad |= doc.non_utf8
             if not doc.text.strip():
                 stats.empty_documents += 1
@@ -184,8 +198,10 @@ def iter_documents(cfg: DataConfig, files: list[Path] | None = None,
         stats.non_utf8_files += file_bad
     stats.documents = len(docs)
     if not docs:
-        raise ValueError(f"no non-empty documents in {cfg.path or root} "
-                         f"({stats.files} files, {stats.skipped_binary_files} binary)")
+        raise ValueError(
+            f"no non-empty documents in {cfg.path or root} "
+            f"({stats.files} files, {stats.skipped_binary_files} binary)"
+        )
     return docs, stats
 
 
@@ -193,8 +209,10 @@ def _unit_hash(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2.0**64
 
 
-def split_documents(docs: list[Document], val_fraction: float,
-                    ) -> tuple[list[Document], list[Document]]:
+def split_documents(
+    docs: list[Document],
+    val_fraction: float,
+) -> tuple[list[Document], list[Document]]:
     """Deterministic train/validation split by document key; both sides non-empty."""
     if len(docs) < 2:
         raise ValueError(f"need at least 2 documents to split train/validation, got {len(docs)}")

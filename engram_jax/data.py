@@ -76,19 +76,28 @@ class _Windows:
 class _MakeBatch:
     """Global window ids ``[B]`` -> this process's batch dict (a Grain map, picklable)."""
 
-    def __init__(self, windows: _Windows, lookup: np.ndarray, hasher: NgramHasher | None,
-                 process_index: int, local_batch: int):
+    def __init__(
+        self,
+        windows: _Windows,
+        lookup: np.ndarray,
+        hasher: NgramHasher | None,
+        process_index: int,
+        local_batch: int,
+    ):
         self.windows, self.lookup, self.hasher = windows, lookup, hasher
         self.lo, self.hi = process_index * local_batch, (process_index + 1) * local_batch
 
     def __call__(self, window_ids: np.ndarray) -> dict:
-        tokens_bxt1 = self.windows.gather(np.asarray(window_ids)[self.lo:self.hi])
+        tokens_bxt1 = self.windows.gather(np.asarray(window_ids)[self.lo : self.hi])
         inputs_bxt = np.ascontiguousarray(tokens_bxt1[:, :-1])
         engram_ids = {}
         if self.hasher is not None:
             engram_ids = self.hasher(self.lookup[inputs_bxt])
-        return {"inputs": inputs_bxt, "targets": np.ascontiguousarray(tokens_bxt1[:, 1:]),
-                "engram_ids": engram_ids}
+        return {
+            "inputs": inputs_bxt,
+            "targets": np.ascontiguousarray(tokens_bxt1[:, 1:]),
+            "engram_ids": engram_ids,
+        }
 
 
 @dataclass
@@ -109,21 +118,27 @@ class DataBundle:
 
     def train_iter(self) -> grain.DatasetIterator:
         """A checkpointable iterator (``get_state``/``set_state``) over training batches."""
-        read = grain.ReadOptions(num_threads=min(self.prefetch, 2),
-                                 prefetch_buffer_size=self.prefetch)
+        read = grain.ReadOptions(
+            num_threads=min(self.prefetch, 2), prefetch_buffer_size=self.prefetch
+        )
         ds = self.train_dataset.to_iter_dataset(read)
         if self.worker_count:
             _mark_absl_flags_parsed()
-            ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-                num_workers=self.worker_count, per_worker_buffer_size=max(1, self.prefetch)))
+            ds = ds.mp_prefetch(
+                grain.MultiprocessingOptions(
+                    num_workers=self.worker_count, per_worker_buffer_size=max(1, self.prefetch)
+                )
+            )
             ds = ds.map(_copy_batch)  # workers hand out shared memory: own the arrays
         return iter(ds)
 
     def val_batches(self, num_batches: int) -> list[dict]:
         """Fixed validation batches: windows in order, wrapping around a short split."""
         ids = np.arange(num_batches * self._global_batch) % self._val_windows
-        return [self._val(ids[i * self._global_batch:(i + 1) * self._global_batch])
-                for i in range(num_batches)]
+        return [
+            self._val(ids[i * self._global_batch : (i + 1) * self._global_batch])
+            for i in range(num_batches)
+        ]
 
 
 def _copy_batch(batch: dict) -> dict:
@@ -149,8 +164,9 @@ def checkpoint_restore(it: grain.DatasetIterator):
     return grain.checkpoint.CheckpointRestore(it)
 
 
-def _tokenizer_for(cfg: Config, train_docs, data_dir: Path) -> tuple[spm.SentencePieceProcessor,
-                                                                   Path, bool]:
+def _tokenizer_for(
+    cfg: Config, train_docs, data_dir: Path
+) -> tuple[spm.SentencePieceProcessor, Path, bool]:
     vocab = cfg.model.vocab_size
     if cfg.data.tokenizer:
         path = Path(cfg.data.tokenizer).expanduser()
@@ -161,12 +177,18 @@ def _tokenizer_for(cfg: Config, train_docs, data_dir: Path) -> tuple[spm.Sentenc
         if path.is_file():
             sp, trained = load_tokenizer(path), False
         else:
-            sp = train_tokenizer((d.text for d in train_docs), path, vocab_size=vocab,
-                                 model_type=cfg.data.tokenizer_type)
+            sp = train_tokenizer(
+                (d.text for d in train_docs),
+                path,
+                vocab_size=vocab,
+                model_type=cfg.data.tokenizer_type,
+            )
             trained = True
     if sp.get_piece_size() != vocab:
-        raise ValueError(f"tokenizer {path} has vocab size {sp.get_piece_size()} but "
-                         f"model.vocab_size={vocab}; they must match")
+        raise ValueError(
+            f"tokenizer {path} has vocab size {sp.get_piece_size()} but "
+            f"model.vocab_size={vocab}; they must match"
+        )
     return sp, path, trained
 
 
@@ -196,18 +218,20 @@ def _encode_split(sp: spm.SentencePieceProcessor, docs, path: Path, line_mode: b
     """Tokenize documents (each followed by EOS) into one int32 ``.npy`` stream at ``path``."""
     parts, nl, threads = [], sp.piece_to_id("\n"), os.cpu_count() or 1
     for i in range(0, len(docs), _ENCODE_CHUNK_DOCS):
-        texts = [d.text for d in docs[i:i + _ENCODE_CHUNK_DOCS]]
+        texts = [d.text for d in docs[i : i + _ENCODE_CHUNK_DOCS]]
         if line_mode:
             lines = [t.split("\n") for t in texts]
             flat = sp.encode([line for doc in lines for line in doc], num_threads=threads)
             pos = 0
             for doc in lines:
-                ids = _join_lines(flat[pos:pos + len(doc)], nl, EOS_ID)
+                ids = _join_lines(flat[pos : pos + len(doc)], nl, EOS_ID)
                 pos += len(doc)
                 parts.append(np.asarray(ids, np.int32))
         else:
-            parts += [np.asarray(ids + [EOS_ID], np.int32)
-                      for ids in sp.encode(texts, num_threads=threads)]
+            parts += [
+                np.asarray(ids + [EOS_ID], np.int32)
+                for ids in sp.encode(texts, num_threads=threads)
+            ]
     tokens = np.concatenate(parts)
     tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npy")
     np.save(tmp, tokens)
@@ -231,15 +255,17 @@ def _token_streams(sp, tok_path: Path, splits: dict, data_dir: Path, seq_len: in
     return windows, n_tokens
 
 
-def build_data(cfg: Config, workdir: str | os.PathLike, *, process_index: int = 0,
-               process_count: int = 1) -> DataBundle:
+def build_data(
+    cfg: Config, workdir: str | os.PathLike, *, process_index: int = 0, process_count: int = 1
+) -> DataBundle:
     """Read, split, tokenize and pack the corpus; return the Grain pipeline and its stats."""
     batch, seq_len = cfg.train.batch_size, cfg.train.seq_len
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
     if batch % process_count:
-        raise ValueError(f"train.batch_size={batch} must be divisible by the process count "
-                         f"{process_count}")
+        raise ValueError(
+            f"train.batch_size={batch} must be divisible by the process count {process_count}"
+        )
     data_dir = Path(workdir) / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     source: dict = {"path": cfg.data.path or "<python stdlib>"}
@@ -248,53 +274,82 @@ def build_data(cfg: Config, workdir: str | os.PathLike, *, process_index: int = 
     else:
         root, files = corpus.default_corpus_files(cfg.data.max_files, cfg.data.max_bytes)
         manifest = corpus.write_manifest(data_dir / "corpus_manifest.json", root, files)
-        source.update(root=str(root), manifest=str(data_dir / "corpus_manifest.json"),
-                      manifest_sha256=manifest["sha256"])
+        source.update(
+            root=str(root),
+            manifest=str(data_dir / "corpus_manifest.json"),
+            manifest_sha256=manifest["sha256"],
+        )
         docs, src_stats = corpus.iter_documents(cfg.data, files, root)
     train_docs, val_docs = corpus.split_documents(docs, cfg.data.val_fraction)
 
     sp, tok_path, trained = _tokenizer_for(cfg, train_docs, data_dir)
     compression = build_compression(sp, enabled=cfg.engram.compress_tokenizer)
     if not 0 <= cfg.engram.pad_id < compression.vocab_size:
-        raise ValueError(f"engram.pad_id={cfg.engram.pad_id} is not a token id of the "
-                         f"{compression.vocab_size}-token tokenizer")
+        raise ValueError(
+            f"engram.pad_id={cfg.engram.pad_id} is not a token id of the "
+            f"{compression.vocab_size}-token tokenizer"
+        )
     hasher = None
     if cfg.engram.enabled:
-        hasher = NgramHasher(cfg.engram, compression.num_compressed,
-                             pad_id=int(compression.lookup[cfg.engram.pad_id]),
-                             out_dtype=np.int32)
+        hasher = NgramHasher(
+            cfg.engram,
+            compression.num_compressed,
+            pad_id=int(compression.lookup[cfg.engram.pad_id]),
+            out_dtype=np.int32,
+        )
 
-    windows, n_tokens = _token_streams(sp, tok_path, {"train": train_docs, "val": val_docs},
-                                       data_dir, seq_len)
+    windows, n_tokens = _token_streams(
+        sp, tok_path, {"train": train_docs, "val": val_docs}, data_dir, seq_len
+    )
     train_w, val_w = windows["train"], windows["val"]
     for name, label, w in (("train", "training", train_w), ("val", "validation", val_w)):
         if w.num_windows == 0:
-            raise ValueError(f"the {label} split has {n_tokens[name]} tokens, fewer than "
-                             f"train.seq_len+1={seq_len + 1}; use more data or a shorter "
-                             "seq_len")
+            raise ValueError(
+                f"the {label} split has {n_tokens[name]} tokens, fewer than "
+                f"train.seq_len+1={seq_len + 1}; use more data or a shorter "
+                "seq_len"
+            )
 
     local = batch // process_count
     make_train = _MakeBatch(train_w, compression.lookup, hasher, process_index, local)
-    train_ds = (grain.MapDataset.range(train_w.num_windows)
-                .shuffle(seed=cfg.train.seed % 2**32)
-                .repeat()
-                .batch(batch, drop_remainder=True)
-                .map(make_train))
+    train_ds = (
+        grain.MapDataset.range(train_w.num_windows)
+        .shuffle(seed=cfg.train.seed % 2**32)
+        .repeat()
+        .batch(batch, drop_remainder=True)
+        .map(make_train)
+    )
     stats = {
-        **source, **asdict(src_stats),
-        "train_documents": len(train_docs), "val_documents": len(val_docs),
-        "train_tokens": n_tokens["train"], "val_tokens": n_tokens["val"],
-        "train_tokens_file": str(train_w.path), "val_tokens_file": str(val_w.path),
-        "train_windows": train_w.num_windows, "val_windows": val_w.num_windows,
+        **source,
+        **asdict(src_stats),
+        "train_documents": len(train_docs),
+        "val_documents": len(val_docs),
+        "train_tokens": n_tokens["train"],
+        "val_tokens": n_tokens["val"],
+        "train_tokens_file": str(train_w.path),
+        "val_tokens_file": str(val_w.path),
+        "train_windows": train_w.num_windows,
+        "val_windows": val_w.num_windows,
         "steps_per_epoch": max(1, train_w.num_windows // batch),
-        "tokenizer": str(tok_path), "tokenizer_trained": trained,
-        "vocab_size": compression.vocab_size, "compressed_vocab_size": compression.num_compressed,
+        "tokenizer": str(tok_path),
+        "tokenizer_trained": trained,
+        "vocab_size": compression.vocab_size,
+        "compressed_vocab_size": compression.num_compressed,
         "compression_ratio": round(compression.ratio, 4),
-        "process_index": process_index, "process_count": process_count, "local_batch": local,
+        "process_index": process_index,
+        "process_count": process_count,
+        "local_batch": local,
     }
     return DataBundle(
-        tokenizer=sp, tokenizer_path=tok_path, compression=compression, hasher=hasher,
-        train_dataset=train_ds, stats=stats, prefetch=cfg.data.prefetch,
+        tokenizer=sp,
+        tokenizer_path=tok_path,
+        compression=compression,
+        hasher=hasher,
+        train_dataset=train_ds,
+        stats=stats,
+        prefetch=cfg.data.prefetch,
         worker_count=cfg.data.worker_count,
         _val=_MakeBatch(val_w, compression.lookup, hasher, process_index, local),
-        _val_windows=val_w.num_windows, _global_batch=batch)
+        _val_windows=val_w.num_windows,
+        _global_batch=batch,
+    )

@@ -50,8 +50,15 @@ class MultiHeadTable(nnx.Module):
     equally to e_t; the gate's RMSNorm makes the key path scale-free anyway).
     """
 
-    def __init__(self, head_sizes: Sequence[int], d_head: int, *, row_multiple: int = 1,
-                 init_std: float | None = None, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        head_sizes: Sequence[int],
+        d_head: int,
+        *,
+        row_multiple: int = 1,
+        init_std: float | None = None,
+        rngs: nnx.Rngs,
+    ):
         sizes = tuple(int(s) for s in head_sizes)
         if not sizes or min(sizes) < 1 or row_multiple < 1:
             raise ValueError(f"head_sizes={sizes!r} must be positive and row_multiple >= 1")
@@ -59,7 +66,7 @@ class MultiHeadTable(nnx.Module):
         self.offsets = tuple(int(o) for o in np.cumsum((0,) + sizes[:-1]))  # static constant
         self.n_rows = sum(sizes)  # rows reachable by hashed ids
         n_padded = -(-self.n_rows // row_multiple) * row_multiple
-        std = d_head ** -0.5 if init_std is None else init_std
+        std = d_head**-0.5 if init_std is None else init_std
         table_RxD = std * jax.random.normal(rngs.params(), (n_padded, d_head), jnp.float32)
         self.table = param(table_RxD, ("table_rows", None), TableParam)
 
@@ -76,8 +83,9 @@ class MultiHeadTable(nnx.Module):
         return jnp.take(self.table[...], self.global_ids(ids_BxTxH), axis=0)
 
 
-def causal_depthwise_conv(x_BxTxC: jax.Array, w_WxC: jax.Array, dilation: int,
-                          history_BxSxC: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def causal_depthwise_conv(
+    x_BxTxC: jax.Array, w_WxC: jax.Array, dilation: int, history_BxSxC: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """y[t] = sum_j w[j] * x[t - (W-1-j)*dilation] (tap W-1 sees the current position).
 
     ``history_BxSxC`` holds the S = (W-1)*dilation inputs preceding x (zeros at the start of a
@@ -90,8 +98,9 @@ def causal_depthwise_conv(x_BxTxC: jax.Array, w_WxC: jax.Array, dilation: int,
         history_BxSxC = jnp.zeros((B, S, C), x_BxTxC.dtype)
     xp_Bx_S_T_xC = jnp.concatenate([history_BxSxC.astype(x_BxTxC.dtype), x_BxTxC], axis=1)
     w_WxC = w_WxC.astype(x_BxTxC.dtype)
-    y_BxTxC = sum(w_WxC[j][None, None, :] * xp_Bx_S_T_xC[:, j * dilation: j * dilation + T]
-                  for j in range(W))
+    y_BxTxC = sum(
+        w_WxC[j][None, None, :] * xp_Bx_S_T_xC[:, j * dilation : j * dilation + T] for j in range(W)
+    )
     return y_BxTxC, xp_Bx_S_T_xC[:, T:]
 
 
@@ -104,27 +113,44 @@ class Engram(nnx.Module):
     or ``rows_BxTxHxd`` (pre-gathered, e.g. to differentiate w.r.t. the gathered rows only).
     """
 
-    def __init__(self, cfg: EngramConfig, layer_id: int, d_model: int, hc_mult: int, *,
-                 table_sizes: Sequence[Sequence[int]], rngs: nnx.Rngs, row_multiple: int = 1,
-                 dtype: Any = jnp.float32, table_init_std: float | None = None):
+    def __init__(
+        self,
+        cfg: EngramConfig,
+        layer_id: int,
+        d_model: int,
+        hc_mult: int,
+        *,
+        table_sizes: Sequence[Sequence[int]],
+        rngs: nnx.Rngs,
+        row_multiple: int = 1,
+        dtype: Any = jnp.float32,
+        table_init_std: float | None = None,
+    ):
         K, n_orders = cfg.n_head_per_ngram, cfg.max_ngram_size - 1
         if len(table_sizes) != n_orders or any(len(s) != K for s in table_sizes):
-            raise ValueError(f"table_sizes must be {n_orders} orders x {K} heads, "
-                             f"got {[len(s) for s in table_sizes]}")
+            raise ValueError(
+                f"table_sizes must be {n_orders} orders x {K} heads, "
+                f"got {[len(s) for s in table_sizes]}"
+            )
         self.cfg, self.layer_id = cfg, int(layer_id)
         self.d_model, self.hc_mult = int(d_model), int(hc_mult)
         self.dtype = jnp.dtype(dtype)
         G = self.n_groups = self.hc_mult if cfg.multi_branch else 1
         D, E = self.d_model, cfg.d_mem
-        self.table = MultiHeadTable([s for order in table_sizes for s in order], cfg.d_head,
-                                    row_multiple=row_multiple, init_std=table_init_std,
-                                    rngs=rngs)
+        self.table = MultiHeadTable(
+            [s for order in table_sizes for s in order],
+            cfg.d_head,
+            row_multiple=row_multiple,
+            init_std=table_init_std,
+            rngs=rngs,
+        )
         normal = jax.random.normal
-        self.value_kernel = param(E ** -0.5 * normal(rngs.params(), (E, D)), (None, "embed"))
+        self.value_kernel = param(E**-0.5 * normal(rngs.params(), (E, D)), (None, "embed"))
         self.value_bias = param(jnp.zeros((D,)), ("embed",))
         if cfg.use_gating:
-            self.key_kernel = param(E ** -0.5 * normal(rngs.params(), (E, G, D)),
-                                    (None, None, "embed"))
+            self.key_kernel = param(
+                E**-0.5 * normal(rngs.params(), (E, G, D)), (None, None, "embed")
+            )
             self.key_bias = param(jnp.zeros((G, D)), (None, "embed"))
             self.key_norm = RMSNorm(D, cfg.norm_eps, groups=G)
             self.query_norm = RMSNorm(D, cfg.norm_eps, groups=G)
@@ -138,8 +164,14 @@ class Engram(nnx.Module):
 
     # -- public API ------------------------------------------------------------------------
 
-    def __call__(self, h_BxTxMxD: jax.Array, ids: jax.Array | None = None,
-                 rows: jax.Array | None = None, *, return_gates: bool = False):
+    def __call__(
+        self,
+        h_BxTxMxD: jax.Array,
+        ids: jax.Array | None = None,
+        rows: jax.Array | None = None,
+        *,
+        return_gates: bool = False,
+    ):
         """Returns ``y_BxTxMxD`` (compute dtype), or ``(y, gates_BxTxM)`` (float32 alpha) when
         ``return_gates``. A 3-D ``h_BxTxD`` is accepted when hc_mult == 1 (y is then 3-D)."""
         y, gates, _ = self._forward(h_BxTxMxD, self._memory(ids, rows), None)
@@ -150,8 +182,13 @@ class Engram(nnx.Module):
         S = (self.cfg.kernel_size - 1) * self.cfg.max_ngram_size if self.cfg.use_short_conv else 0
         return jnp.zeros((batch, S, self.n_groups * self.d_model), self.dtype)
 
-    def step(self, h_BxTxMxD: jax.Array, cache_BxSxC: jax.Array, ids: jax.Array | None = None,
-             rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def step(
+        self,
+        h_BxTxMxD: jax.Array,
+        cache_BxSxC: jax.Array,
+        ids: jax.Array | None = None,
+        rows: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Incremental pass over the next T >= 1 positions given the conv history.
 
         Returns ``(y, gates_BxTxM, new_cache)``; chaining steps from :meth:`init_cache`
@@ -197,8 +234,9 @@ class Engram(nnx.Module):
         B, T, G, D = u_BxTxGxD.shape
         x_BxTxC = self.conv_norm(u_BxTxGxD).reshape(B, T, G * D)
         w_WxC = self.conv_kernel[...].reshape(self.cfg.kernel_size, G * D)
-        y_BxTxC, history_BxSxC = causal_depthwise_conv(x_BxTxC, w_WxC, self.cfg.max_ngram_size,
-                                                       history_BxSxC)
+        y_BxTxC, history_BxSxC = causal_depthwise_conv(
+            x_BxTxC, w_WxC, self.cfg.max_ngram_size, history_BxSxC
+        )
         return jax.nn.silu(y_BxTxC).reshape(B, T, G, D), history_BxSxC
 
     def _forward(self, h, e_BxTxE, history_BxSxC):
@@ -206,8 +244,10 @@ class Engram(nnx.Module):
         h_BxTxMxD = h[:, :, None, :] if squeeze else h
         B, T, M, D = h_BxTxMxD.shape
         if (M, D) != (self.hc_mult, self.d_model) or e_BxTxE.shape[:2] != (B, T):
-            raise ValueError(f"hidden {h.shape} / memory {e_BxTxE.shape} do not match "
-                             f"hc_mult={self.hc_mult}, d_model={self.d_model}")
+            raise ValueError(
+                f"hidden {h.shape} / memory {e_BxTxE.shape} do not match "
+                f"hc_mult={self.hc_mult}, d_model={self.d_model}"
+            )
         G = self.n_groups
         # (2) value and G keys in one matmul
         w_ExPxD, b_PxD = self._fused_weights()

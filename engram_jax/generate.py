@@ -76,8 +76,9 @@ def _pre(graphdef, state, tokens_BxT, cache: dict, pos, *, stop: int):
     return h_BxTxMxD, new
 
 
-def _post(graphdef, state, h_BxTxMxD, cache: dict, pos, rows: dict, key, temperature, top_k,
-          *, start: int):
+def _post(
+    graphdef, state, h_BxTxMxD, cache: dict, pos, rows: dict, key, temperature, top_k, *, start: int
+):
     model = nnx.merge(graphdef, *state)
     new, gates = {}, {}
     for i in range(start, len(model.blocks)):
@@ -140,22 +141,32 @@ class Generator:
     fetches the rows before dispatching the first blocks (for measuring the overlap).
     """
 
-    def __init__(self, model, compression: CompressionTable, *, max_len: int = 512,
-                 batch: int = 1, rows: Callable[[dict], dict] | None = None,
-                 max_chunk: int = 256, overlap: bool = True):
+    def __init__(
+        self,
+        model,
+        compression: CompressionTable,
+        *,
+        max_len: int = 512,
+        batch: int = 1,
+        rows: Callable[[dict], dict] | None = None,
+        max_chunk: int = 256,
+        overlap: bool = True,
+    ):
         cfg = self.cfg = model.cfg
         self.model, self.compression = model, compression
         self.batch, self.max_len, self.max_chunk = int(batch), int(max_len), int(max_chunk)
         self.overlap = overlap
         self.layers = model.engram_layers
         self.first = min(self.layers, default=len(model.blocks))
-        self.offsets = {i: np.asarray(model.blocks[i].engram.table.offsets, np.int64)
-                        for i in self.layers}
+        self.offsets = {
+            i: np.asarray(model.blocks[i].engram.table.offsets, np.int64) for i in self.layers
+        }
         self.n_hist = cfg.engram.max_ngram_size - 1
         self.hasher = None
         if self.layers:
-            self.hasher = NgramHasher(cfg.engram, compression.num_compressed,
-                                      int(compression([cfg.engram.pad_id])[0]))
+            self.hasher = NgramHasher(
+                cfg.engram, compression.num_compressed, int(compression([cfg.engram.pad_id])[0])
+            )
         self.rows = rows if rows is not None else (DeviceRows(model) if self.layers else None)
         graphdef, tables, rest = nnx.split(model, TableParam, ...)
         self._state = (_placeholder_tables(tables), rest)
@@ -178,7 +189,7 @@ class Generator:
         window = np.concatenate([self._hist, self.compression(tokens_BxT)], axis=1)
         t = tokens_BxT.shape[1]
         ids = self.hasher(window)
-        self._hist = window[:, -self.n_hist:] if self.n_hist else window[:, :0]
+        self._hist = window[:, -self.n_hist :] if self.n_hist else window[:, :0]
         return {i: ids[i][:, -t:] + self.offsets[i] for i in self.layers}
 
     # -- steps -------------------------------------------------------------------------------
@@ -202,8 +213,15 @@ class Generator:
         temperature, top_k, key = sampling
         key = jax.random.key(0) if key is None else key
         logits, token_B, self._cache_post, _ = self._post(
-            self._state, h, self._cache_post, pos, rows, key, jnp.float32(temperature),
-            jnp.int32(top_k))
+            self._state,
+            h,
+            self._cache_post,
+            pos,
+            rows,
+            key,
+            jnp.float32(temperature),
+            jnp.int32(top_k),
+        )
         self.pos += t
         return logits, token_B
 
@@ -214,12 +232,13 @@ class Generator:
         if tokens.ndim != 2 or tokens.shape[1] < 1:
             raise ValueError(f"tokens must be [B, T] with T >= 1; got {tokens.shape}")
         if self.pos + tokens.shape[1] > self.max_len:
-            raise ValueError(f"position {self.pos + tokens.shape[1]} exceeds "
-                             f"max_len={self.max_len}")
+            raise ValueError(
+                f"position {self.pos + tokens.shape[1]} exceeds max_len={self.max_len}"
+            )
         logits, t0 = [], 0
         while t0 < tokens.shape[1]:
             n = 1 << (min(tokens.shape[1] - t0, self.max_chunk).bit_length() - 1)
-            chunk = tokens[:, t0:t0 + n]
+            chunk = tokens[:, t0 : t0 + n]
             out, token_B = self._forward(jnp.asarray(chunk), chunk, sampling)
             logits.append(out)
             t0 += n
@@ -234,8 +253,16 @@ class Generator:
         """Extend the sequences by given tokens: -> logits [B,T,V] of the new positions."""
         return self._chunks(tokens_BxT)[0]
 
-    def generate(self, prompt_BxP, max_new_tokens: int, *, temperature: float = 0.0,
-                 top_k: int = 0, seed: int = 0, eos_id: int | None = None) -> GenerateResult:
+    def generate(
+        self,
+        prompt_BxP,
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        seed: int = 0,
+        eos_id: int | None = None,
+    ) -> GenerateResult:
         """Sample up to ``max_new_tokens`` after the prompt (greedy when ``temperature <= 0``;
         top-k when ``top_k > 0``; ``seed`` fixes the draws). Stops early when every sequence
         has produced ``eos_id`` or the cache is full."""
@@ -286,8 +313,10 @@ def find_tokenizer(workdir: str, cfg) -> str:
     found = sorted(glob.glob(os.path.join(workdir, "data", "tokenizer-*.model")))
     if len(found) == 1:
         return found[0]
-    raise FileNotFoundError(f"cannot tell which tokenizer {workdir} was trained with "
-                            f"(tried {[c for c in candidates if c]} and found {found})")
+    raise FileNotFoundError(
+        f"cannot tell which tokenizer {workdir} was trained with "
+        f"(tried {[c for c in candidates if c]} and found {found})"
+    )
 
 
 def load_workdir(workdir: str, step: int | None = None):
@@ -298,13 +327,21 @@ def load_workdir(workdir: str, step: int | None = None):
     cfg, model = load_model(workdir, step)
     sp = load_tokenizer(find_tokenizer(workdir, cfg))
     if sp.get_piece_size() != cfg.model.vocab_size:
-        raise ValueError(f"tokenizer has {sp.get_piece_size()} pieces, the model "
-                         f"{cfg.model.vocab_size}")
+        raise ValueError(
+            f"tokenizer has {sp.get_piece_size()} pieces, the model {cfg.model.vocab_size}"
+        )
     return cfg, model, sp, build_compression(sp, enabled=cfg.engram.compress_tokenizer)
 
 
-def make_generator(model, compression: CompressionTable, *, max_len: int, batch: int = 1,
-                   offload=None, release: bool = False) -> Generator:
+def make_generator(
+    model,
+    compression: CompressionTable,
+    *,
+    max_len: int,
+    batch: int = 1,
+    offload=None,
+    release: bool = False,
+) -> Generator:
     """A :class:`Generator` with tables resident (``offload=None``) or in host memory
     (``offload``: an ``engram_jax.offload.OffloadConfig``; ``release`` frees the device copy)."""
     rows = None

@@ -58,8 +58,9 @@ def is_prime(n: int) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _table_sizes_cached(vocab_sizes: tuple, max_ngram_size: int, n_head: int,
-                        layer_ids: tuple) -> tuple:
+def _table_sizes_cached(
+    vocab_sizes: tuple, max_ngram_size: int, n_head: int, layer_ids: tuple
+) -> tuple:
     taken: set[int] = set()
     result = []
     for _layer in layer_ids:
@@ -81,8 +82,12 @@ def _table_sizes_cached(vocab_sizes: tuple, max_ngram_size: int, n_head: int,
 
 def table_sizes(config: EngramConfig) -> dict[int, list[list[int]]]:
     """Prime table size of every head: ``{layer_id: [order][head]}``, from the config alone."""
-    cached = _table_sizes_cached(tuple(config.engram_vocab_size), config.max_ngram_size,
-                                 config.n_head_per_ngram, tuple(config.layer_ids))
+    cached = _table_sizes_cached(
+        tuple(config.engram_vocab_size),
+        config.max_ngram_size,
+        config.n_head_per_ngram,
+        tuple(config.layer_ids),
+    )
     return {lid: [list(h) for h in orders] for lid, orders in zip(config.layer_ids, cached)}
 
 
@@ -116,7 +121,7 @@ def _same_doc_masks(seg_p: np.ndarray, c0: int, c1: int, n_max: int) -> list:
     masks = [None]
     run = None
     for k in range(1, n_max):
-        eq = seg_p[:, c0 + pad - k:c1 + pad - k] == seg_p[:, c0 + pad - k + 1:c1 + pad - k + 1]
+        eq = seg_p[:, c0 + pad - k : c1 + pad - k] == seg_p[:, c0 + pad - k + 1 : c1 + pad - k + 1]
         run = eq if run is None else run & eq
         masks.append(run)
     return masks
@@ -130,12 +135,21 @@ class NgramHasher:
     (what the input pipeline ships to devices).
     """
 
-    def __init__(self, config: EngramConfig, compressed_vocab_size: int, pad_id: int, *,
-                 out_dtype=np.int64, chunk_tokens: int | None = None):
+    def __init__(
+        self,
+        config: EngramConfig,
+        compressed_vocab_size: int,
+        pad_id: int,
+        *,
+        out_dtype=np.int64,
+        chunk_tokens: int | None = None,
+    ):
         vocab = int(compressed_vocab_size)
         if not 0 <= int(pad_id) < vocab:
-            raise ValueError(f"pad_id={pad_id} is invalid: must be a compressed id in "
-                             f"[0, compressed_vocab_size={vocab})")
+            raise ValueError(
+                f"pad_id={pad_id} is invalid: must be a compressed id in "
+                f"[0, compressed_vocab_size={vocab})"
+            )
         self.config = config
         self.vocab_size = vocab
         self.pad_id = int(pad_id)
@@ -157,8 +171,10 @@ class NgramHasher:
         self.chunk_tokens = max(1, int(chunk_tokens))
         self._work_dtype = np.int32 if self._small_primes else np.int64
         self._local = threading.local()
-        self._primes = {lid: np.asarray([p for o in v for p in o], self._work_dtype)[:, None]
-                        for lid, v in self.table_sizes.items()}
+        self._primes = {
+            lid: np.asarray([p for o in v for p in o], self._work_dtype)[:, None]
+            for lid, v in self.table_sizes.items()
+        }
 
     def __getstate__(self):  # picklable for Grain worker processes; scratch is per thread
         return {k: v for k, v in self.__dict__.items() if k != "_local"}
@@ -171,8 +187,9 @@ class NgramHasher:
         # Kept per thread and reused: fresh megabyte buffers would page-fault on every call.
         bufs = getattr(self._local, "bufs", None)
         if bufs is None or bufs.size < n:
-            bufs = self._local.bufs = _Buffers(n, self.n_heads, self.max_ngram_size - 1,
-                                               self._work_dtype)
+            bufs = self._local.bufs = _Buffers(
+                n, self.n_heads, self.max_ngram_size - 1, self._work_dtype
+            )
         return bufs
 
     def head_offsets(self, layer_id: int) -> np.ndarray:
@@ -185,14 +202,17 @@ class NgramHasher:
         if not np.issubdtype(x.dtype, np.integer):
             raise ValueError(f"ids must be integers; got dtype {x.dtype}")
         if x.size and (x.min() < 0 or x.max() >= self.vocab_size):
-            raise ValueError(f"ids must be compressed ids in [0, {self.vocab_size}); got values "
-                             f"in [{x.min()}, {x.max()}]")
+            raise ValueError(
+                f"ids must be compressed ids in [0, {self.vocab_size}); got values "
+                f"in [{x.min()}, {x.max()}]"
+            )
         seg = None
         if segment_ids is not None:
             seg = np.asarray(segment_ids)
             if seg.shape != x.shape or not np.issubdtype(seg.dtype, np.integer):
-                raise ValueError(f"segment_ids must be integers of shape {x.shape}; got "
-                                 f"{seg.dtype} {seg.shape}")
+                raise ValueError(
+                    f"segment_ids must be integers of shape {x.shape}; got {seg.dtype} {seg.shape}"
+                )
         return x, seg
 
     def __call__(self, ids, segment_ids=None) -> dict[int, np.ndarray]:
@@ -224,11 +244,12 @@ class NgramHasher:
             r1 = min(b, r0 + rows)
             for c0 in range(0, t, cols):
                 c1 = min(t, c0 + cols)
-                shifted = [x_p[r0:r1, c0 + pad - k:c1 + pad - k] for k in range(n_max)]
+                shifted = [x_p[r0:r1, c0 + pad - k : c1 + pad - k] for k in range(n_max)]
                 if seg_p is not None:
                     same = _same_doc_masks(seg_p[r0:r1], c0, c1, n_max)
-                    shifted = [shifted[0]] + [np.where(same[k], shifted[k], self.pad_id)
-                                              for k in range(1, n_max)]
+                    shifted = [shifted[0]] + [
+                        np.where(same[k], shifted[k], self.pad_id) for k in range(1, n_max)
+                    ]
                 for lid in self.layer_ids:
                     self._hash_chunk(shifted, lid, bufs, out[lid][r0:r1, c0:c1])
         return out

@@ -15,13 +15,38 @@ import math
 import re
 from dataclasses import dataclass
 
-COLLECTIVE_OPS = ("all-reduce", "all-gather", "all-to-all", "ragged-all-to-all",
-                  "reduce-scatter", "collective-permute", "collective-broadcast")
+COLLECTIVE_OPS = (
+    "all-reduce",
+    "all-gather",
+    "all-to-all",
+    "ragged-all-to-all",
+    "reduce-scatter",
+    "collective-permute",
+    "collective-broadcast",
+)
 _OPS = set(COLLECTIVE_OPS) | {op + "-start" for op in COLLECTIVE_OPS}
 
-_BYTES = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
-          "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
-          "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_BYTES = {
+    "pred": 1,
+    "s4": 1,
+    "u4": 1,
+    "s8": 1,
+    "u8": 1,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+}
 _SHAPE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 _HEAD = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*")
 
@@ -38,8 +63,11 @@ class Collective:
 
 
 def _shapes(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
-    return [(dt, tuple(int(d) for d in dims.split(",") if d))
-            for dt, dims in _SHAPE.findall(type_text) if dt in _BYTES]
+    return [
+        (dt, tuple(int(d) for d in dims.split(",") if d))
+        for dt, dims in _SHAPE.findall(type_text)
+        if dt in _BYTES
+    ]
 
 
 def _split_instruction(line: str):
@@ -47,7 +75,7 @@ def _split_instruction(line: str):
     m = _HEAD.match(line)
     if not m:
         return None
-    rest = line[m.end():]
+    rest = line[m.end() :]
     depth, i = 0, 0
     while i < len(rest):  # the type: a balanced (...) tuple or one token
         c = rest[i]
@@ -61,7 +89,7 @@ def _split_instruction(line: str):
     if not op_match:
         return None
     args, depth = [], 1
-    for c in rest[op_match.end():]:
+    for c in rest[op_match.end() :]:
         depth += c == "("
         depth -= c == ")"
         if depth == 0:

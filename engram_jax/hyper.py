@@ -51,8 +51,17 @@ def sinkhorn(logits: jax.Array, iters: int) -> jax.Array:
 class HyperConnection(nnx.Module):
     """mHC around one sublayer: ``u, maps = hc.read(x)``; ``x = hc.write(x, F(u), maps)``."""
 
-    def __init__(self, d_model: int, hc_mult: int, *, layer_index: int, sinkhorn_iters: int,
-                 dynamic: bool = True, eps: float = 1e-6, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        d_model: int,
+        hc_mult: int,
+        *,
+        layer_index: int,
+        sinkhorn_iters: int,
+        dynamic: bool = True,
+        eps: float = 1e-6,
+        rngs: nnx.Rngs,
+    ):
         m = self.m = hc_mult
         self.iters, self.eps = sinkhorn_iters, eps
         self.dynamic = dynamic and m > 1
@@ -75,12 +84,13 @@ class HyperConnection(nnx.Module):
             b, t = x_BxTxMxD.shape[:2]
             x_BxTxMD = x_BxTxMxD.reshape(b, t, -1).astype(jnp.float32)
             x_BxTxMD = x_BxTxMD * jax.lax.rsqrt(
-                jnp.mean(jnp.square(x_BxTxMD), axis=-1, keepdims=True) + self.eps)
+                jnp.mean(jnp.square(x_BxTxMD), axis=-1, keepdims=True) + self.eps
+            )
             z_BxTxJ = x_BxTxMD @ self.phi[...]
             a = self.alpha[...]
             pre = a[0] * z_BxTxJ[..., :m] + pre[None, None]
-            post = a[1] * z_BxTxJ[..., m:2 * m] + post[None, None]
-            res = a[2] * z_BxTxJ[..., 2 * m:].reshape(b, t, m, m) + res[None, None]
+            post = a[1] * z_BxTxJ[..., m : 2 * m] + post[None, None]
+            res = a[2] * z_BxTxJ[..., 2 * m :].reshape(b, t, m, m) + res[None, None]
         return jax.nn.sigmoid(pre), 2.0 * jax.nn.sigmoid(post), sinkhorn(res, self.iters)
 
     def read(self, x_BxTxMxD: jax.Array):

@@ -62,8 +62,15 @@ class RMSNorm(nnx.Module):
     separate RMSNorms (one per mHC branch) applied in one op.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6, *, groups: int | None = None,
-                 axes: Axes | None = None, rngs: nnx.Rngs | None = None):
+    def __init__(
+        self,
+        dim: int,
+        eps: float = 1e-6,
+        *,
+        groups: int | None = None,
+        axes: Axes | None = None,
+        rngs: nnx.Rngs | None = None,
+    ):
         del rngs  # deterministic init; accepted for a uniform constructor signature
         self.eps = float(eps)
         shape = (dim,) if groups is None else (groups, dim)
@@ -82,10 +89,18 @@ class Linear(nnx.Module):
     The matmul runs in ``dtype`` (default: the input's dtype) with float32 parameters.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
-                 axes: Axes = (None, None), dtype: Any = None,
-                 init_std: float | None = None, rngs: nnx.Rngs):
-        std = in_features ** -0.5 if init_std is None else init_std
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = True,
+        axes: Axes = (None, None),
+        dtype: Any = None,
+        init_std: float | None = None,
+        rngs: nnx.Rngs,
+    ):
+        std = in_features**-0.5 if init_std is None else init_std
         w_IxO = std * jax.random.normal(rngs.params(), (in_features, out_features), jnp.float32)
         self.kernel = param(w_IxO, axes)
         self.bias = param(jnp.zeros((out_features,)), axes[1:]) if use_bias else None

@@ -34,33 +34,53 @@ from engram_jax.moe import MoE, SwiGLU
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: Config, layer: int, *, engram_sizes, rngs: nnx.Rngs,
-                 row_multiple: int = 1):
+    def __init__(
+        self, cfg: Config, layer: int, *, engram_sizes, rngs: nnx.Rngs, row_multiple: int = 1
+    ):
         m = cfg.model
         d, dt = m.d_model, jnp.dtype(m.dtype)
         self.dtype = dt
-        self.engram = (None if engram_sizes is None else
-                       Engram(cfg.engram, layer, d, m.hc_mult, table_sizes=engram_sizes,
-                              rngs=rngs, row_multiple=row_multiple, dtype=dt))
+        self.engram = (
+            None
+            if engram_sizes is None
+            else Engram(
+                cfg.engram,
+                layer,
+                d,
+                m.hc_mult,
+                table_sizes=engram_sizes,
+                rngs=rngs,
+                row_multiple=row_multiple,
+                dtype=dt,
+            )
+        )
 
         def hc():
-            return HyperConnection(d, m.hc_mult, layer_index=layer,
-                                   sinkhorn_iters=m.sinkhorn_iters, dynamic=m.hc_dynamic,
-                                   eps=m.norm_eps, rngs=rngs)
+            return HyperConnection(
+                d,
+                m.hc_mult,
+                layer_index=layer,
+                sinkhorn_iters=m.sinkhorn_iters,
+                dynamic=m.hc_dynamic,
+                eps=m.norm_eps,
+                rngs=rngs,
+            )
 
         self.attn_hc, self.attn_norm = hc(), RMSNorm(d, m.norm_eps)
         self.attn = make_attention(m, rngs=rngs)
         self.ffn_hc, self.ffn_norm = hc(), RMSNorm(d, m.norm_eps)
         self.is_moe = layer >= m.n_dense_layers
-        self.ffn = (MoE(cfg.moe, d, dtype=dt, rngs=rngs) if self.is_moe
-                    else SwiGLU(d, m.dense_hidden, dtype=dt, rngs=rngs))
+        self.ffn = (
+            MoE(cfg.moe, d, dtype=dt, rngs=rngs)
+            if self.is_moe
+            else SwiGLU(d, m.dense_hidden, dtype=dt, rngs=rngs)
+        )
 
     def __call__(self, h_BxTxMxD, ids=None, rows=None):
         """-> (h, expert load [E] or None, Engram gates [B,T,M] or None)."""
         gates_BxTxM = None
         if self.engram is not None:
-            y_BxTxMxD, gates_BxTxM = self.engram(h_BxTxMxD, ids=ids, rows=rows,
-                                                 return_gates=True)
+            y_BxTxMxD, gates_BxTxM = self.engram(h_BxTxMxD, ids=ids, rows=rows, return_gates=True)
             h_BxTxMxD = h_BxTxMxD + y_BxTxMxD.astype(h_BxTxMxD.dtype)
         h_BxTxMxD, load_E, _ = self._attn_ffn(h_BxTxMxD, lambda x: (self.attn(x), None))
         return h_BxTxMxD, load_E, gates_BxTxM
@@ -72,11 +92,13 @@ class Block(nnx.Module):
         cache = dict(cache)
         gates_BxTxM = None
         if self.engram is not None:
-            y_BxTxMxD, gates_BxTxM, cache["conv"] = self.engram.step(h_BxTxMxD, cache["conv"],
-                                                                     rows=rows)
+            y_BxTxMxD, gates_BxTxM, cache["conv"] = self.engram.step(
+                h_BxTxMxD, cache["conv"], rows=rows
+            )
             h_BxTxMxD = h_BxTxMxD + y_BxTxMxD.astype(h_BxTxMxD.dtype)
         h_BxTxMxD, _, cache["kv"] = self._attn_ffn(
-            h_BxTxMxD, lambda x: self.attn.step(x, cache["kv"], pos))
+            h_BxTxMxD, lambda x: self.attn.step(x, cache["kv"], pos)
+        )
         return h_BxTxMxD, cache, gates_BxTxM
 
     def init_cache(self, batch: int, max_len: int) -> dict:
@@ -124,15 +146,28 @@ class EngramLM(nnx.Module):
         m = cfg.model
         self.cfg = cfg
         sizes = table_sizes(cfg.engram) if cfg.engram.enabled else {}
-        self.embed = param(jax.random.normal(rngs.params(), (m.vocab_size, m.d_model)),
-                           ("vocab", "embed"))
-        self.blocks = nnx.List([
-            Block(cfg, i, engram_sizes=sizes.get(i), rngs=rngs, row_multiple=row_multiple)
-            for i in range(m.n_layers)])
+        self.embed = param(
+            jax.random.normal(rngs.params(), (m.vocab_size, m.d_model)), ("vocab", "embed")
+        )
+        self.blocks = nnx.List(
+            [
+                Block(cfg, i, engram_sizes=sizes.get(i), rngs=rngs, row_multiple=row_multiple)
+                for i in range(m.n_layers)
+            ]
+        )
         self.final_norm = RMSNorm(m.d_model, m.norm_eps)
-        self.head = (None if m.tie_embeddings else
-                     Linear(m.d_model, m.vocab_size, use_bias=False, axes=("embed", "vocab"),
-                            dtype=m.dtype, rngs=rngs))
+        self.head = (
+            None
+            if m.tie_embeddings
+            else Linear(
+                m.d_model,
+                m.vocab_size,
+                use_bias=False,
+                axes=("embed", "vocab"),
+                dtype=m.dtype,
+                rngs=rngs,
+            )
+        )
 
     @property
     def engram_layers(self) -> tuple[int, ...]:
@@ -156,16 +191,24 @@ class EngramLM(nnx.Module):
             return self.head(x_BxTxD).astype(jnp.float32)
         w_VxD = self.embed[...].astype(dt)
         logits = jnp.einsum("btd,vd->btv", x_BxTxD, w_VxD, preferred_element_type=jnp.float32)
-        return logits * self.cfg.model.d_model ** -0.5
+        return logits * self.cfg.model.d_model**-0.5
 
-    def __call__(self, tokens_BxT: jax.Array, engram_ids: dict | None = None,
-                 engram_rows: dict | None = None, *, collect: bool = False):
+    def __call__(
+        self,
+        tokens_BxT: jax.Array,
+        engram_ids: dict | None = None,
+        engram_rows: dict | None = None,
+        *,
+        collect: bool = False,
+    ):
         m = self.cfg.model
         ids, rows = engram_ids or {}, engram_rows or {}
         missing = [i for i in self.engram_layers if i not in ids and i not in rows]
         if missing:
-            raise ValueError(f"Engram layers {missing} need engram_ids or engram_rows "
-                             "(hash ids come from engram_jax.hashing in the input pipeline)")
+            raise ValueError(
+                f"Engram layers {missing} need engram_ids or engram_rows "
+                "(hash ids come from engram_jax.hashing in the input pipeline)"
+            )
         h_BxTxMxD = self.embed_tokens(tokens_BxT)
         run = _run_block_remat if m.remat else _run_block
         aux = {"moe_loads": {}, "engram_gates": {}}

@@ -58,12 +58,15 @@ class RouterBias(nnx.Variable):
 
 class SwiGLU(nnx.Module):
     def __init__(self, d_model: int, hidden: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.w_gate = Linear(d_model, hidden, use_bias=False, axes=("embed", "mlp"), dtype=dtype,
-                             rngs=rngs)
-        self.w_up = Linear(d_model, hidden, use_bias=False, axes=("embed", "mlp"), dtype=dtype,
-                           rngs=rngs)
-        self.w_down = Linear(hidden, d_model, use_bias=False, axes=("mlp", "embed"), dtype=dtype,
-                             rngs=rngs)
+        self.w_gate = Linear(
+            d_model, hidden, use_bias=False, axes=("embed", "mlp"), dtype=dtype, rngs=rngs
+        )
+        self.w_up = Linear(
+            d_model, hidden, use_bias=False, axes=("embed", "mlp"), dtype=dtype, rngs=rngs
+        )
+        self.w_down = Linear(
+            hidden, d_model, use_bias=False, axes=("mlp", "embed"), dtype=dtype, rngs=rngs
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.w_down(jax.nn.silu(self.w_gate(x)) * self.w_up(x))
@@ -88,14 +91,17 @@ class MoE(nnx.Module):
     def __init__(self, cfg: MoEConfig, d_model: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
         e, d, f = cfg.n_routed_experts, d_model, cfg.expert_hidden
         self.cfg, self.dtype = cfg, jnp.dtype(dtype)
-        self.router = param(d ** -0.5 * jax.random.normal(rngs.params(), (d, e)), ("embed", None))
+        self.router = param(d**-0.5 * jax.random.normal(rngs.params(), (d, e)), ("embed", None))
         self.router_bias = RouterBias(jnp.zeros((e,), jnp.float32))
         ax_in, ax_out = ("expert", "embed", "mlp"), ("expert", "mlp", "embed")
-        self.w_gate = param(d ** -0.5 * jax.random.normal(rngs.params(), (e, d, f)), ax_in)
-        self.w_up = param(d ** -0.5 * jax.random.normal(rngs.params(), (e, d, f)), ax_in)
-        self.w_down = param(f ** -0.5 * jax.random.normal(rngs.params(), (e, f, d)), ax_out)
-        self.shared = (SwiGLU(d, cfg.n_shared_experts * f, dtype=dtype, rngs=rngs)
-                       if cfg.n_shared_experts else None)
+        self.w_gate = param(d**-0.5 * jax.random.normal(rngs.params(), (e, d, f)), ax_in)
+        self.w_up = param(d**-0.5 * jax.random.normal(rngs.params(), (e, d, f)), ax_in)
+        self.w_down = param(f**-0.5 * jax.random.normal(rngs.params(), (e, f, d)), ax_out)
+        self.shared = (
+            SwiGLU(d, cfg.n_shared_experts * f, dtype=dtype, rngs=rngs)
+            if cfg.n_shared_experts
+            else None
+        )
 
     def __call__(self, x_BxTxD: jax.Array) -> tuple[jax.Array, jax.Array]:
         """-> (y [B,T,D], load [E]: how many tokens selected each expert)."""
@@ -103,8 +109,11 @@ class MoE(nnx.Module):
         cfg, e = self.cfg, self.cfg.n_routed_experts
         x_SxD = x_BxTxD.reshape(b * t, d).astype(self.dtype)
         logits_SxE = x_SxD.astype(jnp.float32) @ self.router[...]
-        scores_SxE = (jax.nn.sigmoid(logits_SxE) if cfg.score_func == "sigmoid"
-                      else jax.nn.softmax(logits_SxE, axis=-1))
+        scores_SxE = (
+            jax.nn.sigmoid(logits_SxE)
+            if cfg.score_func == "sigmoid"
+            else jax.nn.softmax(logits_SxE, axis=-1)
+        )
         idx_SxK, w_SxK = route(scores_SxE, jax.lax.stop_gradient(self.router_bias[...]), cfg)
         # 1. sort the R = S*K assignments by expert (stable: token order within an expert)
         expert_R = idx_SxK.reshape(-1)
@@ -125,14 +134,18 @@ class MoE(nnx.Module):
         return y_SxD.reshape(b, t, d), load_E
 
     def _weights(self):
-        return (self.w_gate[...].astype(self.dtype), self.w_up[...].astype(self.dtype),
-                self.w_down[...].astype(self.dtype))
+        return (
+            self.w_gate[...].astype(self.dtype),
+            self.w_up[...].astype(self.dtype),
+            self.w_down[...].astype(self.dtype),
+        )
 
     def _ragged(self, xs_RxD, expert_R, rank_R, load_E):
         del expert_R, rank_R
         wg_ExDxF, wu_ExDxF, wd_ExFxD = self._weights()
-        h_RxF = (jax.nn.silu(jax.lax.ragged_dot(xs_RxD, wg_ExDxF, load_E))
-                 * jax.lax.ragged_dot(xs_RxD, wu_ExDxF, load_E))
+        h_RxF = jax.nn.silu(jax.lax.ragged_dot(xs_RxD, wg_ExDxF, load_E)) * jax.lax.ragged_dot(
+            xs_RxD, wu_ExDxF, load_E
+        )
         return jax.lax.ragged_dot(h_RxF, wd_ExFxD, load_E)
 
     def _blocked(self, xs_RxD, expert_R, rank_R, load_E):
@@ -145,12 +158,14 @@ class MoE(nnx.Module):
         dest_R = pstart_E[expert_R] + rank_R
         buf_PxD = jnp.zeros((n_blocks * bs, d), xs_RxD.dtype).at[dest_R].set(xs_RxD)
         buf_NxBxD = buf_PxD.reshape(n_blocks, bs, d)
-        block_expert_N = jnp.searchsorted(jnp.cumsum(padded_E), jnp.arange(n_blocks) * bs,
-                                          side="right")
+        block_expert_N = jnp.searchsorted(
+            jnp.cumsum(padded_E), jnp.arange(n_blocks) * bs, side="right"
+        )
         block_expert_N = jnp.minimum(block_expert_N, e - 1)  # trailing empty blocks
         wg, wu, wd = (w[block_expert_N] for w in self._weights())
-        h_NxBxF = (jax.nn.silu(jnp.einsum("nbd,ndf->nbf", buf_NxBxD, wg))
-                   * jnp.einsum("nbd,ndf->nbf", buf_NxBxD, wu))
+        h_NxBxF = jax.nn.silu(jnp.einsum("nbd,ndf->nbf", buf_NxBxD, wg)) * jnp.einsum(
+            "nbd,ndf->nbf", buf_NxBxD, wu
+        )
         out_PxD = jnp.einsum("nbf,nfd->nbd", h_NxBxF, wd).reshape(n_blocks * bs, d)
         return out_PxD[dest_R]
 
@@ -158,11 +173,13 @@ class MoE(nnx.Module):
         rows, d = xs_RxD.shape
         e = load_E.shape[0]
         cap = max(1, math.ceil(self.cfg.capacity_factor * rows / e))
-        buf_ExCxD = jnp.zeros((e, cap, d), xs_RxD.dtype).at[expert_R, rank_R].set(
-            xs_RxD, mode="drop")
+        buf_ExCxD = (
+            jnp.zeros((e, cap, d), xs_RxD.dtype).at[expert_R, rank_R].set(xs_RxD, mode="drop")
+        )
         wg_ExDxF, wu_ExDxF, wd_ExFxD = self._weights()
-        h_ExCxF = (jax.nn.silu(jnp.einsum("ecd,edf->ecf", buf_ExCxD, wg_ExDxF))
-                   * jnp.einsum("ecd,edf->ecf", buf_ExCxD, wu_ExDxF))
+        h_ExCxF = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buf_ExCxD, wg_ExDxF)) * jnp.einsum(
+            "ecd,edf->ecf", buf_ExCxD, wu_ExDxF
+        )
         out_ExCxD = jnp.einsum("ecf,efd->ecd", h_ExCxF, wd_ExFxD)
         kept_R = (rank_R < cap)[:, None]
         return jnp.where(kept_R, out_ExCxD[expert_R, jnp.minimum(rank_R, cap - 1)], 0)
@@ -199,7 +216,9 @@ def update_router_bias(model_or_state, loads: dict, rate: float):
 def moe_params(cfg: MoEConfig, d_model: int) -> dict:
     """Analytic parameter counts of one MoE sublayer (mirrors :class:`MoE`)."""
     expert = 3 * d_model * cfg.expert_hidden
-    return {"router": d_model * cfg.n_routed_experts,
-            "routed_experts": cfg.n_routed_experts * expert,
-            "shared_experts": cfg.n_shared_experts * expert,
-            "expert": expert}
+    return {
+        "router": d_model * cfg.n_routed_experts,
+        "routed_experts": cfg.n_routed_experts * expert,
+        "shared_experts": cfg.n_shared_experts * expert,
+        "expert": expert,
+    }

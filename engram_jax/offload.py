@@ -47,14 +47,18 @@ class OffloadConfig:
 
     def __post_init__(self) -> None:
         if self.memory_kind not in ("auto", "pinned_host", "unpinned_host", "numpy"):
-            raise ValueError(f"OffloadConfig.memory_kind={self.memory_kind!r} is invalid: must "
-                             "be one of auto, pinned_host, unpinned_host, numpy")
+            raise ValueError(
+                f"OffloadConfig.memory_kind={self.memory_kind!r} is invalid: must "
+                "be one of auto, pinned_host, unpinned_host, numpy"
+            )
         if not isinstance(self.hot_rows, int) or self.hot_rows < 0:
-            raise ValueError(f"OffloadConfig.hot_rows={self.hot_rows!r} is invalid: must be an "
-                             "integer >= 0")
+            raise ValueError(
+                f"OffloadConfig.hot_rows={self.hot_rows!r} is invalid: must be an integer >= 0"
+            )
         if self.policy not in ("lru", "static"):
-            raise ValueError(f"OffloadConfig.policy={self.policy!r} is invalid: must be lru or "
-                             "static")
+            raise ValueError(
+                f"OffloadConfig.policy={self.policy!r} is invalid: must be lru or static"
+            )
 
 
 def host_memory_kind(device=None, prefer: str = "auto") -> str | None:
@@ -99,10 +103,16 @@ def _host_gather(table_RxD, ids_N, device_sharding):
     from jax.experimental.compute_on import compute_on
 
     with compute_on("device_host"):
-        dn = jax.lax.GatherDimensionNumbers(offset_dims=(1,), collapsed_slice_dims=(0,),
-                                            start_index_map=(0,))
-        rows_NxD = jax.lax.gather(table_RxD, ids_N[:, None], dn, (1, table_RxD.shape[1]),
-                                  mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+        dn = jax.lax.GatherDimensionNumbers(
+            offset_dims=(1,), collapsed_slice_dims=(0,), start_index_map=(0,)
+        )
+        rows_NxD = jax.lax.gather(
+            table_RxD,
+            ids_N[:, None],
+            dn,
+            (1, table_RxD.shape[1]),
+            mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+        )
     return jax.device_put(rows_NxD, device_sharding)
 
 
@@ -125,8 +135,7 @@ class MemoryKindStore:
         self._numpy = None
         try:  # probe once: some platforms have host memory but no host compute
             probe = np.zeros(1, np.int32)
-            jax.block_until_ready(self._gather(self.table, self._ids(probe),
-                                               self.device_sharding))
+            jax.block_until_ready(self._gather(self.table, self._ids(probe), self.device_sharding))
         except Exception:  # noqa: BLE001 - any lowering failure selects the fallback
             self._numpy = np.asarray(self.table)
 
@@ -167,13 +176,16 @@ def checkpoint_array_keys(state_dir: str) -> list[str]:
 def find_table_key(state_dir: str, layer: int) -> str:
     """The checkpoint array holding layer ``layer``'s Engram table (not an optimizer moment)."""
     suffix = f"blocks.{layer}.engram.table.table"
-    found = [k for k in checkpoint_array_keys(state_dir)
-             if k == suffix or k.endswith("." + suffix)]
-    params = [k for k in found if not any(p in k.split(".") for p in ("opt", "mu", "nu"))
-              and not k.startswith("table_")]
+    found = [k for k in checkpoint_array_keys(state_dir) if k == suffix or k.endswith("." + suffix)]
+    params = [
+        k
+        for k in found
+        if not any(p in k.split(".") for p in ("opt", "mu", "nu")) and not k.startswith("table_")
+    ]
     if not params:
-        raise FileNotFoundError(f"no Engram table of layer {layer} in {state_dir} "
-                                f"(arrays ending in {suffix}: {found})")
+        raise FileNotFoundError(
+            f"no Engram table of layer {layer} in {state_dir} (arrays ending in {suffix}: {found})"
+        )
     return min(params, key=len)
 
 
@@ -292,8 +304,7 @@ def _pad_len(n: int) -> int:
 
 
 def _assemble(cache_CxD, miss_slots_U, miss_rows_UxD, slots_N):
-    cache_CxD = cache_CxD.at[miss_slots_U].set(miss_rows_UxD.astype(cache_CxD.dtype),
-                                               mode="drop")
+    cache_CxD = cache_CxD.at[miss_slots_U].set(miss_rows_UxD.astype(cache_CxD.dtype), mode="drop")
     return cache_CxD, jnp.take(cache_CxD, slots_N, axis=0)
 
 
@@ -308,15 +319,22 @@ class HostRows:
     arrays; transfers are asynchronous (the caller's next jitted call waits for them).
     """
 
-    def __init__(self, stores: dict, *, hot_rows: int = 0, policy: str = "lru",
-                 hot_ids: dict | None = None, max_ids_per_step: int = 64, device=None):
+    def __init__(
+        self,
+        stores: dict,
+        *,
+        hot_rows: int = 0,
+        policy: str = "lru",
+        hot_ids: dict | None = None,
+        max_ids_per_step: int = 64,
+        device=None,
+    ):
         self.stores = dict(stores)
         self.device = device or jax.devices()[0]
         self.caches, self._dev = {}, {}
         if hot_rows > 0:
             for i, store in self.stores.items():
-                c = HotRowCache(hot_rows, policy, (hot_ids or {}).get(i),
-                                scratch=max_ids_per_step)
+                c = HotRowCache(hot_rows, policy, (hot_ids or {}).get(i), scratch=max_ids_per_step)
                 d = store.shape[1]
                 dev = jnp.zeros((c.size, d), jnp.float32)
                 if len(c.preload):
@@ -325,8 +343,14 @@ class HostRows:
                 self.caches[i], self._dev[i] = c, dev
 
     @classmethod
-    def from_model(cls, model, cfg: OffloadConfig | None = None, *, release: bool = False,
-                   hot_ids: dict | None = None) -> HostRows:
+    def from_model(
+        cls,
+        model,
+        cfg: OffloadConfig | None = None,
+        *,
+        release: bool = False,
+        hot_ids: dict | None = None,
+    ) -> HostRows:
         """Copy every Engram table of ``model`` to host memory. ``release=True`` then drops
         the device copies (the model can no longer run with ``engram_ids=``, only with
         ``engram_rows=`` or through a Generator)."""
@@ -345,8 +369,10 @@ class HostRows:
         return cls({i: TensorStoreRows.for_layer(state_dir, i) for i in layers}, **kw)
 
     def stats(self) -> dict:
-        return {i: {"lookups": c.lookups, "hits": c.hits, "fetched": c.fetched,
-                    "hit_rate": c.hit_rate} for i, c in self.caches.items()}
+        return {
+            i: {"lookups": c.lookups, "hits": c.hits, "fetched": c.fetched, "hit_rate": c.hit_rate}
+            for i, c in self.caches.items()
+        }
 
     def _direct(self, store, ids_N):
         rows = store.take(ids_N)
@@ -369,21 +395,24 @@ class HostRows:
                 slots_U[: len(miss_slots)] = miss_slots
                 rows_UxD = self._direct(store, ids_U)
                 self._dev[i], rows_NxD = _assemble_donated(
-                    self._dev[i], jnp.asarray(slots_U, jnp.int32), rows_UxD,
-                    jnp.asarray(slots_N, jnp.int32))
+                    self._dev[i],
+                    jnp.asarray(slots_U, jnp.int32),
+                    rows_UxD,
+                    jnp.asarray(slots_N, jnp.int32),
+                )
             out[i] = rows_NxD.reshape(lead + (store.shape[1],))
         return out
 
 
-def simulate_hit_rate(ids_TxH: np.ndarray, capacity: int, policy: str = "lru",
-                      hot_ids=None) -> dict:
+def simulate_hit_rate(
+    ids_TxH: np.ndarray, capacity: int, policy: str = "lru", hot_ids=None
+) -> dict:
     """Replay a token stream's global row ids (one step per token) through a
     :class:`HotRowCache` without any device work: ``{hit_rate, fetched_per_token}``."""
     cache = HotRowCache(capacity, policy, hot_ids, scratch=ids_TxH.shape[1])
     for ids_H in np.asarray(ids_TxH):
         cache.plan(ids_H)
-    return {"hit_rate": cache.hit_rate,
-            "fetched_per_token": cache.fetched / max(1, len(ids_TxH))}
+    return {"hit_rate": cache.hit_rate, "fetched_per_token": cache.fetched / max(1, len(ids_TxH))}
 
 
 def most_frequent(ids_N: np.ndarray, k: int) -> np.ndarray:

@@ -44,8 +44,19 @@ from engram_jax.config import Config, OptimConfig
 from engram_jax.tables import clip_scale
 
 LABELS = ("muon", "adamw", "table")
-_EMBED_NAMES = {"embed", "embedding", "embeddings", "tok_embed", "token_embed",
-                "token_embedding", "wte", "lm_head", "head", "unembed", "output"}
+_EMBED_NAMES = {
+    "embed",
+    "embedding",
+    "embeddings",
+    "tok_embed",
+    "token_embed",
+    "token_embedding",
+    "wte",
+    "lm_head",
+    "head",
+    "unembed",
+    "output",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,8 +70,9 @@ def decay_boundaries(optim_cfg: OptimConfig, total_steps: int) -> tuple[int, ...
     return (int(0.8 * total_steps), int(0.9 * total_steps))
 
 
-def learning_rate_schedule(optim_cfg: OptimConfig, total_steps: int,
-                           peak: float | None = None) -> optax.Schedule:
+def learning_rate_schedule(
+    optim_cfg: OptimConfig, total_steps: int, peak: float | None = None
+) -> optax.Schedule:
     """Linear warmup then step decay; ``peak`` defaults to ``optim_cfg.lr``.
 
     lr(s) = peak * min(1, (s + 1) / warmup_steps) * decay_factor ** #{b in boundaries: s >= b},
@@ -113,7 +125,8 @@ def _label(names: list[str], v: Any) -> str:
         raise TypeError(
             f"param_labels needs Variable leaves (got {type(v).__name__} at {'/'.join(names)}): "
             "compute labels = param_labels(nnx.state(model, optimizer_filter(cfg))) and pass "
-            "them to make_optimizer(..., labels=labels)")
+            "them to make_optimizer(..., labels=labels)"
+        )
     if _is_table(v):
         return "table"
     shape = tuple(getattr(v.get_value(), "shape", ()))
@@ -124,12 +137,15 @@ def _label(names: list[str], v: Any) -> str:
     expert_stack = len(shape) == 3 and axes is not None and axes[0] == "expert"
     mat_axes = None if axes is None else tuple(axes)[-2:]
     not_matrix = (
-        (len(shape) != 2 and not expert_stack) or min(shape[-2:], default=0) <= 1
+        (len(shape) != 2 and not expert_stack)
+        or min(shape[-2:], default=0) <= 1
         or (axes is not None and "vocab" in axes)  # token embedding / LM head
         or (mat_axes is not None and all(a is None for a in mat_axes))  # e.g. mHC mixing maps
         or any(n in _EMBED_NAMES for n in lowered)
-        or leaf == "scale" or leaf.endswith("bias")
-        or any("norm" in n or "conv" in n for n in lowered))
+        or leaf == "scale"
+        or leaf.endswith("bias")
+        or any("norm" in n or "conv" in n for n in lowered)
+    )
     return "adamw" if not_matrix else "muon"
 
 
@@ -140,8 +156,10 @@ def param_labels(params_state: Any) -> Any:
     table group is recognised by type, the others by path, shape and ``logical_axes``.
     """
     return jax.tree_util.tree_map_with_path(
-        lambda p, v: _label(_names(p), v), params_state,
-        is_leaf=lambda x: isinstance(x, nnx.Variable))
+        lambda p, v: _label(_names(p), v),
+        params_state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
 
 
 def optimizer_filter(cfg: Config):
@@ -182,9 +200,9 @@ def _muon_dims(params: Any) -> Any:
     return jax.tree.map(lambda x: MuonDimensionNumbers(jnp.ndim(x) - 2, jnp.ndim(x) - 1), params)
 
 
-def make_optimizer(cfg: Config, total_steps: int,
-                   labels: Any | Callable[[Any], Any] | None = None
-                   ) -> optax.GradientTransformationExtraArgs:
+def make_optimizer(
+    cfg: Config, total_steps: int, labels: Any | Callable[[Any], Any] | None = None
+) -> optax.GradientTransformationExtraArgs:
     """clip (global norm, ``table_sq_norm`` keyword) -> multi_transform{muon, adamw, table}.
 
     ``labels``: the label tree ``param_labels(nnx.state(model, optimizer_filter(cfg)))``.
@@ -195,19 +213,24 @@ def make_optimizer(cfg: Config, total_steps: int,
     o = cfg.optim
     lr = learning_rate_schedule(o, total_steps)
     decay_mask = lambda tree: jax.tree.map(lambda x: jnp.ndim(x) >= 2, tree)
-    adamw = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                        mask=decay_mask)
+    adamw = optax.adamw(
+        lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask
+    )
     if o.use_muon:
-        muon = optax.contrib.muon(learning_rate_schedule(o, total_steps, peak=o.muon_lr),
-                                  weight_decay=o.weight_decay,
-                                  muon_weight_dimension_numbers=_muon_dims)
+        muon = optax.contrib.muon(
+            learning_rate_schedule(o, total_steps, peak=o.muon_lr),
+            weight_decay=o.weight_decay,
+            muon_weight_dimension_numbers=_muon_dims,
+        )
     else:
         muon = adamw
     if cfg.engram.sparse_update:
         table = optax.set_to_zero()
     else:
-        table = optax.adam(table_learning_rate_schedule(cfg, total_steps), b1=o.b1, b2=o.b2,
-                           eps=o.eps)
-    groups = optax.multi_transform({"muon": muon, "adamw": adamw, "table": table},
-                                   param_labels if labels is None else labels)
+        table = optax.adam(
+            table_learning_rate_schedule(cfg, total_steps), b1=o.b1, b2=o.b2, eps=o.eps
+        )
+    groups = optax.multi_transform(
+        {"muon": muon, "adamw": adamw, "table": table}, param_labels if labels is None else labels
+    )
     return optax.chain(clip_by_global_norm_with_tables(o.grad_clip), groups)

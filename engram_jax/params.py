@@ -28,8 +28,17 @@ from engram_jax.config import Config, EngramConfig
 from engram_jax.hyper import hyper_params
 from engram_jax.moe import RouterBias, moe_params
 
-COMPONENTS = ("attention", "norms", "mhc", "dense_ffn", "shared_experts", "routed_experts",
-              "router", "engram_fusion", "engram_tables")
+COMPONENTS = (
+    "attention",
+    "norms",
+    "mhc",
+    "dense_ffn",
+    "shared_experts",
+    "routed_experts",
+    "router",
+    "engram_fusion",
+    "engram_tables",
+)
 OUTSIDE = ("embedding", "lm_head")  # excluded from P_tot
 
 
@@ -74,15 +83,25 @@ def count_params(cfg: Config, row_multiple: int = 1) -> dict:
     b["engram_fusion"] = len(rows) * engram_fusion_params(e, d, m.hc_mult)
     b["engram_tables"] = sum(rows.values()) * e.d_head
     total = sum(b[k] for k in COMPONENTS)
-    activated = (total - b["routed_experts"] - b["engram_tables"]
-                 + n_moe * cfg.moe.top_k * moe["expert"]
-                 + len(rows) * e.n_hash_heads * e.d_head)
+    activated = (
+        total
+        - b["routed_experts"]
+        - b["engram_tables"]
+        + n_moe * cfg.moe.top_k * moe["expert"]
+        + len(rows) * e.n_hash_heads * e.d_head
+    )
     sparse = total - activated
     routed_sparse = (cfg.moe.n_routed_experts - cfg.moe.top_k) * moe["expert"] * n_moe
-    return {"total": total, "activated": activated, "sparse": sparse,
-            "engram": b["engram_tables"], "rho": routed_sparse / sparse if sparse else 1.0,
-            "routed_sparse": routed_sparse, "total_with_embedding": total + b["embedding"],
-            "breakdown": b}
+    return {
+        "total": total,
+        "activated": activated,
+        "sparse": sparse,
+        "engram": b["engram_tables"],
+        "rho": routed_sparse / sparse if sparse else 1.0,
+        "routed_sparse": routed_sparse,
+        "total_with_embedding": total + b["embedding"],
+        "breakdown": b,
+    }
 
 
 def _category(path: tuple, var: nnx.Variable) -> str:

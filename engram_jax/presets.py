@@ -18,6 +18,7 @@ def preset(name: str):
     def register(fn):
         PRESETS[name] = fn
         return fn
+
     return register
 
 
@@ -34,13 +35,28 @@ def tiny() -> Config:
     ``engram-jax train --preset tiny``."""
     return Config(
         name="tiny",
-        model=ModelConfig(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
-                          head_dim=32, dense_hidden=384, n_dense_layers=1, hc_mult=2,
-                          max_seq_len=1024),
-        moe=MoEConfig(n_routed_experts=8, n_shared_experts=1, top_k=2, expert_hidden=128,
-                      dispatch="blocked"),
-        engram=EngramConfig(engram_vocab_size=(5000, 5000), max_ngram_size=3,
-                            n_embed_per_ngram=64, n_head_per_ngram=4, layer_ids=(1,)),
+        model=ModelConfig(
+            vocab_size=4096,
+            d_model=128,
+            n_layers=4,
+            n_heads=4,
+            n_kv_heads=2,
+            head_dim=32,
+            dense_hidden=384,
+            n_dense_layers=1,
+            hc_mult=2,
+            max_seq_len=1024,
+        ),
+        moe=MoEConfig(
+            n_routed_experts=8, n_shared_experts=1, top_k=2, expert_hidden=128, dispatch="blocked"
+        ),
+        engram=EngramConfig(
+            engram_vocab_size=(5000, 5000),
+            max_ngram_size=3,
+            n_embed_per_ngram=64,
+            n_head_per_ngram=4,
+            layer_ids=(1,),
+        ),
         train=TrainConfig(steps=300, batch_size=8, seq_len=128),
     )
 
@@ -51,13 +67,28 @@ def small() -> Config:
     experts (top-2), Engram at blocks 1 and 4 with 2 orders x 8 heads x ~20,000 rows."""
     return Config(
         name="small",
-        model=ModelConfig(vocab_size=8000, d_model=256, n_layers=6, n_heads=8, n_kv_heads=4,
-                          head_dim=32, dense_hidden=768, n_dense_layers=1, hc_mult=4,
-                          max_seq_len=2048),
-        moe=MoEConfig(n_routed_experts=16, n_shared_experts=1, top_k=2, expert_hidden=192,
-                      dispatch="blocked"),
-        engram=EngramConfig(engram_vocab_size=(20_000, 20_000), max_ngram_size=3,
-                            n_embed_per_ngram=128, n_head_per_ngram=8, layer_ids=(1, 4)),
+        model=ModelConfig(
+            vocab_size=8000,
+            d_model=256,
+            n_layers=6,
+            n_heads=8,
+            n_kv_heads=4,
+            head_dim=32,
+            dense_hidden=768,
+            n_dense_layers=1,
+            hc_mult=4,
+            max_seq_len=2048,
+        ),
+        moe=MoEConfig(
+            n_routed_experts=16, n_shared_experts=1, top_k=2, expert_hidden=192, dispatch="blocked"
+        ),
+        engram=EngramConfig(
+            engram_vocab_size=(20_000, 20_000),
+            max_ngram_size=3,
+            n_embed_per_ngram=128,
+            n_head_per_ngram=8,
+            layer_ids=(1, 4),
+        ),
         train=TrainConfig(steps=1000, batch_size=16, seq_len=256),
     )
 
@@ -83,15 +114,41 @@ def small() -> Config:
 # section 1 and 5 text); ``--set engram.layer_ids=[1,15]`` gives the demo's placement.
 
 _PAPER_MODEL = ModelConfig(
-    vocab_size=129_280, d_model=2560, n_layers=30, n_heads=32, n_kv_heads=32, head_dim=128,
-    attention="mla", q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64,
-    dense_hidden=12_288, n_dense_layers=1, hc_mult=4, sinkhorn_iters=20, rope_theta=10_000.0,
-    max_seq_len=4096, dtype="bfloat16", remat=True)
-_PAPER_MOE = MoEConfig(n_routed_experts=72, n_shared_experts=2, top_k=6, expert_hidden=1536,
-                       score_func="sigmoid", dispatch="ragged")
+    vocab_size=129_280,
+    d_model=2560,
+    n_layers=30,
+    n_heads=32,
+    n_kv_heads=32,
+    head_dim=128,
+    attention="mla",
+    q_lora_rank=1536,
+    kv_lora_rank=512,
+    qk_rope_head_dim=64,
+    dense_hidden=12_288,
+    n_dense_layers=1,
+    hc_mult=4,
+    sinkhorn_iters=20,
+    rope_theta=10_000.0,
+    max_seq_len=4096,
+    dtype="bfloat16",
+    remat=True,
+)
+_PAPER_MOE = MoEConfig(
+    n_routed_experts=72,
+    n_shared_experts=2,
+    top_k=6,
+    expert_hidden=1536,
+    score_func="sigmoid",
+    dispatch="ragged",
+)
 _PAPER_TRAIN = TrainConfig(steps=50_000, batch_size=1280, seq_len=4096)
-_ENGRAM_27B = EngramConfig(engram_vocab_size=(2_262_400, 2_262_400), max_ngram_size=3,
-                           n_embed_per_ngram=640, n_head_per_ngram=8, layer_ids=(1, 14))
+_ENGRAM_27B = EngramConfig(
+    engram_vocab_size=(2_262_400, 2_262_400),
+    max_ngram_size=3,
+    n_embed_per_ngram=640,
+    n_head_per_ngram=8,
+    layer_ids=(1, 14),
+)
 _NO_ENGRAM = EngramConfig(layer_ids=())
 
 
@@ -99,9 +156,13 @@ _NO_ENGRAM = EngramConfig(layer_ids=())
 def dense_4b() -> Config:
     """Dense-4B: the paper backbone with a dense SwiGLU (width 12,288) in all 30 blocks.
     3.73B activated = P_tot; 4.06B with the input embedding (paper: 4.1B, 3.8B activated)."""
-    return Config(name="dense-4b",
-                  model=dataclasses.replace(_PAPER_MODEL, n_dense_layers=30),
-                  moe=_PAPER_MOE, engram=_NO_ENGRAM, train=_PAPER_TRAIN)
+    return Config(
+        name="dense-4b",
+        model=dataclasses.replace(_PAPER_MODEL, n_dense_layers=30),
+        moe=_PAPER_MOE,
+        engram=_NO_ENGRAM,
+        train=_PAPER_TRAIN,
+    )
 
 
 @preset("moe-27b")
@@ -109,8 +170,9 @@ def moe_27b() -> Config:
     """MoE-27B: 1 leading dense block, then DeepSeekMoE with 2 shared + 72 routed experts
     (hidden 1536), top-6, sigmoid scores, loss-free balancing. P_tot 26.32B, 26.65B with the
     embedding (paper 26.7B); 3.73B activated (paper 3.8B)."""
-    return Config(name="moe-27b", model=_PAPER_MODEL, moe=_PAPER_MOE, engram=_NO_ENGRAM,
-                  train=_PAPER_TRAIN)
+    return Config(
+        name="moe-27b", model=_PAPER_MODEL, moe=_PAPER_MOE, engram=_NO_ENGRAM, train=_PAPER_TRAIN
+    )
 
 
 @preset("engram-27b")
@@ -118,19 +180,26 @@ def engram_27b() -> Config:
     """Engram-27B: MoE-27B with 55 routed experts; Engram at blocks 2 and 15 (1-based), N=3
     (orders 2 and 3), 8 heads per order, d_mem 1280, base 2,262,400 rows per head: tables
     5.79B (paper 5.7B). P_tot 26.32B, 26.65B with the embedding (paper 26.7B)."""
-    return Config(name="engram-27b", model=_PAPER_MODEL,
-                  moe=dataclasses.replace(_PAPER_MOE, n_routed_experts=55),
-                  engram=_ENGRAM_27B, train=_PAPER_TRAIN)
+    return Config(
+        name="engram-27b",
+        model=_PAPER_MODEL,
+        moe=dataclasses.replace(_PAPER_MOE, n_routed_experts=55),
+        engram=_ENGRAM_27B,
+        train=_PAPER_TRAIN,
+    )
 
 
 @preset("engram-40b")
 def engram_40b() -> Config:
     """Engram-40B: Engram-27B with 7,239,680 base rows per head: tables 18.53B (paper 18.5B).
     P_tot 39.07B, 39.40B with the embedding (paper 39.5B); activated unchanged."""
-    return Config(name="engram-40b", model=_PAPER_MODEL,
-                  moe=dataclasses.replace(_PAPER_MOE, n_routed_experts=55),
-                  engram=dataclasses.replace(_ENGRAM_27B, engram_vocab_size=(7_239_680,) * 2),
-                  train=_PAPER_TRAIN)
+    return Config(
+        name="engram-40b",
+        model=_PAPER_MODEL,
+        moe=dataclasses.replace(_PAPER_MOE, n_routed_experts=55),
+        engram=dataclasses.replace(_ENGRAM_27B, engram_vocab_size=(7_239_680,) * 2),
+        train=_PAPER_TRAIN,
+    )
 
 
 @preset("ablation-3b")
@@ -143,9 +212,22 @@ def ablation_3b() -> Config:
     activated; Engram tables 1.60B. The MoE baseline: ``--set engram.layer_ids=[]``."""
     return Config(
         name="ablation-3b",
-        model=dataclasses.replace(_PAPER_MODEL, d_model=1280, n_layers=12, n_heads=16,
-                                  n_kv_heads=16, q_lora_rank=768, dense_hidden=8 * 1280),
+        model=dataclasses.replace(
+            _PAPER_MODEL,
+            d_model=1280,
+            n_layers=12,
+            n_heads=16,
+            n_kv_heads=16,
+            q_lora_rank=768,
+            dense_hidden=8 * 1280,
+        ),
         moe=dataclasses.replace(_PAPER_MOE, n_routed_experts=48, expert_hidden=1280),
-        engram=EngramConfig(engram_vocab_size=(1_250_000, 1_250_000), max_ngram_size=3,
-                            n_embed_per_ngram=320, n_head_per_ngram=8, layer_ids=(1, 5)),
-        train=TrainConfig(steps=50_000, batch_size=512, seq_len=4096))
+        engram=EngramConfig(
+            engram_vocab_size=(1_250_000, 1_250_000),
+            max_ngram_size=3,
+            n_embed_per_ngram=320,
+            n_head_per_ngram=8,
+            layer_ids=(1, 5),
+        ),
+        train=TrainConfig(steps=50_000, batch_size=512, seq_len=4096),
+    )

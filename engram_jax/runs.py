@@ -53,13 +53,13 @@ def load_model(workdir: str, step: int | None = None) -> tuple[Config, EngramLM]
     return cfg, nnx.merge(graphdef, state["params"], state["tables"], state["rest"])
 
 
-
 def run_tokenizer_path(workdir: str) -> str:
     """The SentencePiece model a run trained with."""
     path = os.path.join(workdir, "tokenizer.model")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing: the run's tokenizer is needed to "
-                                "tokenize other data the same way")
+        raise FileNotFoundError(
+            f"{path} is missing: the run's tokenizer is needed to tokenize other data the same way"
+        )
     return path
 
 
@@ -71,12 +71,19 @@ def evaluate_workdir(workdir: str, *, data: str | None = None, batches: int | No
 
     cfg, graphdef, state, step = load_state(workdir)
     if data is not None:  # other text, tokenized with the run's own tokenizer
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(
-            cfg.data, path=data, tokenizer=run_tokenizer_path(workdir)))
+        cfg = dataclasses.replace(
+            cfg,
+            data=dataclasses.replace(cfg.data, path=data, tokenizer=run_tokenizer_path(workdir)),
+        )
     mesh = shd.make_mesh(single_device_mesh_cfg(), jax.devices()[:1])
     bundle = build_data(cfg, workdir)
     n = batches or cfg.train.eval_batches
     eval_fn = jax.jit(make_eval_step(cfg, graphdef))
     loss = evaluate(eval_fn, state, bundle.val_batches(n), mesh)
-    return dict(workdir=os.path.abspath(workdir), step=step, val_loss=loss, batches=n,
-                data=cfg.data.path or "<python stdlib>")
+    return dict(
+        workdir=os.path.abspath(workdir),
+        step=step,
+        val_loss=loss,
+        batches=n,
+        data=cfg.data.path or "<python stdlib>",
+    )

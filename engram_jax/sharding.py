@@ -69,14 +69,17 @@ def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[Any] | None = None) -> Mes
         if n % known:
             raise ValueError(
                 f"mesh sizes {dict(zip(MESH_AXES, sizes))}: the fixed axes (product {known}) "
-                f"do not divide the {n} devices")
+                f"do not divide the {n} devices"
+            )
         sizes[sizes.index(-1)] = n // known
     if math.prod(sizes) != n:
         raise ValueError(
             f"mesh sizes {dict(zip(MESH_AXES, sizes))} have product {math.prod(sizes)} but there "
-            f"are {n} devices; the product must equal the device count (use -1 on one axis)")
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+            f"are {n} devices; the product must equal the device count (use -1 on one axis)"
+        )
+    return jax.make_mesh(
+        tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+    )
 
 
 def mesh_axes_for(logical: str | None) -> tuple[str, ...]:
@@ -91,8 +94,12 @@ def mesh_axes_for(logical: str | None) -> tuple[str, ...]:
     return (target,) if isinstance(target, str) else tuple(target)
 
 
-def logical_to_spec(logical_axes: Sequence[str | None], *, shape: Sequence[int] | None = None,
-                    mesh: Mesh | None = None) -> PartitionSpec:
+def logical_to_spec(
+    logical_axes: Sequence[str | None],
+    *,
+    shape: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
+) -> PartitionSpec:
     """PartitionSpec of an array whose dimensions carry ``logical_axes``.
 
     With ``shape`` and ``mesh``, a mesh axis whose size does not divide its dimension is dropped
@@ -109,7 +116,8 @@ def logical_to_spec(logical_axes: Sequence[str | None], *, shape: Sequence[int] 
                 if shape[dim] % count:
                     raise ValueError(
                         f"table rows {shape[dim]} are not a multiple of the table shard count "
-                        f"{count}; pad rows to a multiple of shard_count_for_tables(mesh)")
+                        f"{count}; pad rows to a multiple of shard_count_for_tables(mesh)"
+                    )
             else:
                 kept = []
                 for a in axes:
@@ -156,8 +164,10 @@ def global_batch_from_local(mesh: Mesh, local_batch_tree: Any) -> Any:
     def put(x):
         x = np.asarray(x)
         if x.shape[0] % local_shards:
-            raise ValueError(f"local batch {x.shape[0]} does not split over this process's "
-                             f"{local_shards} batch shards")
+            raise ValueError(
+                f"local batch {x.shape[0]} does not split over this process's "
+                f"{local_shards} batch shards"
+            )
         global_shape = (x.shape[0] // local_shards * n_shards,) + x.shape[1:]
         return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
@@ -168,8 +178,10 @@ def local_batch_size(mesh: Mesh, global_batch_size: int) -> int:
     """Rows of the global batch this process must load."""
     n_shards = math.prod(mesh.shape[a] for a in batch_axes())
     if global_batch_size % n_shards:
-        raise ValueError(f"batch size {global_batch_size} is not a multiple of the "
-                         f"{n_shards} batch shards (mesh data x fsdp)")
+        raise ValueError(
+            f"batch size {global_batch_size} is not a multiple of the "
+            f"{n_shards} batch shards (mesh data x fsdp)"
+        )
     return global_batch_size // n_shards * _local_batch_shard_count(mesh)
 
 

@@ -32,10 +32,30 @@ import traceback
 from engram_jax.config import Config
 from engram_jax.params import count_params
 
-COLUMNS = ("name", "study", "point", "rho", "rho_actual", "slots", "variant", "layer",
-           "experts", "dense_hidden", "seed", "total_params", "activated_params",
-           "engram_params", "train_loss", "val_loss", "tokens", "steps", "wall_s",
-           "compile_s", "status", "error")
+COLUMNS = (
+    "name",
+    "study",
+    "point",
+    "rho",
+    "rho_actual",
+    "slots",
+    "variant",
+    "layer",
+    "experts",
+    "dense_hidden",
+    "seed",
+    "total_params",
+    "activated_params",
+    "engram_params",
+    "train_loss",
+    "val_loss",
+    "tokens",
+    "steps",
+    "wall_s",
+    "compile_s",
+    "status",
+    "error",
+)
 
 
 def _finished(workdir: str, cfg: Config) -> dict | None:
@@ -103,11 +123,20 @@ def _row(study: str, point, seed: int, cfg: Config, summary: dict | None, error:
     c = count_params(cfg)
     row = dict.fromkeys(COLUMNS, "")
     row.update({k: v for k, v in point.labels.items() if k in COLUMNS})
-    row.update(name=f"{point.name}-s{seed}", study=study, point=point.name, seed=seed,
-               experts=cfg.moe.n_routed_experts, dense_hidden=cfg.model.dense_hidden,
-               total_params=c["total"], activated_params=c["activated"],
-               engram_params=c["engram"], rho_actual=round(c["rho"], 4),
-               steps=cfg.train.steps, error=error)
+    row.update(
+        name=f"{point.name}-s{seed}",
+        study=study,
+        point=point.name,
+        seed=seed,
+        experts=cfg.moe.n_routed_experts,
+        dense_hidden=cfg.model.dense_hidden,
+        total_params=c["total"],
+        activated_params=c["activated"],
+        engram_params=c["engram"],
+        rho_actual=round(c["rho"], 4),
+        steps=cfg.train.steps,
+        error=error,
+    )
     s = summary or {}
     for key in ("train_loss", "val_loss", "tokens", "wall_s", "compile_s"):
         row[key] = "" if s.get(key) is None else s[key]
@@ -131,8 +160,9 @@ def read_csv(path: str) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def run_sweep(study: str, points: list, out: str, seeds=(0,), *, train_fn=None,
-              log=print) -> list[dict]:
+def run_sweep(
+    study: str, points: list, out: str, seeds=(0,), *, train_fn=None, log=print
+) -> list[dict]:
     """Train every ``(point, seed)``; return the result rows (also in ``out/results.csv``)."""
     if train_fn is None:
         from engram_jax.train import train as train_fn
@@ -140,8 +170,9 @@ def run_sweep(study: str, points: list, out: str, seeds=(0,), *, train_fn=None,
     enable_compilation_cache(os.path.join(out, "jax_cache"))
     rows, total, t0 = [], len(points) * len(seeds), time.time()
     for i, (point, seed) in enumerate(((p, s) for p in points for s in seeds), 1):
-        cfg = dataclasses.replace(point.cfg, train=dataclasses.replace(point.cfg.train,
-                                                                         seed=int(seed)))
+        cfg = dataclasses.replace(
+            point.cfg, train=dataclasses.replace(point.cfg.train, seed=int(seed))
+        )
         name = f"{point.name}-s{seed}"
         workdir = os.path.join(out, "runs", name)
         summary, error = _finished(workdir, cfg), ""
@@ -151,8 +182,10 @@ def run_sweep(study: str, points: list, out: str, seeds=(0,), *, train_fn=None,
             error = "busy: another sweep process is training this run"
             log(f"[{i}/{total}] {name}: {error}, skipped")
         else:
-            log(f"[{i}/{total}] {name}: training {cfg.train.steps} steps "
-                f"({time.time() - t0:.0f} s into the sweep)")
+            log(
+                f"[{i}/{total}] {name}: training {cfg.train.steps} steps "
+                f"({time.time() - t0:.0f} s into the sweep)"
+            )
             try:
                 _link_data(out, workdir)
                 summary = train_fn(cfg, workdir, progress=False)
@@ -164,8 +197,10 @@ def run_sweep(study: str, points: list, out: str, seeds=(0,), *, train_fn=None,
             finally:
                 _unlock(workdir)
             if summary and not error:
-                log(f"[{i}/{total}] {name}: val loss {summary.get('val_loss')}, train loss "
-                    f"{summary.get('train_loss')}, {summary.get('wall_s')} s")
+                log(
+                    f"[{i}/{total}] {name}: val loss {summary.get('val_loss')}, train loss "
+                    f"{summary.get('train_loss')}, {summary.get('wall_s')} s"
+                )
         rows.append(_row(study, point, seed, cfg, summary, error))
         write_csv(rows, os.path.join(out, "results.csv"))
     return rows
@@ -202,8 +237,13 @@ def plot(study: str, rows: list[dict], summary: dict, out: str) -> list[str]:
     if study == "rho":
         name = "rho_ucurve.png"
         xs = [g["rho_actual"] for g in groups]
-        ax.errorbar(xs, [g["val_loss_mean"] for g in groups],
-                    yerr=[g["val_loss_std"] for g in groups], marker="o", capsize=4)
+        ax.errorbar(
+            xs,
+            [g["val_loss_mean"] for g in groups],
+            yerr=[g["val_loss_std"] for g in groups],
+            marker="o",
+            capsize=4,
+        )
         for r in rows:
             if r.get("val_loss") not in ("", None):
                 ax.plot(float(r["rho_actual"]), float(r["val_loss"]), "k.", alpha=0.4)
@@ -214,14 +254,21 @@ def plot(study: str, rows: list[dict], summary: dict, out: str) -> list[str]:
         import numpy as np
 
         name = "loss_vs_slots.png"
-        pts = [(float(r["slots"]), float(r["val_loss"])) for r in rows
-               if r.get("val_loss") not in ("", None)]
+        pts = [
+            (float(r["slots"]), float(r["val_loss"]))
+            for r in rows
+            if r.get("val_loss") not in ("", None)
+        ]
         ax.plot([np.log10(x) for x, _ in pts], [y for _, y in pts], "o", label="runs")
         fit = summary.get("fit")
         if fit:
             x = np.linspace(min(np.log10(x) for x, _ in pts), max(np.log10(x) for x, _ in pts))
-            ax.plot(x, fit["intercept"] + fit["slope"] * x, "-",
-                    label=f"fit: slope {fit['slope']:.4f}/decade, R^2 {fit['r2']:.3f}")
+            ax.plot(
+                x,
+                fit["intercept"] + fit["slope"] * x,
+                "-",
+                label=f"fit: slope {fit['slope']:.4f}/decade, R^2 {fit['r2']:.3f}",
+            )
         ax.set_xlabel("log10(Engram slots = total table rows)")
         ax.set_ylabel("validation loss")
         ax.legend()
@@ -230,8 +277,13 @@ def plot(study: str, rows: list[dict], summary: dict, out: str) -> list[str]:
         name = "ablations.png"
         labels = [g["point"] for g in groups]
         means = [g["val_loss_mean"] for g in groups]
-        ax.bar(range(len(groups)), means, yerr=[g["val_loss_std"] for g in groups],
-               capsize=3, color=["C1" if n == "reference" else "C0" for n in labels])
+        ax.bar(
+            range(len(groups)),
+            means,
+            yerr=[g["val_loss_std"] for g in groups],
+            capsize=3,
+            color=["C1" if n == "reference" else "C0" for n in labels],
+        )
         ref = summary.get("reference_val_loss")
         if ref is not None:
             ax.axhline(ref, color="C1", lw=1, ls="--")

@@ -70,15 +70,17 @@ def merge_duplicate_rows(ids_N: jax.Array, grads_NxD: jax.Array, num_rows: int):
     ids_N = ids_N.astype(jnp.int32)
     ids_N = jnp.where((ids_N >= 0) & (ids_N < num_rows), ids_N, num_rows)
     uniq_K, inv_N = jnp.unique(ids_N, size=N, fill_value=num_rows, return_inverse=True)
-    grads_KxD = jax.ops.segment_sum(grads_NxD, inv_N.reshape(-1), num_segments=N,
-                                    indices_are_sorted=False)
+    grads_KxD = jax.ops.segment_sum(
+        grads_NxD, inv_N.reshape(-1), num_segments=N, indices_are_sorted=False
+    )
     valid_K = uniq_K < num_rows
     rows_K = jnp.where(valid_K, uniq_K, num_rows + jnp.arange(N, dtype=jnp.int32))
     return rows_K, jnp.where(valid_K[:, None], grads_KxD, 0)
 
 
-def adam_rows(table, mu, nu, rows_K, grads_KxD, step, lr, b1=0.9, b2=0.999, eps=1e-8,
-              grad_scale=1.0):
+def adam_rows(
+    table, mu, nu, rows_K, grads_KxD, step, lr, b1=0.9, b2=0.999, eps=1e-8, grad_scale=1.0
+):
     """Adam on the distinct sorted ``rows_K`` only (output of :func:`merge_duplicate_rows`).
 
     ``step`` is the 0-based index of this update (optax's ``count`` before it), so the bias
@@ -93,13 +95,16 @@ def adam_rows(table, mu, nu, rows_K, grads_KxD, step, lr, b1=0.9, b2=0.999, eps=
     nu_hat = nu_K / (1 - jnp.asarray(b2, nu.dtype) ** count).astype(nu.dtype)
     p_K = table.at[rows_K].get(**at) - lr * (mu_hat / (jnp.sqrt(nu_hat) + eps))
     put = {"mode": "drop", "indices_are_sorted": True, "unique_indices": True}
-    return (table.at[rows_K].set(p_K.astype(table.dtype), **put),
-            mu.at[rows_K].set(mu_K, **put),
-            nu.at[rows_K].set(nu_K, **put))
+    return (
+        table.at[rows_K].set(p_K.astype(table.dtype), **put),
+        mu.at[rows_K].set(mu_K, **put),
+        nu.at[rows_K].set(nu_K, **put),
+    )
 
 
-def sparse_adam_update(table, mu, nu, ids_flat, row_grads_flat, step, lr, b1=0.9, b2=0.999,
-                       eps=1e-8, *, grad_scale=1.0):
+def sparse_adam_update(
+    table, mu, nu, ids_flat, row_grads_flat, step, lr, b1=0.9, b2=0.999, eps=1e-8, *, grad_scale=1.0
+):
     """Row-wise Adam on one unsharded table: merge duplicate ids, update those rows only.
 
     table, mu, nu: [R, d]; ids_flat: [N] int; row_grads_flat: [N, d] (gradient of the loss
@@ -107,9 +112,9 @@ def sparse_adam_update(table, mu, nu, ids_flat, row_grads_flat, step, lr, b1=0.9
     the table lr multiplier). Ids outside [0, R) are ignored. Returns (table, mu, nu).
     Donate table, mu and nu to the enclosing jit, else all three are copied.
     """
-    rows_K, grads_KxD = merge_duplicate_rows(ids_flat.reshape(-1),
-                                             row_grads_flat.reshape(-1, table.shape[-1]),
-                                             table.shape[0])
+    rows_K, grads_KxD = merge_duplicate_rows(
+        ids_flat.reshape(-1), row_grads_flat.reshape(-1, table.shape[-1]), table.shape[0]
+    )
     return adam_rows(table, mu, nu, rows_K, grads_KxD, step, lr, b1, b2, eps, grad_scale)
 
 
@@ -156,14 +161,18 @@ def sharded_lookup(mesh: Mesh, table: jax.Array, ids: jax.Array) -> jax.Array:
         ids_N = jax.lax.all_gather(ids_n, batch, tiled=True) if batch else ids_n
         local_N = _owned(ids_N, R // S, taxes)
         rows_NxD = table_rxD.at[local_N].get(mode="fill", fill_value=0)
-        rows_nxD = (jax.lax.psum_scatter(rows_NxD, batch, scatter_dimension=0, tiled=True)
-                    if batch else rows_NxD)
+        rows_nxD = (
+            jax.lax.psum_scatter(rows_NxD, batch, scatter_dimension=0, tiled=True)
+            if batch
+            else rows_NxD
+        )
         if rest:
             rows_nxD = jax.lax.psum(rows_nxD, rest)
         return rows_nxD.reshape(ids_b.shape + (D,))
 
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(P(taxes, None), P(batch)),
-                       out_specs=P(batch), check_vma=False)
+    fn = jax.shard_map(
+        local, mesh=mesh, in_specs=(P(taxes, None), P(batch)), out_specs=P(batch), check_vma=False
+    )
     return fn(table, ids)
 
 
@@ -179,8 +188,9 @@ class MergedRowGrads(NamedTuple):
         return jnp.sum(jnp.square(self.grads.astype(jnp.float32)))
 
 
-def sharded_merge_row_grads(mesh: Mesh, ids: jax.Array, row_grads: jax.Array,
-                            num_rows: int) -> MergedRowGrads:
+def sharded_merge_row_grads(
+    mesh: Mesh, ids: jax.Array, row_grads: jax.Array, num_rows: int
+) -> MergedRowGrads:
     """All-gather ids and row gradients over the batch axes; each table shard keeps and merges
     the ids it owns. ids: [B, ...]; row_grads: [B, ..., d], both batch-sharded."""
     batch, taxes, _ = _axes(mesh)
@@ -195,13 +205,30 @@ def sharded_merge_row_grads(mesh: Mesh, ids: jax.Array, row_grads: jax.Array,
         local_N = _owned(ids_n, num_rows // S, taxes)
         return MergedRowGrads(*merge_duplicate_rows(local_N, g_nxD, num_rows // S))
 
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(P(batch), P(batch)),
-                       out_specs=MergedRowGrads(P(taxes), P(taxes, None)), check_vma=False)
+    fn = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(P(batch), P(batch)),
+        out_specs=MergedRowGrads(P(taxes), P(taxes, None)),
+        check_vma=False,
+    )
     return fn(ids, row_grads)
 
 
-def sharded_apply_adam(mesh: Mesh, table, mu, nu, merged: MergedRowGrads, step, lr,
-                       b1=0.9, b2=0.999, eps=1e-8, *, grad_scale=1.0):
+def sharded_apply_adam(
+    mesh: Mesh,
+    table,
+    mu,
+    nu,
+    merged: MergedRowGrads,
+    step,
+    lr,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    *,
+    grad_scale=1.0,
+):
     """Adam on each shard's merged rows (local compute only, no communication)."""
     _, taxes, _ = _axes(mesh)
     spec = P(taxes, None)
@@ -209,15 +236,40 @@ def sharded_apply_adam(mesh: Mesh, table, mu, nu, merged: MergedRowGrads, step, 
     def local(t, m, v, rows_K, g_KxD, step, lr, scale):
         return adam_rows(t, m, v, rows_K, g_KxD, step, lr, b1, b2, eps, scale)
 
-    fn = jax.shard_map(local, mesh=mesh,
-                       in_specs=(spec, spec, spec, P(taxes), spec, P(), P(), P()),
-                       out_specs=(spec, spec, spec), check_vma=False)
-    return fn(table, mu, nu, merged.rows, merged.grads, jnp.asarray(step, jnp.int32),
-              jnp.asarray(lr, jnp.float32), jnp.asarray(grad_scale, jnp.float32))
+    fn = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(spec, spec, spec, P(taxes), spec, P(), P(), P()),
+        out_specs=(spec, spec, spec),
+        check_vma=False,
+    )
+    return fn(
+        table,
+        mu,
+        nu,
+        merged.rows,
+        merged.grads,
+        jnp.asarray(step, jnp.int32),
+        jnp.asarray(lr, jnp.float32),
+        jnp.asarray(grad_scale, jnp.float32),
+    )
 
 
-def sharded_sparse_adam_update(mesh: Mesh, table, mu, nu, ids, row_grads, step, lr,
-                               b1=0.9, b2=0.999, eps=1e-8, *, grad_scale=1.0):
+def sharded_sparse_adam_update(
+    mesh: Mesh,
+    table,
+    mu,
+    nu,
+    ids,
+    row_grads,
+    step,
+    lr,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    *,
+    grad_scale=1.0,
+):
     """Row-wise Adam on a row-sharded table from batch-sharded ids and row gradients.
 
     table, mu, nu: [R, d], rows over all devices (R a multiple of the shard count); ids:
@@ -226,8 +278,9 @@ def sharded_sparse_adam_update(mesh: Mesh, table, mu, nu, ids, row_grads, step, 
     Donate table, mu, nu to the enclosing jit.
     """
     merged = sharded_merge_row_grads(mesh, ids, row_grads, table.shape[0])
-    return sharded_apply_adam(mesh, table, mu, nu, merged, step, lr, b1, b2, eps,
-                              grad_scale=grad_scale)
+    return sharded_apply_adam(
+        mesh, table, mu, nu, merged, step, lr, b1, b2, eps, grad_scale=grad_scale
+    )
 
 
 def clip_scale(sq_norm: jax.Array, max_norm: float) -> jax.Array:
@@ -238,9 +291,22 @@ def clip_scale(sq_norm: jax.Array, max_norm: float) -> jax.Array:
     return jnp.where(norm < max_norm, 1.0, max_norm / norm).astype(jnp.float32)
 
 
-def sparse_tables_step(mesh: Mesh, tables: dict, mus: dict, nus: dict, ids: dict,
-                       row_grads: dict, step, lr, *, b1=0.9, b2=0.999, eps=1e-8,
-                       clip_norm: float = 0.0, other_sq_norm: Any = 0.0):
+def sparse_tables_step(
+    mesh: Mesh,
+    tables: dict,
+    mus: dict,
+    nus: dict,
+    ids: dict,
+    row_grads: dict,
+    step,
+    lr,
+    *,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    clip_norm: float = 0.0,
+    other_sq_norm: Any = 0.0,
+):
     """Sparse Adam on several tables (dicts keyed alike) with ONE global-norm clip.
 
     The clip norm is over the backbone gradients (``other_sq_norm``, their squared global
@@ -249,11 +315,20 @@ def sparse_tables_step(mesh: Mesh, tables: dict, mus: dict, nus: dict, ids: dict
     (``table_sq_norm=`` keyword of :func:`engram_jax.optim.make_optimizer`'s transform) so the
     backbone is clipped by the same factor.
     """
-    merged = {k: sharded_merge_row_grads(mesh, ids[k], row_grads[k], tables[k].shape[0])
-              for k in tables}
+    merged = {
+        k: sharded_merge_row_grads(mesh, ids[k], row_grads[k], tables[k].shape[0]) for k in tables
+    }
     table_sq = sum((m.sq_norm() for m in merged.values()), jnp.zeros((), jnp.float32))
     scale = clip_scale(other_sq_norm + table_sq, clip_norm)
-    out = {k: sharded_apply_adam(mesh, tables[k], mus[k], nus[k], merged[k], step, lr,
-                                 b1, b2, eps, grad_scale=scale) for k in tables}
-    return ({k: o[0] for k, o in out.items()}, {k: o[1] for k, o in out.items()},
-            {k: o[2] for k, o in out.items()}, table_sq)
+    out = {
+        k: sharded_apply_adam(
+            mesh, tables[k], mus[k], nus[k], merged[k], step, lr, b1, b2, eps, grad_scale=scale
+        )
+        for k in tables
+    }
+    return (
+        {k: o[0] for k, o in out.items()},
+        {k: o[1] for k, o in out.items()},
+        {k: o[2] for k, o in out.items()},
+        table_sq,
+    )

@@ -48,11 +48,16 @@ def _lines(texts: Iterable[str], max_bytes: int):
                 return
 
 
-def train_tokenizer(texts: Iterable[str] | str | os.PathLike, out_path: str | os.PathLike, *,
-                    vocab_size: int, model_type: str = "bpe",
-                    user_defined_symbols: tuple[str, ...] = DEFAULT_USER_SYMBOLS,
-                    max_bytes: int = 20_000_000, num_threads: int | None = None,
-                    ) -> spm.SentencePieceProcessor:
+def train_tokenizer(
+    texts: Iterable[str] | str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    vocab_size: int,
+    model_type: str = "bpe",
+    user_defined_symbols: tuple[str, ...] = DEFAULT_USER_SYMBOLS,
+    max_bytes: int = 20_000_000,
+    num_threads: int | None = None,
+) -> spm.SentencePieceProcessor:
     """Train a byte-fallback SentencePiece model on texts (or a text file) and save it.
 
     The result has exactly ``vocab_size`` pieces or a ``ValueError`` says why not (usually: the
@@ -71,21 +76,37 @@ def train_tokenizer(texts: Iterable[str] | str | os.PathLike, out_path: str | os
     spm.set_random_generator_seed(0)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_chain(first, lines), model_writer=proto,
-            vocab_size=vocab_size, model_type=model_type, byte_fallback=True,
-            character_coverage=1.0, user_defined_symbols=list(user_defined_symbols),
-            unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
-            normalization_rule_name="identity", remove_extra_whitespaces=False,
-            add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
-            shuffle_input_sentence=False, hard_vocab_limit=True,
-            num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
+            sentence_iterator=_chain(first, lines),
+            model_writer=proto,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            byte_fallback=True,
+            character_coverage=1.0,
+            user_defined_symbols=list(user_defined_symbols),
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_id=PAD_ID,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            shuffle_input_sentence=False,
+            hard_vocab_limit=True,
+            num_threads=num_threads or os.cpu_count() or 1,
+            minloglevel=2,
+        )
     except RuntimeError as e:
-        raise ValueError(f"SentencePiece could not train a {vocab_size}-piece {model_type} "
-                         f"tokenizer: {e}") from None
+        raise ValueError(
+            f"SentencePiece could not train a {vocab_size}-piece {model_type} tokenizer: {e}"
+        ) from None
     sp = spm.SentencePieceProcessor(model_proto=proto.getvalue())
     if sp.get_piece_size() != vocab_size:
-        raise ValueError(f"trained tokenizer has {sp.get_piece_size()} pieces, wanted "
-                         f"{vocab_size}: the corpus is too small for this vocabulary size")
+        raise ValueError(
+            f"trained tokenizer has {sp.get_piece_size()} pieces, wanted "
+            f"{vocab_size}: the corpus is too small for this vocabulary size"
+        )
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f"{out_path.name}.tmp{os.getpid()}")
@@ -158,8 +179,9 @@ class CompressionTable:
         """Map raw ids (any shape) to compressed ids; negative ids (padding) pass through."""
         x = np.asarray(ids, dtype=np.int64)
         if x.size and x.max() >= self.vocab_size:
-            raise ValueError(f"token id {x.max()} out of range for a vocabulary of "
-                             f"{self.vocab_size}")
+            raise ValueError(
+                f"token id {x.max()} out of range for a vocabulary of {self.vocab_size}"
+            )
         return np.where(x >= 0, self.lookup[np.maximum(x, 0)], x)
 
     __call__ = compress
@@ -170,8 +192,11 @@ def identity_compression(vocab_size: int) -> CompressionTable:
     return CompressionTable(np.arange(vocab_size, dtype=np.int64), vocab_size)
 
 
-def build_compression(sp: spm.SentencePieceProcessor, *, enabled: bool = True,
-                      ) -> CompressionTable:
+def build_compression(
+    sp: spm.SentencePieceProcessor,
+    *,
+    enabled: bool = True,
+) -> CompressionTable:
     """Compression table of a tokenizer; ``enabled=False`` gives the identity."""
     size = sp.get_piece_size()
     if not enabled:

@@ -65,14 +65,19 @@ def resolve_config(workdir: str, preset: str | None, sets: list[str]) -> Config:
         if diff:
             raise ValueError(
                 f"workdir {workdir} holds a run with a different config ({', '.join(diff[:6])}"
-                f"{'...' if len(diff) > 6 else ''}); use another --workdir or the same config")
+                f"{'...' if len(diff) > 6 else ''}); use another --workdir or the same config"
+            )
         old_b = decay_boundaries(saved.optim, saved.train.steps)
         new_b = decay_boundaries(cfg.optim, cfg.train.steps)
         if not cfg.optim.decay_steps and old_b != new_b and jax.process_index() == 0:
-            print(f"engram-jax train: warning: train.steps {saved.train.steps} -> "
-                  f"{cfg.train.steps} moves the default lr decay boundaries from {list(old_b)} "
-                  f"(the workdir's config) to {list(new_b)}; pass --set "
-                  f"optim.decay_steps={list(old_b)} to keep them", file=sys.stderr, flush=True)
+            print(
+                f"engram-jax train: warning: train.steps {saved.train.steps} -> "
+                f"{cfg.train.steps} moves the default lr decay boundaries from {list(old_b)} "
+                f"(the workdir's config) to {list(new_b)}; pass --set "
+                f"optim.decay_steps={list(old_b)} to keep them",
+                file=sys.stderr,
+                flush=True,
+            )
     return cfg
 
 
@@ -106,10 +111,15 @@ def init_state(cfg: Config, mesh, tx) -> tuple[Any, dict]:
     graphdef, params, tables, rest = split_model(model, cfg)
     table_arrays = {k: v for k, v in _tables_by_layer(tables).items()}
     moments = {k: init_moments(t) for k, t in table_arrays.items()}
-    state = dict(params=params, tables=tables, rest=rest, opt=tx.init(params),
-                 table_mu={k: m[0] for k, m in moments.items()},
-                 table_nu={k: m[1] for k, m in moments.items()},
-                 step=jnp.zeros((), jnp.int32))
+    state = dict(
+        params=params,
+        tables=tables,
+        rest=rest,
+        opt=tx.init(params),
+        table_mu={k: m[0] for k, m in moments.items()},
+        table_nu={k: m[1] for k, m in moments.items()},
+        step=jnp.zeros((), jnp.int32),
+    )
     return graphdef, _on_mesh(mesh, state)
 
 
@@ -192,8 +202,7 @@ def make_train_step(cfg: Config, graphdef, tx, mesh):
         rows = None
         if sparse:
             model = nnx.merge(graphdef, params, tables, rest)
-            rows = {int(k): model.blocks[int(k)].engram.table.global_ids(v)
-                    for k, v in ids.items()}
+            rows = {int(k): model.blocks[int(k)].engram.table.global_ids(v) for k, v in ids.items()}
             tarr = _tables_by_layer(tables)
             gids = {str(k): v for k, v in rows.items()}
             rows = {int(k): jnp.take(tarr[k], gids[k], axis=0) for k in tarr}
@@ -205,10 +214,20 @@ def make_train_step(cfg: Config, graphdef, tx, mesh):
         if sparse:
             tarr = _tables_by_layer(tables)
             new_t, mu, nu, t_sq = sparse_tables_step(
-                mesh, tarr, state["table_mu"], state["table_nu"], gids,
-                {str(k): v for k, v in g_rows.items()}, state["step"],
-                table_lr(state["step"]), b1=o.b1, b2=o.b2, eps=o.eps, clip_norm=o.grad_clip,
-                other_sq_norm=p_sq)
+                mesh,
+                tarr,
+                state["table_mu"],
+                state["table_nu"],
+                gids,
+                {str(k): v for k, v in g_rows.items()},
+                state["step"],
+                table_lr(state["step"]),
+                b1=o.b1,
+                b2=o.b2,
+                eps=o.eps,
+                clip_norm=o.grad_clip,
+                other_sq_norm=p_sq,
+            )
             new.update(tables=_set_tables(tables, new_t), table_mu=mu, table_nu=nu)
         else:
             t_sq = jnp.zeros((), jnp.float32)
@@ -242,8 +261,7 @@ def flatten_state(state: dict) -> tuple[dict[str, Any], Any]:
 
 def unflatten_state(flat: dict[str, Any], like: dict) -> dict:
     paths, treedef = jax.tree_util.tree_flatten_with_path(like)
-    return jax.tree_util.tree_unflatten(treedef, [flat[jax.tree_util.keystr(p)]
-                                                  for p, _ in paths])
+    return jax.tree_util.tree_unflatten(treedef, [flat[jax.tree_util.keystr(p)] for p, _ in paths])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,8 +275,10 @@ def _host_metrics(metrics: dict) -> dict:
 def _check_batch_split(cfg: Config, mesh) -> None:
     shards = math.prod(mesh.shape[a] for a in shd.batch_axes())
     if cfg.train.batch_size % shards:
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the "
-                         f"{shards} batch shards of the mesh (data x fsdp)")
+        raise ValueError(
+            f"train.batch_size={cfg.train.batch_size} must be a multiple of the "
+            f"{shards} batch shards of the mesh (data x fsdp)"
+        )
 
 
 def evaluate(eval_fn, state, batches: list[dict], mesh) -> float:
@@ -312,8 +332,9 @@ def train(cfg: Config, workdir: str, *, progress: bool = True) -> dict:
     os.makedirs(workdir, exist_ok=True)
     if not is_main:  # process 0 builds the shared tokenizer/token cache first
         _barrier("engram_jax.train.data")
-    data = build_data(cfg, workdir, process_index=jax.process_index(),
-                      process_count=jax.process_count())
+    data = build_data(
+        cfg, workdir, process_index=jax.process_index(), process_count=jax.process_count()
+    )
     if is_main:
         _barrier("engram_jax.train.data")
         _publish_tokenizer(data.tokenizer_path, workdir)
@@ -370,21 +391,27 @@ def train(cfg: Config, workdir: str, *, progress: bool = True) -> dict:
                 raise TrainingDiverged(
                     f"training diverged at step {step} (loss {m['loss']}, grad norm "
                     f"{m['grad_norm']}); stopped. Last good checkpoint: step {good} in "
-                    f"{ckpt.directory}")
+                    f"{ckpt.directory}"
+                )
             losses.append(m["loss"])
             last = dict(step=step, **m, step_time_s=dt, tokens_per_s=tokens_per_step / dt)
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 log.write(last)
-            if cfg.train.eval_every and (step % cfg.train.eval_every == 0
-                                         or step == cfg.train.steps):
+            if cfg.train.eval_every and (
+                step % cfg.train.eval_every == 0 or step == cfg.train.steps
+            ):
                 val_loss = evaluate(eval_fn, state, val, mesh)
                 log.write(dict(step=step, val_loss=val_loss))
-            if cfg.train.checkpoint_every and (step % cfg.train.checkpoint_every == 0
-                                               or step == cfg.train.steps):
+            if cfg.train.checkpoint_every and (
+                step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps
+            ):
                 ckpt.save(step, flatten_state(state)[0], it, cfg.to_dict())
             if bar is not None:
-                bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
-                                val=f"{val_loss:.3f}" if val_loss is not None else "-")
+                bar.set_postfix(
+                    loss=f"{m['loss']:.3f}",
+                    tok_s=f"{last['tokens_per_s']:.0f}",
+                    val=f"{val_loss:.3f}" if val_loss is not None else "-",
+                )
                 bar.update(1)
     except TrainingDiverged as e:
         print(f"engram-jax train: error: {e}", file=sys.stderr, flush=True)
@@ -395,20 +422,29 @@ def train(cfg: Config, workdir: str, *, progress: bool = True) -> dict:
         log.close()
 
     summary = dict(
-        status=status, workdir=os.path.abspath(workdir), steps=cfg.train.steps,
-        resumed_from=start, final_step=last.get("step", start),
-        train_loss=float(np.mean(losses[-10:])) if losses else None, val_loss=val_loss,
-        tokens=(last.get("step", start)) * tokens_per_step, compile_s=round(compile_s, 2),
-        wall_s=round(time.time() - t_start, 2), data=data.stats,
+        status=status,
+        workdir=os.path.abspath(workdir),
+        steps=cfg.train.steps,
+        resumed_from=start,
+        final_step=last.get("step", start),
+        train_loss=float(np.mean(losses[-10:])) if losses else None,
+        val_loss=val_loss,
+        tokens=(last.get("step", start)) * tokens_per_step,
+        compile_s=round(compile_s, 2),
+        wall_s=round(time.time() - t_start, 2),
+        data=data.stats,
     )
     if is_main:
         with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=1)
-        print(f"{status}: {summary['final_step']} steps, train loss "
-              f"{summary['train_loss']}, val loss {val_loss}; metrics: "
-              f"{os.path.join(workdir, 'metrics.jsonl')}, checkpoints: {ckpt.directory}, "
-              f"non-UTF-8 files replaced: {data.stats.get('non_utf8_documents', 0)}")
+        print(
+            f"{status}: {summary['final_step']} steps, train loss "
+            f"{summary['train_loss']}, val loss {val_loss}; metrics: "
+            f"{os.path.join(workdir, 'metrics.jsonl')}, checkpoints: {ckpt.directory}, "
+            f"non-UTF-8 files replaced: {data.stats.get('non_utf8_documents', 0)}"
+        )
     return summary
+
 
 def _publish_tokenizer(path, workdir: str) -> None:
     """Copy the run's SentencePiece model to ``WORKDIR/tokenizer.model`` (where generation,

@@ -10,12 +10,12 @@ Expected at paper scale: validation loss linear in log(slots).
 """
 
 from engram_jax.experiments.memory_scaling import (
-                                                   SLOTS,
-                                                   decades,
-                                                   fit_log_slots,
-                                                   slots_of,
-                                                   sweep,
-                                                   with_slots,
+    SLOTS,
+    decades,
+    fit_log_slots,
+    slots_of,
+    sweep,
+    with_slots,
 )
 
 __all__ = ["SLOTS", "decades", "fit_log_slots", "slots_of", "sweep", "with_slots"]

@@ -28,7 +28,8 @@ def hsic1_oracle(x, y):
     sum_l = sum(map(sum, l_))
     one_kl_one = sum(k[i][j] * l_[j][m] for i in range(n) for j in range(n) for m in range(n))
     return (trace + sum_k * sum_l / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * one_kl_one) / (
-        n * (n - 3))
+        n * (n - 3)
+    )
 
 
 def test_unbiased_hsic_and_cka_match_oracle():
@@ -58,16 +59,14 @@ def test_cka_self_is_one_and_invariances():
 def test_minibatch_cka_accumulates_hsic_terms():
     rng = np.random.default_rng(2)
     xs = [rng.standard_normal((2, 20, 5)).astype(np.float32) for _ in range(3)]
-    ys = [np.concatenate([x[:1], rng.standard_normal((1, 20, 5)).astype(np.float32)])
-          for x in xs]
+    ys = [np.concatenate([x[:1], rng.standard_normal((1, 20, 5)).astype(np.float32)]) for x in xs]
     acc = an.CKAAccumulator()
     for x, y in zip(xs, ys):
         acc.add(x, y)
     cka = acc.result()
     assert cka.shape == (2, 2)
     assert cka[0, 0] == pytest.approx(1.0, abs=1e-5)
-    kl = sum(hsic1_oracle(x[1].astype(np.float64), y[1].astype(np.float64))
-             for x, y in zip(xs, ys))
+    kl = sum(hsic1_oracle(x[1].astype(np.float64), y[1].astype(np.float64)) for x, y in zip(xs, ys))
     kk = sum(hsic1_oracle(x[1].astype(np.float64), x[1].astype(np.float64)) for x in xs)
     ll = sum(hsic1_oracle(y[1].astype(np.float64), y[1].astype(np.float64)) for y in ys)
     assert cka[1, 1] == pytest.approx(kl / np.sqrt(kk * ll), rel=1e-4)
@@ -75,8 +74,9 @@ def test_minibatch_cka_accumulates_hsic_terms():
 
 def test_soft_alignment():
     cka = np.array([[1.0, 0.5, 0.1], [0.2, 0.4, 0.9]])
-    np.testing.assert_allclose(an.soft_alignment(cka, top_k=2), [(1 * 1.0 + 2 * 0.5) / 1.5,
-                                                                  (3 * 0.9 + 2 * 0.4) / 1.3])
+    np.testing.assert_allclose(
+        an.soft_alignment(cka, top_k=2), [(1 * 1.0 + 2 * 0.5) / 1.5, (3 * 0.9 + 2 * 0.4) / 1.3]
+    )
     np.testing.assert_allclose(an.soft_alignment(np.eye(4), top_k=1), [1, 2, 3, 4])
 
 
@@ -85,18 +85,32 @@ def model_and_batch():
     cfg = get_preset("tiny")
     cfg = dataclasses.replace(
         cfg,
-        model=dataclasses.replace(cfg.model, vocab_size=V, d_model=32, n_layers=3, n_heads=2,
-                                  n_kv_heads=2, head_dim=16, dense_hidden=64, n_dense_layers=3),
-        engram=dataclasses.replace(cfg.engram, engram_vocab_size=(200, 200),
-                                   n_embed_per_ngram=16, layer_ids=(1,)))
+        model=dataclasses.replace(
+            cfg.model,
+            vocab_size=V,
+            d_model=32,
+            n_layers=3,
+            n_heads=2,
+            n_kv_heads=2,
+            head_dim=16,
+            dense_hidden=64,
+            n_dense_layers=3,
+        ),
+        engram=dataclasses.replace(
+            cfg.engram, engram_vocab_size=(200, 200), n_embed_per_ngram=16, layer_ids=(1,)
+        ),
+    )
     model = nnx.jit(lambda: EngramLM(cfg, rngs=nnx.Rngs(0)))()
     conv = model.blocks[1].engram.conv_kernel
     conv.set_value(0.3 * jax.random.normal(jax.random.key(1), conv[...].shape))
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, V, (2, 17)).astype(np.int32)
     hasher = NgramHasher(cfg.engram, V, cfg.engram.pad_id, out_dtype=np.int32)
-    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-             "engram_ids": hasher(tokens[:, :-1])}
+    batch = {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "engram_ids": hasher(tokens[:, :-1]),
+    }
     return model, batch
 
 
@@ -140,8 +154,10 @@ def test_zeroed_engram_outputs_zero_and_changes_loss(model_and_batch):
 def test_plots_write_png(tmp_path):
     plot_logit_lens({"a": [1.0, 0.5, 0.0], "b": [0.8, 0.2, 0.0]}, str(tmp_path / "lens.png"))
     plot_cka(np.eye(3), np.array([1.0, 2.0, 3.0]), str(tmp_path / "cka.png"))
-    plot_gates({1: np.random.default_rng(0).uniform(size=(5, 2))},
-               [token_label(t) for t in ["By", " the", " way", "\n", ""]],
-               str(tmp_path / "gates.png"))
+    plot_gates(
+        {1: np.random.default_rng(0).uniform(size=(5, 2))},
+        [token_label(t) for t in ["By", " the", " way", "\n", ""]],
+        str(tmp_path / "gates.png"),
+    )
     for name in ("lens", "cka", "gates"):
         assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"

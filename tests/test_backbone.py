@@ -29,6 +29,7 @@ def moe_oracle(moe: MoE, x_SxD: np.ndarray):
     cfg = moe.cfg
     router, bias = _np(moe.router[...]), _np(moe.router_bias[...])
     wg, wu, wd = _np(moe.w_gate[...]), _np(moe.w_up[...]), _np(moe.w_down[...])
+
     def silu(z):
         return z / (1 + np.exp(-z))
 
@@ -36,26 +37,43 @@ def moe_oracle(moe: MoE, x_SxD: np.ndarray):
     load = np.zeros(cfg.n_routed_experts, np.int64)
     for s, x in enumerate(x_SxD):
         logits = x @ router
-        scores = (1 / (1 + np.exp(-logits)) if cfg.score_func == "sigmoid"
-                  else np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum())
-        chosen = np.argsort(-(scores + bias), kind="stable")[:cfg.top_k]
+        scores = (
+            1 / (1 + np.exp(-logits))
+            if cfg.score_func == "sigmoid"
+            else np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        )
+        chosen = np.argsort(-(scores + bias), kind="stable")[: cfg.top_k]
         w = scores[chosen] / (scores[chosen].sum() if cfg.norm_topk_prob else 1.0)
         for e, we in zip(chosen, w * cfg.route_scale):
             y[s] += we * ((silu(x @ wg[e]) * (x @ wu[e])) @ wd[e])
             load[e] += 1
         sh = moe.shared
         y[s] += (silu(x @ _np(sh.w_gate.kernel[...])) * (x @ _np(sh.w_up.kernel[...]))) @ _np(
-            sh.w_down.kernel[...])
+            sh.w_down.kernel[...]
+        )
     return y, load
 
 
-@pytest.mark.parametrize("dispatch,score_func", [("ragged", "sigmoid"), ("blocked", "sigmoid"),
-                                                 ("capacity", "sigmoid"),
-                                                 ("blocked", "softmax")])
+@pytest.mark.parametrize(
+    "dispatch,score_func",
+    [
+        ("ragged", "sigmoid"),
+        ("blocked", "sigmoid"),
+        ("capacity", "sigmoid"),
+        ("blocked", "softmax"),
+    ],
+)
 def test_moe_matches_token_loop(dispatch, score_func):
-    cfg = MoEConfig(n_routed_experts=6, n_shared_experts=1, top_k=2, expert_hidden=8,
-                    score_func=score_func, route_scale=1.5, dispatch=dispatch,
-                    capacity_factor=3.0)  # 3.0 = E/k: capacity >= S, nothing dropped
+    cfg = MoEConfig(
+        n_routed_experts=6,
+        n_shared_experts=1,
+        top_k=2,
+        expert_hidden=8,
+        score_func=score_func,
+        route_scale=1.5,
+        dispatch=dispatch,
+        capacity_factor=3.0,
+    )  # 3.0 = E/k: capacity >= S, nothing dropped
     moe = MoE(cfg, 16, rngs=nnx.Rngs(0))
     moe.router_bias[...] = jnp.asarray([0.3, -0.2, 0.0, 0.5, -0.4, 0.1])  # bias matters
     x = jax.random.normal(jax.random.key(1), (2, 7, 16))
@@ -66,8 +84,9 @@ def test_moe_matches_token_loop(dispatch, score_func):
 
 
 def test_dispatches_agree_in_value_and_gradient():
-    cfg = MoEConfig(n_routed_experts=6, n_shared_experts=1, top_k=3, expert_hidden=8,
-                    capacity_factor=2.0)  # 2.0 = E/k: capacity never drops here
+    cfg = MoEConfig(
+        n_routed_experts=6, n_shared_experts=1, top_k=3, expert_hidden=8, capacity_factor=2.0
+    )  # 2.0 = E/k: capacity never drops here
     x = jax.random.normal(jax.random.key(5), (2, 9, 16))
 
     def loss(params, x, graph, rest):
@@ -80,13 +99,22 @@ def test_dispatches_agree_in_value_and_gradient():
         grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)
         results[dispatch] = grad_fn(params, x, graph, rest)
     for dispatch in ("blocked", "capacity"):
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-                     results[dispatch], results["ragged"])
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+            results[dispatch],
+            results["ragged"],
+        )
 
 
 def test_capacity_drops_overflow_only():
-    cfg = MoEConfig(n_routed_experts=4, n_shared_experts=1, top_k=1, expert_hidden=8,
-                    dispatch="capacity", capacity_factor=1.0)
+    cfg = MoEConfig(
+        n_routed_experts=4,
+        n_shared_experts=1,
+        top_k=1,
+        expert_hidden=8,
+        dispatch="capacity",
+        capacity_factor=1.0,
+    )
     moe = MoE(cfg, 8, rngs=nnx.Rngs(0))
     moe.router_bias[...] = jnp.asarray([10.0, 0.0, 0.0, 0.0])  # everything to expert 0
     x = jax.random.normal(jax.random.key(2), (1, 8, 8))
@@ -125,16 +153,34 @@ def test_bias_balances_load_without_changing_weights():
 
 def tiny_cfg(**model) -> Config:
     """Two blocks (dense, MoE), width 32, mHC 2, Engram at block 1; tables of ~700 rows."""
-    m = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                    head_dim=8, dense_hidden=64, n_dense_layers=1, hc_mult=2,
-                    sinkhorn_iters=10, max_seq_len=64, **model)
-    return Config(model=m,
-                  moe=MoEConfig(n_routed_experts=4, n_shared_experts=1, top_k=2,
-                                expert_hidden=16, dispatch="blocked"),
-                  engram=EngramConfig(engram_vocab_size=(101, 89), max_ngram_size=3,
-                                      n_embed_per_ngram=16, n_head_per_ngram=2,
-                                      layer_ids=(1,)),
-                  train=TrainConfig(seq_len=16))
+    m = ModelConfig(
+        vocab_size=97,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=8,
+        dense_hidden=64,
+        n_dense_layers=1,
+        hc_mult=2,
+        sinkhorn_iters=10,
+        max_seq_len=64,
+        **model,
+    )
+    return Config(
+        model=m,
+        moe=MoEConfig(
+            n_routed_experts=4, n_shared_experts=1, top_k=2, expert_hidden=16, dispatch="blocked"
+        ),
+        engram=EngramConfig(
+            engram_vocab_size=(101, 89),
+            max_ngram_size=3,
+            n_embed_per_ngram=16,
+            n_head_per_ngram=2,
+            layer_ids=(1,),
+        ),
+        train=TrainConfig(seq_len=16),
+    )
 
 
 def hash_ids(cfg: Config, tokens) -> dict:
@@ -210,17 +256,18 @@ def test_lm_is_causal(attention, lm):
         def logits_at_t(rows):
             logits, _ = model(tok, engram_rows=rows)
             return jnp.sum(logits[:, t] * jnp.arange(cfg.model.vocab_size)[None, :])
+
         return jax.grad(logits_at_t)(rows)
 
     # 1. gradient of logits at t w.r.t. the Engram rows of later positions is zero
     g = grad_rows(model, rows, tokens)[1]
-    assert float(jnp.abs(g[:, t + 1:]).max()) == 0.0 and float(jnp.abs(g[:, :t + 1]).max()) > 0
+    assert float(jnp.abs(g[:, t + 1 :]).max()) == 0.0 and float(jnp.abs(g[:, : t + 1]).max()) > 0
     # 2. changing later tokens (and their hash ids) leaves logits up to t unchanged
-    other = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 5) % cfg.model.vocab_size)
+    other = tokens.at[:, t + 1 :].set((tokens[:, t + 1 :] + 5) % cfg.model.vocab_size)
     a, _ = forward(model, tokens, hash_ids(cfg, tokens))
     b, _ = forward(model, other, hash_ids(cfg, other))
-    np.testing.assert_allclose(a[:, :t + 1], b[:, :t + 1], rtol=1e-5, atol=1e-5)
-    assert not np.allclose(a[:, t + 1:], b[:, t + 1:])
+    np.testing.assert_allclose(a[:, : t + 1], b[:, : t + 1], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(a[:, t + 1 :], b[:, t + 1 :])
 
 
 def test_engram_disabled_is_plain_backbone(lm):
@@ -229,8 +276,9 @@ def test_engram_disabled_is_plain_backbone(lm):
     plain_cfg = dataclasses.replace(cfg, engram=dataclasses.replace(cfg.engram, layer_ids=()))
     plain_graph = abstract_graphdef(plain_cfg)
     # the plain model is the Engram model's backbone weights in the plain graph
-    backbone = [(p, v) for p, v in nnx.to_flat_state(nnx.state(with_engram))
-                if "engram" not in map(str, p)]
+    backbone = [
+        (p, v) for p, v in nnx.to_flat_state(nnx.state(with_engram)) if "engram" not in map(str, p)
+    ]
     plain = nnx.merge(plain_graph, nnx.from_flat_state(backbone))
     assert not nnx.state(plain, TableParam) and plain.engram_layers == ()
     assert all("engram" not in map(str, p) for p, _ in nnx.to_flat_state(nnx.state(plain)))
@@ -256,8 +304,9 @@ def test_aux_remat_and_bias_update(lm):
     assert aux["moe_loads"][1].shape == (4,) and int(aux["moe_loads"][1].sum()) == 2 * 10 * 2
     assert aux["engram_gates"][1].shape == (2, 10, 2)
     assert sorted(aux["hidden"]) == [0, 1] and aux["hidden"][1].shape == (2, 10, 2, 32)
-    np.testing.assert_allclose(nnx.jit(EngramLM.readout)(model, aux["hidden"][1]), logits,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        nnx.jit(EngramLM.readout)(model, aux["hidden"][1]), logits, rtol=1e-6
+    )
     remat = nnx.merge(abstract_graphdef(tiny_cfg(remat=True)), nnx.state(model))
     np.testing.assert_allclose(forward(remat, tokens, ids)[0], logits, rtol=1e-5, atol=1e-5)
     # update_router_bias: a State is returned updated (input untouched), a Module in place
@@ -296,6 +345,7 @@ def test_tiny_preset_trains_one_step_under_jit():
             logits, aux = model(tokens[:, :-1], ids)
             logp = jax.nn.log_softmax(logits)
             return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1)), aux
+
         (loss, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         return loss, grads, aux
 

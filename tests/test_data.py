@@ -12,9 +12,33 @@ from engram_jax.hashing import NgramHasher
 from engram_jax.tokenizer import train_tokenizer
 
 VOCAB = 320
-WORDS = ["alpha", "beta", "gamma", "delta", "Apple", "apple", "APPLE", "café", "return", "def",
-         "class", "lambda", "yield", "import", "from", "self", "value", "index", "token",
-         "memory", "engram", "hash", "table", "lookup", "gate"]
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "Apple",
+    "apple",
+    "APPLE",
+    "café",
+    "return",
+    "def",
+    "class",
+    "lambda",
+    "yield",
+    "import",
+    "from",
+    "self",
+    "value",
+    "index",
+    "token",
+    "memory",
+    "engram",
+    "hash",
+    "table",
+    "lookup",
+    "gate",
+]
 
 
 def _text(seed: int, n_lines: int = 60) -> str:
@@ -33,8 +57,9 @@ def corpus_dir(tmp_path_factory):
         sub = root / ("sub" if i % 3 == 0 else "")
         sub.mkdir(exist_ok=True)
         (sub / f"doc{i:02d}.txt").write_text(_text(i), encoding="utf-8")
-    (root / "broken.txt").write_bytes(b"valid start \xff\xfe then bytes that are not utf-8\n"
-                                      + _text(99).encode())
+    (root / "broken.txt").write_bytes(
+        b"valid start \xff\xfe then bytes that are not utf-8\n" + _text(99).encode()
+    )
     (root / "image.bin").write_bytes(b"\x89PNG\x00\x00binary")
     return root
 
@@ -42,10 +67,12 @@ def corpus_dir(tmp_path_factory):
 def _cfg(path, **train):
     return Config(
         model=ModelConfig(vocab_size=VOCAB),
-        engram=EngramConfig(engram_vocab_size=(211, 223), n_head_per_ngram=2,
-                            n_embed_per_ngram=8, layer_ids=(0, 1)),
+        engram=EngramConfig(
+            engram_vocab_size=(211, 223), n_head_per_ngram=2, n_embed_per_ngram=8, layer_ids=(0, 1)
+        ),
         data=DataConfig(path=str(path), val_fraction=0.2, prefetch=2),
-        train=TrainConfig(**{"batch_size": 4, "seq_len": 16, "seed": 3, **train}))
+        train=TrainConfig(**{"batch_size": 4, "seq_len": 16, "seed": 3, **train}),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +110,9 @@ def test_shapes_dtypes_and_shift(bundle, workdir):
     stream = np.load(bundle.stats["train_tokens_file"])
     for row_in, row_tg in zip(batch["inputs"], batch["targets"]):
         window = np.concatenate([row_in, row_tg[-1:]])
-        starts = [s for s in range(0, len(stream) - 16, 16)
-                  if np.array_equal(stream[s:s + 17], window)]
+        starts = [
+            s for s in range(0, len(stream) - 16, 16) if np.array_equal(stream[s : s + 17], window)
+        ]
         assert starts, "row is not a stride-T window of the training stream"
     assert 0 <= batch["inputs"].min() and batch["inputs"].max() < VOCAB
 
@@ -137,8 +165,9 @@ def test_orbax_round_trip(bundle, tmp_path):
 
 
 def test_process_slices_concatenate_to_global_batch(bundle, corpus_dir, workdir):
-    parts = [build_data(_cfg(corpus_dir), workdir, process_index=i, process_count=2)
-             for i in range(2)]
+    parts = [
+        build_data(_cfg(corpus_dir), workdir, process_index=i, process_count=2) for i in range(2)
+    ]
     assert all(p.stats["tokenizer_trained"] is False for p in parts)  # cached tokenizer reused
     assert parts[1].stats["train_tokens_file"] == bundle.stats["train_tokens_file"]
     whole = _take(bundle.train_iter(), 3)
@@ -149,8 +178,8 @@ def test_process_slices_concatenate_to_global_batch(bundle, corpus_dir, workdir)
         np.testing.assert_array_equal(np.concatenate([a["targets"], b["targets"]]), w["targets"])
         for lid in (0, 1):
             np.testing.assert_array_equal(
-                np.concatenate([a["engram_ids"][lid], b["engram_ids"][lid]]),
-                w["engram_ids"][lid])
+                np.concatenate([a["engram_ids"][lid], b["engram_ids"][lid]]), w["engram_ids"][lid]
+            )
     val = [p.val_batches(2) for p in parts]
     for w, a, b in zip(bundle.val_batches(2), *val, strict=True):
         np.testing.assert_array_equal(np.concatenate([a["inputs"], b["inputs"]]), w["inputs"])
@@ -167,8 +196,9 @@ def test_jsonl_source(tmp_path):
     with path.open("w", encoding="utf-8") as f:
         for i in range(20):
             f.write(json.dumps({"body": _text(i, 20), "id": i}) + "\n")
-    cfg = dataclasses.replace(_cfg(path), data=DataConfig(path=str(path), text_field="body",
-                                                          val_fraction=0.2))
+    cfg = dataclasses.replace(
+        _cfg(path), data=DataConfig(path=str(path), text_field="body", val_fraction=0.2)
+    )
     b = build_data(cfg, tmp_path / "w")
     assert b.stats["documents"] == 20
     assert next(b.train_iter())["inputs"].shape == (4, 16)
@@ -178,11 +208,14 @@ def test_jsonl_source(tmp_path):
 
 
 def test_default_corpus_manifest(tmp_path):
-    cfg = Config(model=ModelConfig(vocab_size=512),
-                 engram=EngramConfig(engram_vocab_size=(211, 223), n_head_per_ngram=2,
-                                     n_embed_per_ngram=8, layer_ids=(1,)),
-                 data=DataConfig(max_bytes=150_000, max_files=40, val_fraction=0.1),
-                 train=TrainConfig(batch_size=2, seq_len=32))
+    cfg = Config(
+        model=ModelConfig(vocab_size=512),
+        engram=EngramConfig(
+            engram_vocab_size=(211, 223), n_head_per_ngram=2, n_embed_per_ngram=8, layer_ids=(1,)
+        ),
+        data=DataConfig(max_bytes=150_000, max_files=40, val_fraction=0.1),
+        train=TrainConfig(batch_size=2, seq_len=32),
+    )
     b = build_data(cfg, tmp_path)
     manifest = json.loads((tmp_path / "data" / "corpus_manifest.json").read_text())
     assert manifest["files"] and all(len(f["sha256"]) == 64 for f in manifest["files"])
@@ -206,8 +239,9 @@ def test_bad_inputs_raise(corpus_dir, tmp_path, bundle):
     # A tokenizer whose size differs from model.vocab_size: the message names both.
     other = tmp_path / "other.model"
     train_tokenizer([_text(1, 200)], other, vocab_size=300)
-    cfg = dataclasses.replace(_cfg(corpus_dir),
-                              data=DataConfig(path=str(corpus_dir), tokenizer=str(other)))
+    cfg = dataclasses.replace(
+        _cfg(corpus_dir), data=DataConfig(path=str(corpus_dir), tokenizer=str(other))
+    )
     with pytest.raises(ValueError, match=r"300.*model.vocab_size=320"):
         build_data(cfg, tmp_path / "w")
     # Too little text for one window of seq_len + 1 tokens.
@@ -215,8 +249,10 @@ def test_bad_inputs_raise(corpus_dir, tmp_path, bundle):
     tiny.mkdir()
     for i in range(2):
         (tiny / f"{i}.txt").write_text(_text(i, 3))
-    cfg = dataclasses.replace(_cfg(tiny, seq_len=512),
-                              data=DataConfig(path=str(tiny), tokenizer=str(bundle.tokenizer_path)))
+    cfg = dataclasses.replace(
+        _cfg(tiny, seq_len=512),
+        data=DataConfig(path=str(tiny), tokenizer=str(bundle.tokenizer_path)),
+    )
     with pytest.raises(ValueError, match="fewer than train.seq_len"):
         build_data(cfg, tmp_path / "w")
 

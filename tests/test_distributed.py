@@ -52,18 +52,51 @@ def test_train_step_same_losses_on_1_and_8_devices():
 # ---------------------------------------------------------------------------------------------
 # Multi-host on localhost
 
-SMALL = ["--preset", "tiny", "--set", "model.d_model=32", "--set", "model.head_dim=16",
-         "--set", "model.n_heads=2", "--set", "model.n_kv_heads=1", "--set", "model.n_layers=2",
-         "--set", "model.vocab_size=512", "--set", "model.dense_hidden=64",
-         "--set", "moe.expert_hidden=32", "--set", "moe.n_routed_experts=4",
-         "--set", "engram.engram_vocab_size=[500,500]", "--set", "engram.n_embed_per_ngram=16",
-         "--set", "data.max_bytes=400000", "--set", "train.batch_size=8",
-         "--set", "train.seq_len=32", "--set", "train.log_every=1",
-         "--set", "train.eval_every=0", "--set", "optim.warmup_steps=2",
-         "--set", "train.checkpoint_every=2", "--no-progress",
-         # lr decay at fixed steps: the default (80%/90% of train.steps) changes when a resumed
-         # run extends --steps, and the uninterrupted reference would then see another schedule
-         "--set", "optim.decay_steps=[100]"]
+SMALL = [
+    "--preset",
+    "tiny",
+    "--set",
+    "model.d_model=32",
+    "--set",
+    "model.head_dim=16",
+    "--set",
+    "model.n_heads=2",
+    "--set",
+    "model.n_kv_heads=1",
+    "--set",
+    "model.n_layers=2",
+    "--set",
+    "model.vocab_size=512",
+    "--set",
+    "model.dense_hidden=64",
+    "--set",
+    "moe.expert_hidden=32",
+    "--set",
+    "moe.n_routed_experts=4",
+    "--set",
+    "engram.engram_vocab_size=[500,500]",
+    "--set",
+    "engram.n_embed_per_ngram=16",
+    "--set",
+    "data.max_bytes=400000",
+    "--set",
+    "train.batch_size=8",
+    "--set",
+    "train.seq_len=32",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "train.eval_every=0",
+    "--set",
+    "optim.warmup_steps=2",
+    "--set",
+    "train.checkpoint_every=2",
+    "--no-progress",
+    # lr decay at fixed steps: the default (80%/90% of train.steps) changes when a resumed
+    # run extends --steps, and the uninterrupted reference would then see another schedule
+    "--set",
+    "optim.decay_steps=[100]",
+]
 
 
 _CACHE = {}
@@ -86,8 +119,7 @@ def _env():
 
 
 def _cmd(workdir, *args):
-    return [sys.executable, "-m", "engram_jax.cli", "train", *SMALL, "--workdir", workdir,
-            *args]
+    return [sys.executable, "-m", "engram_jax.cli", "train", *SMALL, "--workdir", workdir, *args]
 
 
 def _free_port():
@@ -98,11 +130,27 @@ def _free_port():
 
 def _run_two_processes(workdir, *args, timeout=600):
     port = _free_port()
-    procs = [subprocess.Popen(
-        _cmd(workdir, *args, "--coordinator-address", f"127.0.0.1:{port}",
-             "--num-processes", "2", "--process-id", str(i), "--cpu-devices", "4"),
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            _cmd(
+                workdir,
+                *args,
+                "--coordinator-address",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+                "--cpu-devices",
+                "4",
+            ),
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     deadline = time.time() + timeout
     outs = []
     try:
@@ -120,8 +168,9 @@ def _run_two_processes(workdir, *args, timeout=600):
 
 
 def _run_one_process(workdir, *args):
-    r = subprocess.run(_cmd(workdir, *args), env=_env(), capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(
+        _cmd(workdir, *args), env=_env(), capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -137,8 +186,18 @@ def test_two_processes_train_checkpoint_resume_match_one_process(tmp_path):
     # 2 processes x 4 devices, one data=8 mesh; checkpoints at steps 2 and 4 from both; a Grain
     # worker process per host, and evaluation every 2 steps (neither may change the losses)
     workers = ("--set", "data.worker_count=1")
-    outs = _run_two_processes(multi, "--set", "mesh.data=8", "--steps", "4", *workers,
-                              "--set", "train.eval_every=2", "--set", "train.eval_batches=1")
+    outs = _run_two_processes(
+        multi,
+        "--set",
+        "mesh.data=8",
+        "--steps",
+        "4",
+        *workers,
+        "--set",
+        "train.eval_every=2",
+        "--set",
+        "train.eval_batches=1",
+    )
     assert "ok: 4 steps" in outs[0][1] and "train loss" not in outs[1][1]  # process 0 reports
     with open(os.path.join(multi, "metrics.jsonl"), encoding="utf-8") as f:
         evals = {r["step"]: r["val_loss"] for r in map(json.loads, f) if "val_loss" in r}
@@ -156,8 +215,9 @@ def test_two_processes_train_checkpoint_resume_match_one_process(tmp_path):
     _run_one_process(single, "--set", "mesh.data=8", "--steps", "6", "--cpu-devices", "8")
     got, ref = _losses(multi), _losses(single)
     assert sorted(got) == list(range(1, 7)) == sorted(ref)
-    np.testing.assert_allclose([got[s] for s in range(1, 7)], [ref[s] for s in range(1, 7)],
-                               rtol=1e-3)
+    np.testing.assert_allclose(
+        [got[s] for s in range(1, 7)], [ref[s] for s in range(1, 7)], rtol=1e-3
+    )
 
     # the 2-process checkpoint resumes in ONE process on 2 devices
     r = _run_one_process(multi, "--set", "mesh.data=2", "--steps", "8", "--cpu-devices", "2")

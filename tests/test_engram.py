@@ -14,8 +14,14 @@ from engram_jax.engram import Engram, TableParam, causal_depthwise_conv
 from engram_jax.hashing import head_offsets
 from engram_jax.layers import Linear, RMSNorm, logical_axes
 
-CFG = EngramConfig(engram_vocab_size=(50, 66), max_ngram_size=3, n_embed_per_ngram=12,
-                   n_head_per_ngram=3, kernel_size=4, layer_ids=(0,))
+CFG = EngramConfig(
+    engram_vocab_size=(50, 66),
+    max_ngram_size=3,
+    n_embed_per_ngram=12,
+    n_head_per_ngram=3,
+    kernel_size=4,
+    layer_ids=(0,),
+)
 SIZES = [[53, 59, 61], [67, 71, 73]]  # 2 orders x 3 heads (distinct primes)
 D, B, T = 16, 2, 16  # T > (kernel_size - 1) * N = 9, so the conv reaches back to t=0
 
@@ -46,8 +52,9 @@ def randomize(model, seed=7):
             mod.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, mod.scale[...].shape), jnp.float32)
     if model.conv_kernel is not None:
         rng = np.random.default_rng([seed, 3])
-        model.conv_kernel[...] = jnp.asarray(rng.normal(0, 0.5, model.conv_kernel[...].shape),
-                                             jnp.float32)
+        model.conv_kernel[...] = jnp.asarray(
+            rng.normal(0, 0.5, model.conv_kernel[...].shape), jnp.float32
+        )
     return model
 
 
@@ -74,8 +81,10 @@ def oracle(model, h, ids):
     if cfg.use_gating:
         for m in range(groups):
             k = e @ g(model.key_kernel)[:, m] + g(model.key_bias)[m]
-            a = (np_rms(q_src[:, :, m], g(model.query_norm.scale)[m], cfg.norm_eps)
-                 * np_rms(k, g(model.key_norm.scale)[m], cfg.norm_eps)).sum(-1) / np.sqrt(Dn)
+            a = (
+                np_rms(q_src[:, :, m], g(model.query_norm.scale)[m], cfg.norm_eps)
+                * np_rms(k, g(model.key_norm.scale)[m], cfg.norm_eps)
+            ).sum(-1) / np.sqrt(Dn)
             a = np.sign(a) * np.sqrt(np.maximum(np.abs(a), 1e-6))
             alpha[:, :, m] = 1 / (1 + np.exp(-a))
     u = alpha[..., None] * v[:, :, None, :]
@@ -83,8 +92,10 @@ def oracle(model, h, ids):
     if cfg.use_short_conv:
         w = g(model.conv_kernel)  # [W, G, D]; tap j sees lag (W-1-j)*N
         W, dil = w.shape[0], cfg.max_ngram_size
-        x = np.stack([np_rms(u[:, :, m], g(model.conv_norm.scale)[m], cfg.norm_eps)
-                      for m in range(groups)], axis=2)
+        x = np.stack(
+            [np_rms(u[:, :, m], g(model.conv_norm.scale)[m], cfg.norm_eps) for m in range(groups)],
+            axis=2,
+        )
         conv = np.zeros_like(x)
         for t in range(Tn):
             for j in range(W):
@@ -92,8 +103,11 @@ def oracle(model, h, ids):
                 if src >= 0:
                     conv[:, t] += w[j] * x[:, src]
         y = conv / (1 + np.exp(-conv)) + u
-    return (np.broadcast_to(y, (Bn, Tn, M, Dn)), np.broadcast_to(alpha, (Bn, Tn, M)),
-            np.broadcast_to(u, (Bn, Tn, M, Dn)))
+    return (
+        np.broadcast_to(y, (Bn, Tn, M, Dn)),
+        np.broadcast_to(alpha, (Bn, Tn, M)),
+        np.broadcast_to(u, (Bn, Tn, M, Dn)),
+    )
 
 
 # -- shapes, types, init ----------------------------------------------------------------------
@@ -113,8 +127,10 @@ def test_shapes_and_variable_types(M):
     tables = nnx.state(model, TableParam)
     assert len(jax.tree.leaves(tables)) == 1
     others = nnx.state(model, nnx.All(nnx.Param, nnx.Not(TableParam)))
-    assert all(logical_axes(v) is not None for v in jax.tree.leaves(
-        others, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    assert all(
+        logical_axes(v) is not None
+        for v in jax.tree.leaves(others, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    )
     assert model.conv_kernel[...].shape == (CFG.kernel_size, M, D)
     assert not np.any(np.asarray(model.conv_kernel[...]))  # zero init
     if M == 1:
@@ -180,11 +196,10 @@ def test_causality_by_gradient(conv):
     @jax.jit
     def grads(h, rows):  # d(sum of outputs at positions <= t) / d(inputs), for each t
         _, vjp = jax.vjp(lambda h, rows: model(h, rows=rows), h, rows)
-        return [vjp(r * (jnp.arange(T) <= t).astype(jnp.float32)[None, :, None, None])
-                for t in ts]
+        return [vjp(r * (jnp.arange(T) <= t).astype(jnp.float32)[None, :, None, None]) for t in ts]
 
     for t, (gh, gr) in zip(ts, grads(h, rows)):
-        assert not np.any(np.asarray(gh[:, t + 1:])) and not np.any(np.asarray(gr[:, t + 1:]))
+        assert not np.any(np.asarray(gh[:, t + 1 :])) and not np.any(np.asarray(gr[:, t + 1 :]))
         assert np.any(np.asarray(gh[:, t])) and np.any(np.asarray(gr[:, t]))
 
 
@@ -282,8 +297,10 @@ def test_no_gating_sets_alpha_to_one():
     h, ids = inputs(4)
     y, gates = run(model, h, ids)
     assert np.all(np.asarray(gates) == 1.0) and model.key_kernel is None
-    v = np.asarray(model.table.rows(ids).reshape(B, T, -1) @ model.value_kernel[...]
-                   + model.value_bias[...][None, None])
+    v = np.asarray(
+        model.table.rows(ids).reshape(B, T, -1) @ model.value_kernel[...]
+        + model.value_bias[...][None, None]
+    )
     np.testing.assert_allclose(y, np.broadcast_to(v[:, :, None], y.shape), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(y, oracle(model, h, ids)[0], rtol=1e-4, atol=1e-5)
 
@@ -326,8 +343,9 @@ def test_rmsnorm_and_linear():
     assert RMSNorm(8)(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
     lin = Linear(8, 5, axes=("embed", "mlp"), rngs=nnx.Rngs(0))
     assert logical_axes(lin.kernel) == ("embed", "mlp") and logical_axes(lin.bias) == ("mlp",)
-    np.testing.assert_allclose(lin(x), np.asarray(x) @ np.asarray(lin.kernel[...]), rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        lin(x), np.asarray(x) @ np.asarray(lin.kernel[...]), rtol=1e-5, atol=1e-5
+    )
     with pytest.raises(ValueError):
         Linear(8, 5, axes=("embed", "nonsense"), rngs=nnx.Rngs(0))
 

@@ -110,8 +110,19 @@ def test_fit_recovers_a_known_slope():
 def test_ablation_variants():
     base = toy()
     v = ablations.variants(base)
-    assert {"reference", "no_gating", "no_compression", "no_short_conv", "no_multi_branch",
-            "ngram4", "moe", "overencoding", "layer0", "layer2", "layer3"} <= set(v)
+    assert {
+        "reference",
+        "no_gating",
+        "no_compression",
+        "no_short_conv",
+        "no_multi_branch",
+        "ngram4",
+        "moe",
+        "overencoding",
+        "layer0",
+        "layer2",
+        "layer3",
+    } <= set(v)
     assert not v["no_gating"].engram.use_gating and not v["moe"].engram.enabled
     ref_slots = memory_scaling.slots_of(base)
     for name in ("ngram4", "overencoding", "layer0"):
@@ -132,11 +143,18 @@ def _fake_train(calls, fail=()):
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f)
         loss = 3.0 + 0.1 * cfg.train.seed + 1e-6 * count_params(cfg)["engram"]
-        s = {"status": "ok", "train_loss": loss, "val_loss": loss, "tokens": 10, "wall_s": 1.0,
-                 "compile_s": 0.5}
+        s = {
+            "status": "ok",
+            "train_loss": loss,
+            "val_loss": loss,
+            "tokens": 10,
+            "wall_s": 1.0,
+            "compile_s": 0.5,
+        }
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(s, f)
         return s
+
     return train
 
 
@@ -144,19 +162,37 @@ def test_runner_skips_finished_runs_and_survives_a_failure(tmp_path):
     out = str(tmp_path / "sweep")
     points = memory_scaling.sweep(toy(), (1e4, 4e4, 1.6e5))
     calls, logs = [], []
-    rows = run_sweep("slots", points, out, seeds=(0, 1), log=logs.append,
-                     train_fn=_fake_train(calls, fail={"slots40000-s1"}))
+    rows = run_sweep(
+        "slots",
+        points,
+        out,
+        seeds=(0, 1),
+        log=logs.append,
+        train_fn=_fake_train(calls, fail={"slots40000-s1"}),
+    )
     assert len(calls) == 6 and len(rows) == 6
     bad = [r for r in rows if r["status"] != "ok"]
     assert [r["name"] for r in bad] == ["slots40000-s1"] and "boom" in bad[0]["error"]
     csv_rows = read_csv(os.path.join(out, "results.csv"))
     assert [r["name"] for r in csv_rows] == [r["name"] for r in rows]
-    for key in ("slots", "seed", "val_loss", "total_params", "activated_params",
-                "engram_params", "train_loss", "tokens", "wall_s", "status", "error"):
+    for key in (
+        "slots",
+        "seed",
+        "val_loss",
+        "total_params",
+        "activated_params",
+        "engram_params",
+        "train_loss",
+        "tokens",
+        "wall_s",
+        "status",
+        "error",
+    ):
         assert key in csv_rows[0]
     calls.clear()
-    rows = run_sweep("slots", points, out, seeds=(0, 1), log=logs.append,
-                     train_fn=_fake_train(calls))
+    rows = run_sweep(
+        "slots", points, out, seeds=(0, 1), log=logs.append, train_fn=_fake_train(calls)
+    )
     assert [os.path.basename(c) for c in calls] == ["slots40000-s1"]  # only the failed one
     assert all(r["status"] == "ok" for r in rows)
     summary = finish("slots", read_csv(os.path.join(out, "results.csv")), out)
@@ -172,8 +208,12 @@ def test_runner_leaves_runs_claimed_by_a_live_process(tmp_path):
 
     out = str(tmp_path / "sweep")
     points = memory_scaling.sweep(toy(), (1e4, 4e4))
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     for name, pid in (("slots10000-s0", os.getpid()), ("slots40000-s0", dead)):
         os.makedirs(os.path.join(out, "runs", name))
         with open(os.path.join(out, "runs", name, ".sweep.lock"), "w") as f:
@@ -190,8 +230,13 @@ def test_runner_retrains_when_the_config_changed(tmp_path):
     p = ablations.sweep(toy(), ["reference"])
     calls = []
     run_sweep("ablate", p, out, train_fn=_fake_train(calls), log=lambda s: None)
-    changed = [Point(p[0].name, dataclasses.replace(
-        p[0].cfg, train=dataclasses.replace(p[0].cfg.train, steps=7)), p[0].labels)]
+    changed = [
+        Point(
+            p[0].name,
+            dataclasses.replace(p[0].cfg, train=dataclasses.replace(p[0].cfg.train, steps=7)),
+            p[0].labels,
+        )
+    ]
     run_sweep("ablate", changed, out, train_fn=_fake_train(calls), log=lambda s: None)
     assert len(calls) == 2
 
@@ -199,10 +244,12 @@ def test_runner_retrains_when_the_config_changed(tmp_path):
 @pytest.mark.parametrize("study", ["rho", "ablate"])
 def test_summaries_and_figures(tmp_path, study):
     out = str(tmp_path / study)
-    points = (allocation.sweep(toy(), (1.0, 0.8, 0.6)) if study == "rho"
-              else ablations.sweep(toy(), ["reference", "moe", "no_gating"]))
-    rows = run_sweep(study, points, out, seeds=(0, 1), train_fn=_fake_train([]),
-                     log=lambda s: None)
+    points = (
+        allocation.sweep(toy(), (1.0, 0.8, 0.6))
+        if study == "rho"
+        else ablations.sweep(toy(), ["reference", "moe", "no_gating"])
+    )
+    rows = run_sweep(study, points, out, seeds=(0, 1), train_fn=_fake_train([]), log=lambda s: None)
     s = finish(study, rows, out)
     assert s["ok"] == len(rows) and len(s["points"]) == len(points)
     assert all(p["seeds"] == 2 and p["val_loss_std"] > 0 for p in s["points"])
@@ -218,13 +265,26 @@ def test_cli_builds_the_sweeps():
     from engram_jax.commands.sweep import build_points
 
     parser = build_parser()
-    args = parser.parse_args(["sweep", "rho", "--rhos", "1,0.5", "--steps", "3", "--set",
-                              "train.batch_size=4", "--out", "x"])
+    args = parser.parse_args(
+        [
+            "sweep",
+            "rho",
+            "--rhos",
+            "1,0.5",
+            "--steps",
+            "3",
+            "--set",
+            "train.batch_size=4",
+            "--out",
+            "x",
+        ]
+    )
     pts = build_points(args)
     assert [p.labels["rho"] for p in pts] == [1.0, 0.5]
     assert all(p.cfg.train.steps == 3 and p.cfg.train.eval_every == 3 for p in pts)
     args = parser.parse_args(["sweep", "slots", "--slots", "1e4,1e5", "--out", "x"])
     assert len(build_points(args)) == 2
-    args = parser.parse_args(["sweep", "ablate", "--only", "moe,reference", "--preset", "tiny",
-                              "--out", "x"])
+    args = parser.parse_args(
+        ["sweep", "ablate", "--only", "moe,reference", "--preset", "tiny", "--out", "x"]
+    )
     assert {p.name for p in build_points(args)} == {"moe", "reference"}

@@ -39,13 +39,27 @@ def tiny_config(attention="gqa", hc_mult=2, dense=False):
     cfg = get_preset("tiny")
     return dataclasses.replace(
         cfg,
-        model=dataclasses.replace(cfg.model, vocab_size=V, d_model=32, n_layers=3, n_heads=4,
-                                  n_kv_heads=2, head_dim=8, dense_hidden=64, hc_mult=hc_mult,
-                                  attention=attention, q_lora_rank=16, kv_lora_rank=16,
-                                  qk_rope_head_dim=4, n_dense_layers=3 if dense else 1),
+        model=dataclasses.replace(
+            cfg.model,
+            vocab_size=V,
+            d_model=32,
+            n_layers=3,
+            n_heads=4,
+            n_kv_heads=2,
+            head_dim=8,
+            dense_hidden=64,
+            hc_mult=hc_mult,
+            attention=attention,
+            q_lora_rank=16,
+            kv_lora_rank=16,
+            qk_rope_head_dim=4,
+            n_dense_layers=3 if dense else 1,
+        ),
         moe=dataclasses.replace(cfg.moe, expert_hidden=32, dispatch="blocked"),
-        engram=dataclasses.replace(cfg.engram, engram_vocab_size=(300, 300),
-                                   n_embed_per_ngram=16, layer_ids=(1, 2)))
+        engram=dataclasses.replace(
+            cfg.engram, engram_vocab_size=(300, 300), n_embed_per_ngram=16, layer_ids=(1, 2)
+        ),
+    )
 
 
 @functools.cache
@@ -87,7 +101,7 @@ def _forward(model, tokens, ids):
 
 def cached_logits(gen, tokens, prefill):
     logits = [gen.prefill(tokens[:, :prefill])]
-    logits += [gen.feed(tokens[:, t:t + 1]) for t in range(prefill, tokens.shape[1])]
+    logits += [gen.feed(tokens[:, t : t + 1]) for t in range(prefill, tokens.shape[1])]
     return jnp.concatenate(logits, axis=1)
 
 
@@ -104,13 +118,20 @@ def test_multi_token_feed_matches(model, tokens):
     comp = compression()
     gen = Generator(model, comp, max_len=32, batch=B)
     parts = [gen.prefill(tokens[:, :5]), gen.feed(tokens[:, 5:10]), gen.feed(tokens[:, 10:])]
-    np.testing.assert_allclose(jnp.concatenate(parts, axis=1), full_logits(model, tokens, comp),
-                               atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        jnp.concatenate(parts, axis=1), full_logits(model, tokens, comp), atol=1e-5, rtol=1e-5
+    )
 
 
-@pytest.mark.parametrize("offload", [OffloadConfig(), OffloadConfig(memory_kind="numpy"),
-                                     OffloadConfig(hot_rows=40),
-                                     OffloadConfig(hot_rows=16, policy="static")])
+@pytest.mark.parametrize(
+    "offload",
+    [
+        OffloadConfig(),
+        OffloadConfig(memory_kind="numpy"),
+        OffloadConfig(hot_rows=40),
+        OffloadConfig(hot_rows=16, policy="static"),
+    ],
+)
 def test_offloaded_logits_identical(model, tokens, offload):
     comp = compression()
     resident = cached_logits(Generator(model, comp, max_len=32, batch=B), tokens, 5)
@@ -203,8 +224,14 @@ def test_tensorstore_rows_from_orbax_checkpoint(tmp_path, model):
     state = {"tables": nnx.to_pure_dict(tables), "rest": nnx.to_pure_dict(rest)}
     mgr = ocp.CheckpointManager(tmp_path / "checkpoints")
     mgr.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
-    mgr.save(8, args=ocp.args.Composite(state=ocp.args.StandardSave(
-        state, save_args=table_save_args(state, chunk_byte_size=4096))))
+    mgr.save(
+        8,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(
+                state, save_args=table_save_args(state, chunk_byte_size=4096)
+            )
+        ),
+    )
     mgr.wait_until_finished()
     chunked = TensorStoreRows.for_layer(str(tmp_path / "checkpoints" / "8" / "state"), 1)
     assert chunked.array.chunk_layout.read_chunk.shape[0] < chunked.shape[0]
@@ -214,8 +241,9 @@ def test_tensorstore_rows_from_orbax_checkpoint(tmp_path, model):
     for layer in model.engram_layers:
         table = np.asarray(model.blocks[layer].engram.table.table[...])
         for step in (7, 8):
-            store = TensorStoreRows.for_layer(str(tmp_path / "checkpoints" / str(step) / "state"),
-                                              layer)
+            store = TensorStoreRows.for_layer(
+                str(tmp_path / "checkpoints" / str(step) / "state"), layer
+            )
             np.testing.assert_array_equal(store.take(ids), table[ids])
     with pytest.raises(FileNotFoundError):
         find_table_key(state_dir, 0)

@@ -89,12 +89,24 @@ def _oracle_hash(cfg, vocab, pad, ids, segs=None):
 # ----------------------------------------------------------------------------------------------
 
 CONFIGS = [
-    EngramConfig(engram_vocab_size=(101,), max_ngram_size=2, n_head_per_ngram=3, layer_ids=(0,),
-                 n_embed_per_ngram=6),
-    EngramConfig(engram_vocab_size=(500, 300), max_ngram_size=3, n_head_per_ngram=4,
-                 layer_ids=(1, 5), seed=7),
-    EngramConfig(engram_vocab_size=(1000, 1000, 997), max_ngram_size=4, n_head_per_ngram=2,
-                 layer_ids=(3, 0, 2), seed=123, n_embed_per_ngram=8),
+    EngramConfig(
+        engram_vocab_size=(101,),
+        max_ngram_size=2,
+        n_head_per_ngram=3,
+        layer_ids=(0,),
+        n_embed_per_ngram=6,
+    ),
+    EngramConfig(
+        engram_vocab_size=(500, 300), max_ngram_size=3, n_head_per_ngram=4, layer_ids=(1, 5), seed=7
+    ),
+    EngramConfig(
+        engram_vocab_size=(1000, 1000, 997),
+        max_ngram_size=4,
+        n_head_per_ngram=2,
+        layer_ids=(3, 0, 2),
+        seed=123,
+        n_embed_per_ngram=8,
+    ),
 ]
 
 
@@ -105,8 +117,9 @@ def test_matches_oracle(cfg, vocab, out_dtype):
     rng = np.random.default_rng(vocab)
     ids = rng.integers(0, vocab, size=(3, 11))
     pad = 2
-    h = NgramHasher(cfg, compressed_vocab_size=vocab, pad_id=pad, out_dtype=out_dtype,
-                    chunk_tokens=5)  # tiny chunks: exercise row and column chunking
+    h = NgramHasher(
+        cfg, compressed_vocab_size=vocab, pad_id=pad, out_dtype=out_dtype, chunk_tokens=5
+    )  # tiny chunks: exercise row and column chunking
     got = h(ids)
     want = _oracle_hash(cfg, vocab, pad, ids)
     assert list(got) == list(cfg.layer_ids)
@@ -124,8 +137,9 @@ def test_default_chunking_large_vocab_extremes():
     cfg = CONFIGS[1]
     vocab = 129_280
     rng = np.random.default_rng(0)
-    ids = np.concatenate([rng.integers(vocab - 5, vocab, size=(2, 40)),
-                          rng.integers(0, vocab, size=(2, 40))])
+    ids = np.concatenate(
+        [rng.integers(vocab - 5, vocab, size=(2, 40)), rng.integers(0, vocab, size=(2, 40))]
+    )
     got = NgramHasher(cfg, vocab, pad_id=1)(ids.astype(np.int32))
     want = _oracle_hash(cfg, vocab, 1, ids)
     for lid in cfg.layer_ids:
@@ -155,8 +169,13 @@ def test_order_sensitive():
 
 
 def test_primes_distinct_and_prime():
-    cfg = EngramConfig(engram_vocab_size=(200, 200, 200), max_ngram_size=4, n_head_per_ngram=5,
-                       layer_ids=(0, 1, 2), n_embed_per_ngram=10)
+    cfg = EngramConfig(
+        engram_vocab_size=(200, 200, 200),
+        max_ngram_size=4,
+        n_head_per_ngram=5,
+        layer_ids=(0, 1, 2),
+        n_embed_per_ngram=10,
+    )
     sizes = table_sizes(cfg)
     flat = [p for lid in cfg.layer_ids for order in sizes[lid] for p in order]
     assert len(flat) == 3 * 3 * 5 == len(set(flat))
@@ -183,13 +202,16 @@ def test_segment_ids_stop_at_document_boundaries():
     np.testing.assert_array_equal(got[0][0, 5:9], h(ids[:1, 5:9])[0][0])
 
 
-@pytest.mark.parametrize("bad", [
-    np.array([[0, 1, 10]]),  # id == V
-    np.array([[-1, 2]]),  # negative
-    np.array([1, 2, 3]),  # rank 1
-    np.zeros((1, 2, 3), np.int64),  # rank 3
-    np.array([[0.5, 1.0]]),  # not integers
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.array([[0, 1, 10]]),  # id == V
+        np.array([[-1, 2]]),  # negative
+        np.array([1, 2, 3]),  # rank 1
+        np.zeros((1, 2, 3), np.int64),  # rank 3
+        np.array([[0.5, 1.0]]),  # not integers
+    ],
+)
 def test_bad_ids_raise(bad):
     h = NgramHasher(CONFIGS[0], 10, pad_id=0)
     with pytest.raises(ValueError, match="ids"):
@@ -199,15 +221,21 @@ def test_bad_ids_raise(bad):
 def test_bad_construction_raises():
     with pytest.raises(ValueError, match="pad_id"):
         NgramHasher(CONFIGS[0], 10, pad_id=10)
-    big = EngramConfig(engram_vocab_size=(2**31 + 5,), max_ngram_size=2, n_head_per_ngram=1,
-                       n_embed_per_ngram=4)
+    big = EngramConfig(
+        engram_vocab_size=(2**31 + 5,), max_ngram_size=2, n_head_per_ngram=1, n_embed_per_ngram=4
+    )
     with pytest.raises(ValueError, match="int32"):
         NgramHasher(big, 10, pad_id=0, out_dtype=np.int32)
 
 
 def test_primes_above_int32_use_int64_path():
-    cfg = EngramConfig(engram_vocab_size=(2**31 + 5,), max_ngram_size=2, n_head_per_ngram=2,
-                       n_embed_per_ngram=4, layer_ids=(0,))
+    cfg = EngramConfig(
+        engram_vocab_size=(2**31 + 5,),
+        max_ngram_size=2,
+        n_head_per_ngram=2,
+        n_embed_per_ngram=4,
+        layer_ids=(0,),
+    )
     vocab = 5000
     ids = np.random.default_rng(3).integers(0, vocab, size=(2, 6))
     got = NgramHasher(cfg, vocab, pad_id=0)(ids)

@@ -21,10 +21,12 @@ def test_schedule_warmup_and_step_decay_boundaries():
     o = OptimConfig(lr=1.0, warmup_steps=10, decay_factor=0.5)
     lr = optim.learning_rate_schedule(o, total_steps=100)
     got = {s: float(lr(s)) for s in (0, 4, 9, 10, 79, 80, 89, 90, 99)}
-    assert got == pytest.approx({0: 0.1, 4: 0.5, 9: 1.0, 10: 1.0, 79: 1.0, 80: 0.5, 89: 0.5,
-                                 90: 0.25, 99: 0.25})
+    assert got == pytest.approx(
+        {0: 0.1, 4: 0.5, 9: 1.0, 10: 1.0, 79: 1.0, 80: 0.5, 89: 0.5, 90: 0.25, 99: 0.25}
+    )
     custom = optim.learning_rate_schedule(
-        dataclasses.replace(o, warmup_steps=0, decay_steps=(5,)), 100, peak=2.0)
+        dataclasses.replace(o, warmup_steps=0, decay_steps=(5,)), 100, peak=2.0
+    )
     assert [float(custom(s)) for s in (0, 4, 5, 99)] == pytest.approx([2.0, 2.0, 1.0, 1.0])
     cfg = Config(optim=o, engram=EngramConfig(table_lr_multiplier=5.0))
     assert float(optim.table_learning_rate_schedule(cfg, 100)(85)) == pytest.approx(2.5)
@@ -61,14 +63,23 @@ def _data():
     return tokens, ids
 
 
-EXPECTED = {"embed": "adamw", "proj/kernel": "muon", "proj/bias": "adamw",
-            "norm/scale": "adamw", "experts": "muon", "mix": "adamw", "table/table": "table",
-            "head/kernel": "adamw"}
+EXPECTED = {
+    "embed": "adamw",
+    "proj/kernel": "muon",
+    "proj/bias": "adamw",
+    "norm/scale": "adamw",
+    "experts": "muon",
+    "mix": "adamw",
+    "table/table": "table",
+    "head/kernel": "adamw",
+}
 
 
 def _flat(tree):
-    return {"/".join(str(getattr(k, "key", k)) for k in p): v
-            for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in p): v
+        for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
 
 
 def test_labels_by_type_path_and_axes():
@@ -98,8 +109,13 @@ def _state_kinds(tree) -> set[str]:
     def walk(x):
         if hasattr(x, "_fields"):
             kinds.add(type(x).__name__)
-        children = (x.values() if hasattr(x, "values") and callable(x.values)
-                    else x if isinstance(x, (tuple, list)) else ())
+        children = (
+            x.values()
+            if hasattr(x, "values") and callable(x.values)
+            else x
+            if isinstance(x, (tuple, list))
+            else ()
+        )
         for c in children:
             walk(c)
 
@@ -170,8 +186,7 @@ def test_clip_counts_table_sq_norm_like_one_global_clip():
     table_grad = jnp.asarray(rng.normal(size=(6, 2)))
     joint, _ = optax.clip_by_global_norm(0.5).update({**backbone, "t": table_grad}, None)
     clip = optim.clip_by_global_norm_with_tables(0.5)
-    mine, _ = clip.update(backbone, clip.init(backbone),
-                          table_sq_norm=jnp.sum(table_grad ** 2))
+    mine, _ = clip.update(backbone, clip.init(backbone), table_sq_norm=jnp.sum(table_grad**2))
     for k in backbone:
         np.testing.assert_allclose(mine[k], joint[k], rtol=1e-6)
     off = optim.clip_by_global_norm_with_tables(0.0)

@@ -34,12 +34,19 @@ def test_analytic_equals_abstract_model(name):
     assert_counts_match(cfg, abstract)
 
 
-@pytest.mark.parametrize("sets", [
-    ["model.attention=gqa", "model.tie_embeddings=true", "model.hc_mult=1"],
-    ["model.hc_dynamic=false", "engram.use_gating=false", "engram.use_short_conv=false",
-     "moe.n_shared_experts=0"],
-    ["engram.multi_branch=false", "model.q_lora_rank=0", "engram.layer_ids=[0,1]"],
-])
+@pytest.mark.parametrize(
+    "sets",
+    [
+        ["model.attention=gqa", "model.tie_embeddings=true", "model.hc_mult=1"],
+        [
+            "model.hc_dynamic=false",
+            "engram.use_gating=false",
+            "engram.use_short_conv=false",
+            "moe.n_shared_experts=0",
+        ],
+        ["engram.multi_branch=false", "model.q_lora_rank=0", "engram.layer_ids=[0,1]"],
+    ],
+)
 def test_analytic_equals_abstract_model_variants(sets):
     cfg = override(get_preset("tiny"), ["model.attention=mla"] + sets)
     assert_counts_match(cfg, nnx.eval_shape(lambda: EngramLM(cfg, rngs=nnx.Rngs(0))))
@@ -66,8 +73,12 @@ def cli_counts(name, capsys):
 
 
 # (paper total, paper Engram params); totals count the input embedding (see presets.py)
-TARGETS = {"dense-4b": (4.1e9, 0), "moe-27b": (26.7e9, 0), "engram-27b": (26.7e9, 5.7e9),
-           "engram-40b": (39.5e9, 18.5e9)}
+TARGETS = {
+    "dense-4b": (4.1e9, 0),
+    "moe-27b": (26.7e9, 0),
+    "engram-27b": (26.7e9, 5.7e9),
+    "engram-40b": (39.5e9, 18.5e9),
+}
 
 
 @pytest.mark.parametrize("name", sorted(TARGETS))

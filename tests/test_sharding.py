@@ -26,8 +26,14 @@ def test_mesh_shapes_8_and_1_devices():
     assert shd.shard_count_for_tables(mesh) == 8
 
 
-@pytest.mark.parametrize("cfg", [MeshConfig(data=3), MeshConfig(data=-1, tensor=3),
-                                 MeshConfig(data=2, fsdp=2, expert=1, tensor=1)])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        MeshConfig(data=3),
+        MeshConfig(data=-1, tensor=3),
+        MeshConfig(data=2, fsdp=2, expert=1, tensor=1),
+    ],
+)
 def test_bad_mesh_sizes_raise(cfg):
     with pytest.raises(ValueError, match="devices"):
         shd.make_mesh(cfg)
@@ -52,8 +58,7 @@ def test_spec_drops_non_dividing_axes_but_tables_must_divide():
     mesh = shd.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     assert shd.logical_to_spec(("embed", "mlp"), shape=(64, 6), mesh=mesh) == P("fsdp", "tensor")
     assert shd.logical_to_spec(("embed", "mlp"), shape=(3, 6), mesh=mesh) == P(None, "tensor")
-    assert shd.logical_to_spec(("table_rows", None), shape=(16, 4), mesh=mesh) == P(
-        shd.MESH_AXES)
+    assert shd.logical_to_spec(("table_rows", None), shape=(16, 4), mesh=mesh) == P(shd.MESH_AXES)
     with pytest.raises(ValueError, match="multiple"):
         shd.logical_to_spec(("table_rows", None), shape=(12, 4), mesh=mesh)
 
@@ -70,8 +75,12 @@ class _Toy(nnx.Module):
 def test_state_shardings_and_sharded_init():
     mesh = shd.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     model = shd.sharded_init(mesh, lambda: _Toy(nnx.Rngs(0)))
-    expected = {"embed": P("tensor", "fsdp"), "table": P(shd.MESH_AXES),
-                "bare_table": P(shd.MESH_AXES), "bare": P()}
+    expected = {
+        "embed": P("tensor", "fsdp"),
+        "table": P(shd.MESH_AXES),
+        "bare_table": P(shd.MESH_AXES),
+        "bare": P(),
+    }
     for name, spec in expected.items():
         _assert_spec(mesh, model.__dict__[name][...], spec)
     _assert_spec(mesh, model.proj.kernel[...], P("fsdp", "tensor"))

@@ -72,8 +72,9 @@ def test_duplicates_merged():
     np.testing.assert_array_equal(merged[2:], 0)
     # one sparse step == one dense Adam step on the summed gradient
     table = jnp.ones((R, D))
-    out, _, _ = tables.sparse_adam_update(table, jnp.zeros_like(table), jnp.zeros_like(table),
-                                          ids, g, 0, 0.1, B1, B2, EPS)
+    out, _, _ = tables.sparse_adam_update(
+        table, jnp.zeros_like(table), jnp.zeros_like(table), ids, g, 0, 0.1, B1, B2, EPS
+    )
     dense_grad = jnp.zeros((R, D)).at[ids[:4]].add(g[:4])
     tx = optax.adam(0.1, b1=B1, b2=B2, eps=EPS)
     upd, _ = tx.update(dense_grad, tx.init(table), table)
@@ -86,8 +87,9 @@ def test_donated_update_is_in_place():
     R, D = 64, 4
     table = jnp.asarray(np.random.default_rng(1).normal(size=(R, D)), jnp.float32)
     ids, g = jnp.array([1, 9, 9, 40]), jnp.ones((4, D))
-    expected = tables.sparse_adam_update(table, jnp.zeros_like(table), jnp.zeros_like(table),
-                                         ids, g, 0, 0.1)
+    expected = tables.sparse_adam_update(
+        table, jnp.zeros_like(table), jnp.zeros_like(table), ids, g, 0, 0.1
+    )
     update = jax.jit(tables.sparse_adam_update, donate_argnums=(0, 1, 2))
     t, m, v = jnp.array(table), jnp.zeros_like(table), jnp.zeros_like(table)
     text = update.lower(t, m, v, ids, g, 0, 0.1).compile().as_text()
@@ -120,12 +122,24 @@ def test_sharded_lookup_and_update_equal_unsharded(mesh_cfg):
     np.testing.assert_array_equal(rows, table[ids])
     mu, nu = tables.init_moments(t_s)
     mu = mu.at[5].set(0.3)  # nonzero state: the update reads moments, not just grads
-    step = jax.jit(lambda t, m, v, i, g: tables.sharded_sparse_adam_update(
-        mesh, t, m, v, i, g, 3, 0.05, B1, B2, EPS))
+    step = jax.jit(
+        lambda t, m, v, i, g: tables.sharded_sparse_adam_update(
+            mesh, t, m, v, i, g, 3, 0.05, B1, B2, EPS
+        )
+    )
     got = step(t_s, mu, nu, ids_s, g_s)
-    want = tables.sparse_adam_update(table, jnp.zeros_like(table).at[5].set(0.3),
-                                     jnp.zeros_like(table), ids.reshape(-1),
-                                     g.reshape(-1, D), 3, 0.05, B1, B2, EPS)
+    want = tables.sparse_adam_update(
+        table,
+        jnp.zeros_like(table).at[5].set(0.3),
+        jnp.zeros_like(table),
+        ids.reshape(-1),
+        g.reshape(-1, D),
+        3,
+        0.05,
+        B1,
+        B2,
+        EPS,
+    )
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, **TOL)
     assert got[0].sharding.is_equivalent_to(row_s, 2)
@@ -152,9 +166,20 @@ def _toy_step(mesh):
         rows = tables.sharded_lookup(mesh, table, ids)
         loss, (gW, g_rows) = jax.value_and_grad(_loss, argnums=(0, 1))(W, rows, targets)
         t, m, v, table_sq = tables.sparse_tables_step(
-            mesh, {"t": table}, {"t": mu}, {"t": nu}, {"t": ids}, {"t": g_rows}, count, LR,
-            b1=B1, b2=B2, eps=EPS, clip_norm=CLIP,
-            other_sq_norm=optax.tree.norm(gW, squared=True))
+            mesh,
+            {"t": table},
+            {"t": mu},
+            {"t": nu},
+            {"t": ids},
+            {"t": g_rows},
+            count,
+            LR,
+            b1=B1,
+            b2=B2,
+            eps=EPS,
+            clip_norm=CLIP,
+            other_sq_norm=optax.tree.norm(gW, squared=True),
+        )
         upd, w_state = tx.update(gW, w_state, W, table_sq_norm=table_sq)
         return t["t"], m["t"], v["t"], optax.apply_updates(W, upd), w_state, loss
 

@@ -14,8 +14,9 @@ from engram_jax.tokenizer import (
     train_tokenizer,
 )
 
-TEXT = ("Apple pie. An apple a day; APPLE inc.\n"
-        "def café(x):\n    return x  # Café CAFÉ\n\tindent\n") * 20 + "日本語 ünïcödé\n"
+TEXT = (
+    "Apple pie. An apple a day; APPLE inc.\ndef café(x):\n    return x  # Café CAFÉ\n\tindent\n"
+) * 20 + "日本語 ünïcödé\n"
 SYMBOLS = ("\n", "\t", "Apple", "▁apple", "APPLE", "café", "Café", "CAFÉ")
 
 

@@ -47,15 +47,25 @@ def env(tmp_path):
     fake.write_text(FAKE_GCLOUD)
     fake.chmod(0o755)
     e = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
-    e.update(PATH=f"{bin_dir}{os.pathsep}{e.get('PATH', '')}", TMPDIR=str(tmp_path),
-             FAKE_GCLOUD_FAIL=str(tmp_path / "gcloud-was-called"),
-             FAKE_GCLOUD_LOG=str(tmp_path / "gcloud.log"))
+    e.update(
+        PATH=f"{bin_dir}{os.pathsep}{e.get('PATH', '')}",
+        TMPDIR=str(tmp_path),
+        FAKE_GCLOUD_FAIL=str(tmp_path / "gcloud-was-called"),
+        FAKE_GCLOUD_LOG=str(tmp_path / "gcloud.log"),
+    )
     return e
 
 
 def sh(name, *args, env, cwd):
-    return subprocess.run(["bash", str(SCRIPTS / f"{name}.sh"), *args], check=False, env=env,
-                          cwd=cwd, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["bash", str(SCRIPTS / f"{name}.sh"), *args],
+        check=False,
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def dry(name, *args, env, cwd):
@@ -75,10 +85,11 @@ def gcloud(cmds):
 def remote(cmd):
     """The shell command an ``ssh --command=...`` line runs on the workers."""
     (c,) = [a for a in cmd if a.startswith("--command=")]
-    return c[len("--command="):]
+    return c[len("--command=") :]
 
 
 # ---- every script ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", NAMES)
 def test_script_is_strict_and_executable(name):
@@ -94,8 +105,13 @@ def test_script_is_strict_and_executable(name):
 def test_git_records_the_executable_bit():
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
-    out = subprocess.run(["git", "ls-files", "-s", "tpu_scripts"], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        ["git", "ls-files", "-s", "tpu_scripts"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     modes = {Path(line.split("\t")[1]).stem: line.split()[0] for line in out.splitlines()}
     assert {n: modes.get(n) for n in NAMES} == {n: "100755" for n in NAMES}
 
@@ -110,8 +126,9 @@ def test_common_is_sourced_not_run():
 def test_shellcheck_is_clean():
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck not installed")
-    subprocess.run(["shellcheck", "-x", *sorted(map(str, SCRIPTS.glob("*.sh")))], cwd=SCRIPTS,
-                   check=True)
+    subprocess.run(
+        ["shellcheck", "-x", *sorted(map(str, SCRIPTS.glob("*.sh")))], cwd=SCRIPTS, check=True
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -148,15 +165,21 @@ def test_location_from_environment(name, env, tmp_path):
 
 
 MISSING = [(n, f) for n in NAMES for f in ("--name", "--zone", "--project")] + [
-    ("create", "--accelerator-type"), ("create", "--version"), ("install", "--repo-url"),
-    ("train", "--workdir"), ("train", "--preset"), ("sweep", "rho"), ("sweep", "--out")]
+    ("create", "--accelerator-type"),
+    ("create", "--version"),
+    ("install", "--repo-url"),
+    ("train", "--workdir"),
+    ("train", "--preset"),
+    ("sweep", "rho"),
+    ("sweep", "--out"),
+]
 
 
 @pytest.mark.parametrize("name,drop", MISSING)
 def test_missing_argument_is_a_one_line_error(name, drop, env, tmp_path):
     args = [*LOC, *CASES[name][0]]
     i = args.index(drop)
-    del args[i:i + (1 if drop == "rho" else 2)]
+    del args[i : i + (1 if drop == "rho" else 2)]
     r = sh(name, "--dry-run", *args, env=env, cwd=tmp_path)
     assert r.returncode != 0
     assert r.stdout == ""
@@ -172,22 +195,37 @@ def test_bad_flags_are_refused(args, env, tmp_path):
 
 # ---- create / delete ------------------------------------------------------------------------
 
+
 def test_create(env, tmp_path):
     (c,) = dry("create", *LOC, *CASES["create"][0], env=env, cwd=tmp_path)
     assert c[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "pod"]
     assert {"--accelerator-type=v5litepod-16", "--version=v2-alpha-tpuv5-lite"} <= set(c)
     assert "--spot" not in c and "queued-resources" not in c
-    (c,) = dry("create", *LOC, "--accelerator-type", "v4-32", "--version", "tpu-ubuntu2204-base",
-               "--spot", env=env, cwd=tmp_path)
+    (c,) = dry(
+        "create",
+        *LOC,
+        "--accelerator-type",
+        "v4-32",
+        "--version",
+        "tpu-ubuntu2204-base",
+        "--spot",
+        env=env,
+        cwd=tmp_path,
+    )
     assert {"--accelerator-type=v4-32", "--version=tpu-ubuntu2204-base", "--spot"} <= set(c)
 
 
 def test_create_queued_waits_for_active(env, tmp_path):
-    create, describe = dry("create", *LOC, *CASES["create"][0], "--queued", "--spot", env=env,
-                           cwd=tmp_path)
+    create, describe = dry(
+        "create", *LOC, *CASES["create"][0], "--queued", "--spot", env=env, cwd=tmp_path
+    )
     assert create[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "pod"]
-    assert {"--node-id=pod", "--accelerator-type=v5litepod-16",
-            "--runtime-version=v2-alpha-tpuv5-lite", "--spot"} <= set(create)
+    assert {
+        "--node-id=pod",
+        "--accelerator-type=v5litepod-16",
+        "--runtime-version=v2-alpha-tpuv5-lite",
+        "--spot",
+    } <= set(create)
     assert describe[3:6] == ["queued-resources", "describe", "pod"]
     assert "--format=value(state.state)" in describe
 
@@ -208,6 +246,7 @@ def test_delete(env, tmp_path):
 
 
 # ---- install --------------------------------------------------------------------------------
+
 
 def test_install_from_git(env, tmp_path):
     (c,) = dry("install", *LOC, *CASES["install"][0], env=env, cwd=tmp_path)
@@ -239,17 +278,39 @@ def test_install_needs_exactly_one_source(env, tmp_path):
 
 # ---- train / sweep / logs -------------------------------------------------------------------
 
+
 def test_train(env, tmp_path):
-    (c,) = dry("train", *LOC, *CASES["train"][0], "--set", "train.steps=10", "--set",
-               "engram.layer_ids=[1, 5]", "--", "--resume", env=env, cwd=tmp_path)
+    (c,) = dry(
+        "train",
+        *LOC,
+        *CASES["train"][0],
+        "--set",
+        "train.steps=10",
+        "--set",
+        "engram.layer_ids=[1, 5]",
+        "--",
+        "--resume",
+        env=env,
+        cwd=tmp_path,
+    )
     assert c[3:6] == ["tpu-vm", "ssh", "pod"] and "--worker=all" in c
     cmd = remote(c)
     assert "nohup " in cmd and "> ~/engram-jax-logs/train.log 2>&1 < /dev/null &" in cmd
     # what each worker runs, as its shell will split it
     argv = shlex.split(cmd.split("nohup ", 1)[1].split(" > ", 1)[0])
-    assert argv == ["~/engram-jax-venv/bin/engram-jax", "train", "--preset", "small", "--workdir",
-                    "gs://bkt/run1", "--set", "train.steps=10", "--set", "engram.layer_ids=[1, 5]",
-                    "--resume"]
+    assert argv == [
+        "~/engram-jax-venv/bin/engram-jax",
+        "train",
+        "--preset",
+        "small",
+        "--workdir",
+        "gs://bkt/run1",
+        "--set",
+        "train.steps=10",
+        "--set",
+        "engram.layer_ids=[1, 5]",
+        "--resume",
+    ]
 
 
 def test_remote_commands_work_in_a_local_shell(env, tmp_path):
@@ -259,7 +320,7 @@ def test_remote_commands_work_in_a_local_shell(env, tmp_path):
     fake.parent.mkdir(parents=True)
     fake.write_text('#!/usr/bin/env bash\nprintf "%s\\0" "$@"\n')
     fake.chmod(0o755)
-    value = "data.name=it's a \"test\" $HOME; `x` & y"
+    value = 'data.name=it\'s a "test" $HOME; `x` & y'
     (c,) = dry("train", *LOC, *CASES["train"][0], "--set", value, env=env, cwd=tmp_path)
     local = {**env, "HOME": str(home)}
     subprocess.run(["bash", "-c", remote(c)], env=local, check=True, timeout=30)
@@ -268,26 +329,36 @@ def test_remote_commands_work_in_a_local_shell(env, tmp_path):
     while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:  # the detached fake
         time.sleep(0.01)
     log = (home / "engram-jax-logs" / "train.log").read_text()
-    assert log.split("\0")[:-1] == ["train", "--preset", "small", "--workdir", "gs://bkt/run1",
-                                     "--set", value]
+    assert log.split("\0")[:-1] == [
+        "train",
+        "--preset",
+        "small",
+        "--workdir",
+        "gs://bkt/run1",
+        "--set",
+        value,
+    ]
     _, c = dry("logs", *LOC, env=env, cwd=tmp_path)
-    out = subprocess.run(["bash", "-c", remote(c)], env=local, check=True, capture_output=True,
-                         text=True).stdout
+    out = subprocess.run(
+        ["bash", "-c", remote(c)], env=local, check=True, capture_output=True, text=True
+    ).stdout
     assert out == log
 
 
 @pytest.mark.parametrize("workdir", ["/tmp/run", "runs/x", "s3://bkt/run", "gs://", "GS://bkt/r"])
 def test_train_refuses_a_workdir_off_gcs(workdir, env, tmp_path):
-    r = sh("train", *LOC, "--workdir", workdir, "--preset", "small", "--dry-run", env=env,
-           cwd=tmp_path)
+    r = sh(
+        "train", *LOC, "--workdir", workdir, "--preset", "small", "--dry-run", env=env, cwd=tmp_path
+    )
     assert r.returncode != 0 and r.stdout == ""
     assert len(r.stderr.splitlines()) == 1 and "gs://" in r.stderr
 
 
 @pytest.mark.parametrize("kind", ["rho", "slots", "ablate"])
 def test_sweep(kind, env, tmp_path):
-    (c,) = dry("sweep", kind, *LOC, "--out", "gs://bkt/s", "--", "--preset", "small", env=env,
-               cwd=tmp_path)
+    (c,) = dry(
+        "sweep", kind, *LOC, "--out", "gs://bkt/s", "--", "--preset", "small", env=env, cwd=tmp_path
+    )
     assert "--worker=all" in c
     cmd = remote(c)
     assert f"engram-jax sweep {kind} --out gs://bkt/s --preset small > " in cmd
@@ -312,11 +383,20 @@ def test_logs(env, tmp_path):
 
 # ---- a real run executes what the dry run printed -------------------------------------------
 
-@pytest.mark.parametrize("name,extra", [
-    ("create", ("--queued",)), ("create", ()), ("install", ()), ("train", ()), ("sweep", ()),
-    ("logs", ()), ("delete", ("--queued", "--quiet")),
-    ("install", ("--local", ".")),
-])
+
+@pytest.mark.parametrize(
+    "name,extra",
+    [
+        ("create", ("--queued",)),
+        ("create", ()),
+        ("install", ()),
+        ("train", ()),
+        ("sweep", ()),
+        ("logs", ()),
+        ("delete", ("--queued", "--quiet")),
+        ("install", ("--local", ".")),
+    ],
+)
 def test_real_run_executes_what_dry_run_prints(name, extra, env, tmp_path):
     required, optional = CASES[name]
     if "--local" in extra:
@@ -342,7 +422,11 @@ def test_local_tarball_inside_the_tree_is_not_packed_into_itself(env, tmp_path):
     for _ in range(3):  # the failure was a race; a few runs make it likely to show if it returns
         r = sh("install", *LOC, "--local", ".", env=env, cwd=src)
         assert r.returncode == 0, r.stderr
-    members = subprocess.run(["tar", "-tzf", str(tmp_path / "engram-jax-pod.tar.gz")],
-                             check=True, capture_output=True, text=True).stdout.split()
+    members = subprocess.run(
+        ["tar", "-tzf", str(tmp_path / "engram-jax-pod.tar.gz")],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     assert "./setup.py" in members
     assert not any("engram-jax-pod.tar.gz" in m or m.startswith("./runs") for m in members)

@@ -11,21 +11,59 @@ import time
 import pytest
 
 # A very small model on a slice of the default corpus: seconds per step on 2 cores.
-SMALL = ["--preset", "tiny", "--set", "model.d_model=32", "--set", "model.head_dim=16",
-         "--set", "model.n_heads=2", "--set", "model.n_kv_heads=1", "--set", "model.n_layers=2",
-         "--set", "model.vocab_size=512", "--set", "model.dense_hidden=64",
-         "--set", "moe.expert_hidden=32", "--set", "moe.n_routed_experts=4",
-         "--set", "engram.engram_vocab_size=[500,500]", "--set", "engram.n_embed_per_ngram=16",
-         "--set", "data.max_bytes=400000", "--set", "train.batch_size=4",
-         "--set", "train.seq_len=32", "--set", "mesh.data=1", "--set", "train.log_every=1",
-         "--set", "train.eval_every=0", "--set", "optim.warmup_steps=2"]
+SMALL = [
+    "--preset",
+    "tiny",
+    "--set",
+    "model.d_model=32",
+    "--set",
+    "model.head_dim=16",
+    "--set",
+    "model.n_heads=2",
+    "--set",
+    "model.n_kv_heads=1",
+    "--set",
+    "model.n_layers=2",
+    "--set",
+    "model.vocab_size=512",
+    "--set",
+    "model.dense_hidden=64",
+    "--set",
+    "moe.expert_hidden=32",
+    "--set",
+    "moe.n_routed_experts=4",
+    "--set",
+    "engram.engram_vocab_size=[500,500]",
+    "--set",
+    "engram.n_embed_per_ngram=16",
+    "--set",
+    "data.max_bytes=400000",
+    "--set",
+    "train.batch_size=4",
+    "--set",
+    "train.seq_len=32",
+    "--set",
+    "mesh.data=1",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "train.eval_every=0",
+    "--set",
+    "optim.warmup_steps=2",
+]
 
 
 def _cli(args, **kw):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
-    return subprocess.run([sys.executable, "-m", "engram_jax.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=900, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "engram_jax.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        **kw,
+    )
 
 
 def _losses(workdir):
@@ -37,8 +75,19 @@ def _losses(workdir):
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
     wd = str(tmp_path_factory.mktemp("ref"))
-    r = _cli(["train", *SMALL, "--steps", "12", "--set", "train.checkpoint_every=4",
-              "--workdir", wd, "--no-progress"])
+    r = _cli(
+        [
+            "train",
+            *SMALL,
+            "--steps",
+            "12",
+            "--set",
+            "train.checkpoint_every=4",
+            "--workdir",
+            wd,
+            "--no-progress",
+        ]
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return wd
 
@@ -47,8 +96,20 @@ def test_kill9_resume_is_bit_identical(reference_run, tmp_path):
     wd = str(tmp_path / "killed")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
-    cmd = [sys.executable, "-m", "engram_jax.cli", "train", *SMALL, "--steps", "12",
-           "--set", "train.checkpoint_every=4", "--workdir", wd, "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "engram_jax.cli",
+        "train",
+        *SMALL,
+        "--steps",
+        "12",
+        "--set",
+        "train.checkpoint_every=4",
+        "--workdir",
+        wd,
+        "--no-progress",
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = os.path.join(wd, "metrics.jsonl")
     deadline = time.time() + 600
@@ -84,8 +145,9 @@ def test_workdir_of_another_config_is_refused(reference_run):
     assert open(os.path.join(reference_run, "config.json")).read() == before
 
 
-@pytest.mark.parametrize("data, message", [("missing/path.txt", "not found"),
-                                           ("EMPTY", "no non-empty documents")])
+@pytest.mark.parametrize(
+    "data, message", [("missing/path.txt", "not found"), ("EMPTY", "no non-empty documents")]
+)
 def test_bad_data_is_one_line_error(tmp_path, data, message):
     if data == "EMPTY":
         data = str(tmp_path / "empty")
@@ -100,9 +162,27 @@ def test_bad_data_is_one_line_error(tmp_path, data, message):
 
 def test_nan_loss_stops_with_last_good_checkpoint(tmp_path):
     wd = str(tmp_path / "nan")
-    r = _cli(["train", *SMALL, "--steps", "30", "--set", "train.checkpoint_every=1",
-              "--set", "optim.lr=30", "--set", "optim.muon_lr=30", "--set", "optim.warmup_steps=30",
-              "--set", "optim.grad_clip=0.0", "--workdir", wd, "--no-progress"])
+    r = _cli(
+        [
+            "train",
+            *SMALL,
+            "--steps",
+            "30",
+            "--set",
+            "train.checkpoint_every=1",
+            "--set",
+            "optim.lr=30",
+            "--set",
+            "optim.muon_lr=30",
+            "--set",
+            "optim.warmup_steps=30",
+            "--set",
+            "optim.grad_clip=0.0",
+            "--workdir",
+            wd,
+            "--no-progress",
+        ]
+    )
     assert r.returncode != 0
     assert "training diverged" in r.stderr
     steps = sorted(int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit())
@@ -116,8 +196,11 @@ def test_extending_steps_warns_that_the_default_decay_boundaries_move(tmp_path, 
     from engram_jax.train import resolve_config
 
     tiny = get_preset("tiny")
-    saved = dataclasses.replace(tiny, train=dataclasses.replace(tiny.train, steps=100),
-                                optim=dataclasses.replace(tiny.optim, decay_steps=()))
+    saved = dataclasses.replace(
+        tiny,
+        train=dataclasses.replace(tiny.train, steps=100),
+        optim=dataclasses.replace(tiny.optim, decay_steps=()),
+    )
     (tmp_path / "config.json").write_text(json.dumps(saved.to_dict()))
     # default boundaries are 80% and 90% of train.steps (OptimConfig.decay_steps docs)
     cfg = resolve_config(str(tmp_path), None, ["train.steps=200"])

@@ -18,10 +18,22 @@ from engram_jax.optim import make_optimizer
 from engram_jax.presets import get_preset
 from engram_jax.train import _tables_by_layer, init_state, make_train_step
 
-TINY = ["model.d_model=32", "model.head_dim=16", "model.n_heads=2", "model.n_kv_heads=1",
-        "model.n_layers=2", "model.vocab_size=512", "model.dense_hidden=64",
-        "moe.expert_hidden=32", "moe.n_routed_experts=4", "engram.n_embed_per_ngram=16",
-        "train.batch_size=8", "train.seq_len=16", "optim.warmup_steps=2", "train.steps=10"]
+TINY = [
+    "model.d_model=32",
+    "model.head_dim=16",
+    "model.n_heads=2",
+    "model.n_kv_heads=1",
+    "model.n_layers=2",
+    "model.vocab_size=512",
+    "model.dense_hidden=64",
+    "moe.expert_hidden=32",
+    "moe.n_routed_experts=4",
+    "engram.n_embed_per_ngram=16",
+    "train.batch_size=8",
+    "train.seq_len=16",
+    "optim.warmup_steps=2",
+    "train.steps=10",
+]
 
 
 def tiny_cfg(*sets):
@@ -34,8 +46,10 @@ def synthetic_batch(cfg, mesh, seed=0):
     B, T = cfg.train.batch_size, cfg.train.seq_len
     H = (cfg.engram.max_ngram_size - 1) * cfg.engram.n_head_per_ngram
     tokens = rng.integers(0, cfg.model.vocab_size, (B, T + 1), dtype=np.int32)
-    ids = {layer: rng.integers(0, min(cfg.engram.engram_vocab_size), (B, T, H), dtype=np.int32)
-           for layer in cfg.engram.layer_ids}
+    ids = {
+        layer: rng.integers(0, min(cfg.engram.engram_vocab_size), (B, T, H), dtype=np.int32)
+        for layer in cfg.engram.layer_ids
+    }
     batch = dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], engram_ids=ids)
     return shd.global_batch_from_local(mesh, batch)
 
@@ -53,8 +67,11 @@ def _table_rows(cfg, state):
     if cfg.engram.sparse_update:
         tables = _tables_by_layer(state["tables"])
     else:  # dense path: the tables are among the params
-        tables = {str(k): v for k, v in jax.tree.leaves_with_path(state["params"])
-                  if "table" in jax.tree_util.keystr(k)}
+        tables = {
+            str(k): v
+            for k, v in jax.tree.leaves_with_path(state["params"])
+            if "table" in jax.tree_util.keystr(k)
+        }
     (table,) = tables.values()
     return table.shape[0], table
 
@@ -88,7 +105,8 @@ def test_sparse_train_step_collectives_do_not_scale_with_the_table(mesh8):
     assert not _table_sized(c4, rows4), hlo.summary(_table_sized(c4, rows4))
     assert hlo.total_bytes(c1) == hlo.total_bytes(c4), (
         f"1x: {hlo.total_bytes(c1)} B\n{hlo.summary(c1)}\n4x: {hlo.total_bytes(c4)} B\n"
-        f"{hlo.summary(c4)}")
+        f"{hlo.summary(c4)}"
+    )
 
 
 def test_a_table_moving_program_is_detected(mesh8):
@@ -107,6 +125,7 @@ def test_a_table_moving_program_is_detected(mesh8):
 
 
 def test_dense_train_step_collectives_are_not_table_sized_either(mesh8):
-    colls, rows = _collectives(tiny_cfg("engram.engram_vocab_size=[3000,3000]",
-                                        "engram.sparse_update=False"), mesh8)
+    colls, rows = _collectives(
+        tiny_cfg("engram.engram_vocab_size=[3000,3000]", "engram.sparse_update=False"), mesh8
+    )
     assert colls and not _table_sized(colls, rows), hlo.summary(colls)

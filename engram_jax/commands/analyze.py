@@ -18,8 +18,12 @@ import argparse
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("analyze", help="LogitLens, CKA, gate maps and Engram sensitivity",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "analyze",
+        help="LogitLens, CKA, gate maps and Engram sensitivity",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     kinds = p.add_subparsers(dest="analysis", required=True)
 
     lens = kinds.add_parser("logitlens", help="KL to the final distribution per block")
@@ -44,8 +48,12 @@ def add_parser(sub) -> None:
 
     sens = kinds.add_parser("sensitivity", help="loss with the Engram output zeroed")
     sens.add_argument("--workdir", required=True)
-    sens.add_argument("--data", nargs="*", default=[],
-                      help="data sources (default: the run's own validation split)")
+    sens.add_argument(
+        "--data",
+        nargs="*",
+        default=[],
+        help="data sources (default: the run's own validation split)",
+    )
     sens.add_argument("--batches", type=int, default=4)
     for sp in (lens, cka, gates, sens):
         sp.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
@@ -83,8 +91,10 @@ def _paired(args, cfg_a):
     batches, tok = an.validation_batches(cfg_a, args.workdir, args.batches)
     tok_b = find_tokenizer(args.compare, cfg_b)
     if an.tokenizer_digest(tok) != an.tokenizer_digest(tok_b):
-        raise ValueError(f"{args.workdir} and {args.compare} use different tokenizers; "
-                         "the analyses compare models on the same tokens")
+        raise ValueError(
+            f"{args.workdir} and {args.compare} use different tokenizers; "
+            "the analyses compare models on the same tokens"
+        )
     return batches, an.rehash(batches, cfg_b, tok), model_b
 
 
@@ -119,10 +129,16 @@ def run_cka(args) -> dict:
     batches, batches_b, model_b = _paired(args, cfg)
     cka = an.cka_matrix(model, model_b, batches, batches_b, max_tokens=args.tokens)
     align = an.soft_alignment(cka, args.top_k)
-    result = {"workdir": args.workdir, "compare": args.compare, "minibatches": len(batches),
-              "tokens_per_minibatch": args.tokens, "cka": cka.tolist(),
-              "soft_alignment": align.tolist(), "top_k": args.top_k,
-              "png": _png_next_to(args.out)}
+    result = {
+        "workdir": args.workdir,
+        "compare": args.compare,
+        "minibatches": len(batches),
+        "tokens_per_minibatch": args.tokens,
+        "cka": cka.tolist(),
+        "soft_alignment": align.tolist(),
+        "top_k": args.top_k,
+        "png": _png_next_to(args.out),
+    }
     _write_json(args.out, result)
     plot_cka(cka, align, result["png"], label_a=args.workdir, label_b=args.compare)
     return result
@@ -150,8 +166,12 @@ def run_gates(args) -> dict:
     g = an.gates(model, tokens, hasher(comp(tokens)))
     labels = [token_label(sp.decode([i])) for i in ids]
     plot_gates({k: v[0] for k, v in g.items()}, labels, args.out)
-    result = {"workdir": args.workdir, "png": args.out, "tokens": labels,
-              "gates": {str(k): v[0].tolist() for k, v in g.items()}}
+    result = {
+        "workdir": args.workdir,
+        "png": args.out,
+        "tokens": labels,
+        "gates": {str(k): v[0].tolist() for k, v in g.items()},
+    }
     _write_json(os.path.splitext(args.out)[0] + ".json", result)
     return {k: v for k, v in result.items() if k != "gates"}
 
@@ -163,7 +183,7 @@ def run_sensitivity(args) -> dict:
     if not model.engram_layers:
         raise ValueError(f"{args.workdir} has no Engram layers")
     out = {"workdir": args.workdir, "sources": {}}
-    for data in (args.data or [None]):
+    for data in args.data or [None]:
         batches, _ = an.validation_batches(cfg, args.workdir, args.batches, data=data)
         name = data or (cfg.data.path or "<run validation split>")
         out["sources"][name] = an.engram_sensitivity(model, batches)
@@ -173,8 +193,12 @@ def run_sensitivity(args) -> dict:
 def run(args) -> int:
     import json
 
-    fn = {"logitlens": run_logitlens, "cka": run_cka, "gates": run_gates,
-          "sensitivity": run_sensitivity}[args.analysis]
+    fn = {
+        "logitlens": run_logitlens,
+        "cka": run_cka,
+        "gates": run_gates,
+        "sensitivity": run_sensitivity,
+    }[args.analysis]
     result = fn(args)
     print(json.dumps(result))
     return 0

@@ -13,17 +13,31 @@ import argparse
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="run one Engram layer on a few KB of real text",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "demo",
+        help="run one Engram layer on a few KB of real text",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--preset", default="tiny", help="config whose Engram/backbone sizes to use")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set engram.max_ngram_size=4")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set engram.max_ngram_size=4",
+    )
     p.add_argument("--kb", type=float, default=8.0, help="KB of stdlib source to run on")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
     p.add_argument("--tokenizer", default=None, help="SentencePiece .model to use")
     p.add_argument("--bytes", action="store_true", help="raw UTF-8 bytes as tokens (V=256)")
-    p.add_argument("--vocab-size", type=int, default=1024,
-                   help="pieces of the BPE trained on the spot (when no --tokenizer/--bytes)")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=1024,
+        help="pieces of the BPE trained on the spot (when no --tokenizer/--bytes)",
+    )
     p.set_defaults(func=run)
 
 
@@ -62,8 +76,11 @@ def _tokenize(args, text: str):
     import numpy as np
 
     if args.bytes:
-        return np.frombuffer(text.encode(), np.uint8).astype(np.int64), _byte_compression(), \
-            "UTF-8 bytes"
+        return (
+            np.frombuffer(text.encode(), np.uint8).astype(np.int64),
+            _byte_compression(),
+            "UTF-8 bytes",
+        )
     import tempfile
     from pathlib import Path
 
@@ -74,8 +91,9 @@ def _tokenize(args, text: str):
     else:
         corpus, _ = _stdlib_text(1_000_000)
         with tempfile.TemporaryDirectory() as tmp:
-            sp = train_tokenizer([corpus], Path(tmp) / "demo.model", vocab_size=args.vocab_size,
-                                 max_bytes=1_000_000)
+            sp = train_tokenizer(
+                [corpus], Path(tmp) / "demo.model", vocab_size=args.vocab_size, max_bytes=1_000_000
+            )
         what = f"BPE trained on 1 MB of stdlib, {args.vocab_size} pieces"
     return np.asarray(sp.encode(text), np.int64), build_compression(sp), what
 
@@ -114,8 +132,7 @@ def run(args) -> int:
 
     sizes = hasher.table_sizes[layer]
     rngs = nnx.Rngs(cfg.train.seed)
-    engram = Engram(ecfg, layer, m.d_model, m.hc_mult, table_sizes=sizes, rngs=rngs,
-                    dtype=m.dtype)
+    engram = Engram(ecfg, layer, m.d_model, m.hc_mult, table_sizes=sizes, rngs=rngs, dtype=m.dtype)
     embed_VxD = jax.random.normal(rngs.params(), (table.vocab_size, m.d_model))
     h_BxTxMxD = jnp.repeat(embed_VxD[raw_BxT][:, :, None, :], m.hc_mult, axis=2)
 
@@ -131,21 +148,35 @@ def run(args) -> int:
     g = np.asarray(gates_BxTxM, np.float32)
     n_tok = raw_BxT.size
     print(f"text      {len(text):,} chars from {n_files} stdlib files")
-    print(f"tokens    {n_tok:,} ({tok_what}) as {n_seq} x {args.seq_len}; "
-          f"first: {raw_BxT[0, :8].tolist()}")
-    print(f"compress  V={table.vocab_size:,} -> V'={v_prime:,} "
-          f"({1 - v_prime / table.vocab_size:.1%} fewer ids), pad id {pad}")
-    print(f"hashing   layer {layer}: orders 2..{ecfg.max_ngram_size} x {ecfg.n_head_per_ngram} "
-          f"heads = {ecfg.n_hash_heads} ids/token; primes per order {sizes}")
-    print(f"table     {engram.table.n_rows:,} rows x {ecfg.d_head} = "
-          f"{engram.table.table[...].size:,} params; this text touched "
-          f"{len(np.unique(np.asarray(rows))):,} distinct rows of {rows.size:,} lookups")
-    print(f"layer     h {tuple(h_BxTxMxD.shape)} + ids {ids_BxTxH.shape} -> "
-          f"y {tuple(y_BxTxMxD.shape)} {y_BxTxMxD.dtype} (d_mem {ecfg.d_mem}, M={m.hc_mult})")
+    print(
+        f"tokens    {n_tok:,} ({tok_what}) as {n_seq} x {args.seq_len}; "
+        f"first: {raw_BxT[0, :8].tolist()}"
+    )
+    print(
+        f"compress  V={table.vocab_size:,} -> V'={v_prime:,} "
+        f"({1 - v_prime / table.vocab_size:.1%} fewer ids), pad id {pad}"
+    )
+    print(
+        f"hashing   layer {layer}: orders 2..{ecfg.max_ngram_size} x {ecfg.n_head_per_ngram} "
+        f"heads = {ecfg.n_hash_heads} ids/token; primes per order {sizes}"
+    )
+    print(
+        f"table     {engram.table.n_rows:,} rows x {ecfg.d_head} = "
+        f"{engram.table.table[...].size:,} params; this text touched "
+        f"{len(np.unique(np.asarray(rows))):,} distinct rows of {rows.size:,} lookups"
+    )
+    print(
+        f"layer     h {tuple(h_BxTxMxD.shape)} + ids {ids_BxTxH.shape} -> "
+        f"y {tuple(y_BxTxMxD.shape)} {y_BxTxMxD.dtype} (d_mem {ecfg.d_mem}, M={m.hc_mult})"
+    )
     print(f"gates     mean {g.mean():.4f}  min {g.min():.4f}  max {g.max():.4f}")
     y = np.asarray(y_BxTxMxD, np.float32)
-    print(f"output    RMS {np.sqrt(np.mean(y * y)):.4f}  per-token L2 mean "
-          f"{np.linalg.norm(y, axis=-1).mean():.4f}")
-    print(f"time      tokenizer+hash {t_prep * 1e3:.0f} ms, compile {t_compile * 1e3:.0f} ms, "
-          f"forward {t_run * 1e3:.1f} ms ({n_tok / t_run:,.0f} tokens/s)")
+    print(
+        f"output    RMS {np.sqrt(np.mean(y * y)):.4f}  per-token L2 mean "
+        f"{np.linalg.norm(y, axis=-1).mean():.4f}"
+    )
+    print(
+        f"time      tokenizer+hash {t_prep * 1e3:.0f} ms, compile {t_compile * 1e3:.0f} ms, "
+        f"forward {t_run * 1e3:.1f} ms ({n_tok / t_run:,.0f} tokens/s)"
+    )
     return 0

@@ -8,8 +8,12 @@ import json
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="validation loss of a trained workdir", description=__doc__)
     p.add_argument("--workdir", required=True)
-    p.add_argument("--data", default=None, help="evaluate on this data instead of the run's "
-                   "validation split (same formats as train --data)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="evaluate on this data instead of the run's "
+        "validation split (same formats as train --data)",
+    )
     p.add_argument("--batches", type=int, default=None, help="number of validation batches")
     p.set_defaults(func=run)
 

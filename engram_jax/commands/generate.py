@@ -13,8 +13,12 @@ import argparse
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("generate", help="generate text from a trained workdir",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "generate",
+        help="generate text from a trained workdir",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--workdir", required=True, help="a run trained with `engram-jax train`")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -22,13 +26,24 @@ def add_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--offload", choices=("none", "host"), default="none",
-                   help="where the Engram tables live during decoding")
-    p.add_argument("--memory-kind", default="auto",
-                   choices=("auto", "pinned_host", "unpinned_host", "numpy"),
-                   help="host placement of offloaded tables")
-    p.add_argument("--hot-rows", type=int, default=0,
-                   help="device-memory LRU cache of this many rows per table (with --offload)")
+    p.add_argument(
+        "--offload",
+        choices=("none", "host"),
+        default="none",
+        help="where the Engram tables live during decoding",
+    )
+    p.add_argument(
+        "--memory-kind",
+        default="auto",
+        choices=("auto", "pinned_host", "unpinned_host", "numpy"),
+        help="host placement of offloaded tables",
+    )
+    p.add_argument(
+        "--hot-rows",
+        type=int,
+        default=0,
+        help="device-memory LRU cache of this many rows per table (with --offload)",
+    )
     p.add_argument("--stats", action="store_true", help="print timing and cache statistics")
     p.set_defaults(func=run)
 
@@ -54,17 +69,28 @@ def run(args) -> int:
     if not prompt_ids[0]:
         raise ValueError("--prompt encodes to no tokens")
     needed = len(prompt_ids[0]) + args.max_new_tokens
-    gen = make_generator(model, compression, max_len=-(-needed // 64) * 64, offload=offload,
-                         release=True)
+    gen = make_generator(
+        model, compression, max_len=-(-needed // 64) * 64, offload=offload, release=True
+    )
     t1 = time.perf_counter()
-    result = gen.generate(prompt_ids, args.max_new_tokens, temperature=args.temperature,
-                          top_k=args.top_k, seed=args.seed, eos_id=sp.eos_id())
+    result = gen.generate(
+        prompt_ids,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+        eos_id=sp.eos_id(),
+    )
     t2 = time.perf_counter()
     ids = [int(i) for i in result.tokens[0] if i != sp.eos_id()]
     print(args.prompt + sp.decode(ids))
     if args.stats:
-        stats = {"load_s": round(t1 - t0, 2), "generate_s": round(t2 - t1, 2),
-                 "prompt_tokens": result.prompt_len, "new_tokens": result.steps}
+        stats = {
+            "load_s": round(t1 - t0, 2),
+            "generate_s": round(t2 - t1, 2),
+            "prompt_tokens": result.prompt_len,
+            "new_tokens": result.steps,
+        }
         cache = getattr(gen.rows, "stats", None)
         if cache is not None:
             stats["hot_rows"] = cache()

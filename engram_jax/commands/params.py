@@ -7,11 +7,19 @@ import json
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "params", help="count parameters of a preset (P_tot, P_act, sparse, Engram, rho)",
-        description="Analytic parameter counts from the config alone (ENGRAM_SPEC section 6).")
+        "params",
+        help="count parameters of a preset (P_tot, P_act, sparse, Engram, rho)",
+        description="Analytic parameter counts from the config alone (ENGRAM_SPEC section 6).",
+    )
     p.add_argument("--preset", required=True, help="preset name, e.g. engram-27b")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set moe.n_routed_experts=64")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set moe.n_routed_experts=64",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object (raw counts)")
     p.set_defaults(func=run)
 
@@ -27,11 +35,13 @@ def run(args) -> int:
         print(json.dumps({"preset": cfg.name, **counts}, sort_keys=True))
         return 0
     print(f"{cfg.name}: parameters (analytic; embedding and LM head outside total)")
-    rows = [("total (P_tot)", counts["total"]),
-            ("activated (P_act)", counts["activated"]),
-            ("sparse", counts["sparse"]),
-            ("engram tables", counts["engram"]),
-            ("total + input embedding", counts["total_with_embedding"])]
+    rows = [
+        ("total (P_tot)", counts["total"]),
+        ("activated (P_act)", counts["activated"]),
+        ("sparse", counts["sparse"]),
+        ("engram tables", counts["engram"]),
+        ("total + input embedding", counts["total_with_embedding"]),
+    ]
     for name, n in rows:
         print(f"  {name:<26}{human(n):>10}  ({n:,})")
     print(f"  {'rho (routed share)':<26}{counts['rho']:>10.3f}")

@@ -20,18 +20,32 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("sweep", help="run a study (rho U-curve, memory scaling, ablations)",
-                       description=__doc__)
+    p = sub.add_parser(
+        "sweep", help="run a study (rho U-curve, memory scaling, ablations)", description=__doc__
+    )
     p.add_argument("study", choices=("rho", "slots", "ablate"))
-    p.add_argument("--preset", default="toy",
-                   help="base config: 'toy' (engram_jax.experiments.toy, the CPU studies) or a "
-                        "preset name such as tiny")
+    p.add_argument(
+        "--preset",
+        default="toy",
+        help="base config: 'toy' (engram_jax.experiments.toy, the CPU studies) or a "
+        "preset name such as tiny",
+    )
     p.add_argument("--data", default=None, help="text file/dir/.jsonl (default: Python stdlib)")
     p.add_argument("--seeds", type=int, default=1, help="seeds per point (train.seed 0..K-1)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="training steps per run (also sets train.eval_every: one final eval)")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a base config field before the sweep is built")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps per run (also sets train.eval_every: one final eval)",
+    )
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a base config field before the sweep is built",
+    )
     p.add_argument("--rhos", type=_floats, default=None, help="rho grid, e.g. 1,0.8,0.6")
     p.add_argument("--slots", type=_ints, default=None, help="slot grid, e.g. 1e4,4e4,1.6e5")
     p.add_argument("--only", default=None, help="ablate: comma-separated variant names")
@@ -70,8 +84,15 @@ def run(args) -> int:
     points = build_points(args)
     rows = run_sweep(args.study, points, args.out, seeds=tuple(range(args.seeds)))
     summary = finish(args.study, rows, args.out)
-    keys = ("best_rho", "best_rho_actual", "gain_vs_moe", "gain_se", "fit",
-            "delta_vs_reference", "failed")
+    keys = (
+        "best_rho",
+        "best_rho_actual",
+        "gain_vs_moe",
+        "gain_se",
+        "fit",
+        "delta_vs_reference",
+        "failed",
+    )
     print({k: summary[k] for k in keys if k in summary})
     print(f"results: {args.out}/results.csv, summary.json, {', '.join(summary['figures'])}")
     return 0 if not summary["failed"] else 1

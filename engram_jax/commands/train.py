@@ -6,31 +6,51 @@ import argparse
 
 
 def add_common_config_args(p: argparse.ArgumentParser, *, preset_default: str | None) -> None:
-    p.add_argument("--preset", default=preset_default,
-                   help="named config (tiny, small, ...; see `engram-jax params --help`)")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set train.steps=100 "
-                        "--set engram.layer_ids=[1]; values are JSON or Python literals")
+    p.add_argument(
+        "--preset",
+        default=preset_default,
+        help="named config (tiny, small, ...; see `engram-jax params --help`)",
+    )
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.steps=100 "
+        "--set engram.layer_ids=[1]; values are JSON or Python literals",
+    )
 
 
 def add_distributed_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("multi-process")
-    g.add_argument("--coordinator-address", default=None,
-                   help="host:port of process 0 (loopback for local tests); on TPU VMs omit "
-                        "it with --num-processes unset and jax works it out")
+    g.add_argument(
+        "--coordinator-address",
+        default=None,
+        help="host:port of process 0 (loopback for local tests); on TPU VMs omit "
+        "it with --num-processes unset and jax works it out",
+    )
     g.add_argument("--num-processes", type=int, default=None)
     g.add_argument("--process-id", type=int, default=None)
-    g.add_argument("--cpu-devices", type=int, default=None,
-                   help="fake N CPU devices in this process (testing meshes without a TPU)")
+    g.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=None,
+        help="fake N CPU devices in this process (testing meshes without a TPU)",
+    )
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a model (resumes if WORKDIR has checkpoints)",
-                       description=__doc__)
+    p = sub.add_parser(
+        "train", help="train a model (resumes if WORKDIR has checkpoints)", description=__doc__
+    )
     add_common_config_args(p, preset_default=None)
-    p.add_argument("--data", default=None,
-                   help="text file, directory of text files, or .jsonl (default: the Python "
-                        "standard library source of this interpreter)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="text file, directory of text files, or .jsonl (default: the Python "
+        "standard library source of this interpreter)",
+    )
     p.add_argument("--workdir", default="runs/tiny", help="where metrics and checkpoints go")
     p.add_argument("--steps", type=int, default=None, help="shorthand for --set train.steps=N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -47,9 +67,11 @@ def init_distributed(args) -> None:
     if args.num_processes is not None or args.coordinator_address is not None:
         if args.num_processes and args.num_processes > 1 and args.process_id is None:
             raise ValueError("--process-id is required with --num-processes > 1")
-        jax.distributed.initialize(coordinator_address=args.coordinator_address,
-                                   num_processes=args.num_processes,
-                                   process_id=args.process_id)
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator_address,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+        )
 
 
 def run(args) -> int:

@@ -34,12 +34,25 @@ class Point:
 
 
 TOY_OVERRIDES = (
-    "model.vocab_size=2048", "model.d_model=64", "model.n_layers=4", "model.n_heads=4",
-    "model.n_kv_heads=2", "model.head_dim=16", "model.dense_hidden=192",
-    "model.max_seq_len=256", "moe.n_routed_experts=64", "moe.expert_hidden=32",
-    "moe.top_k=2", "engram.n_embed_per_ngram=32", "engram.n_head_per_ngram=4",
-    "engram.engram_vocab_size=[5000,5000]", "train.seq_len=64", "train.batch_size=8",
-    "train.steps=300", "train.eval_every=300", "train.eval_batches=16",
+    "model.vocab_size=2048",
+    "model.d_model=64",
+    "model.n_layers=4",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.head_dim=16",
+    "model.dense_hidden=192",
+    "model.max_seq_len=256",
+    "moe.n_routed_experts=64",
+    "moe.expert_hidden=32",
+    "moe.top_k=2",
+    "engram.n_embed_per_ngram=32",
+    "engram.n_head_per_ngram=4",
+    "engram.engram_vocab_size=[5000,5000]",
+    "train.seq_len=64",
+    "train.batch_size=8",
+    "train.steps=300",
+    "train.eval_every=300",
+    "train.eval_batches=16",
     "train.checkpoint_every=0",
 )
 

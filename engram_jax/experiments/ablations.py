@@ -57,8 +57,9 @@ def variants(base: Config) -> dict[str, Config]:
         if layer != e.layer_ids[0]:
             out[f"layer{layer}"] = with_engram(base, layer_ids=(layer,))
     out["moe"] = with_engram(base, layer_ids=())
-    out["overencoding"] = with_engram(base, layer_ids=(0,), use_gating=False,
-                                      use_short_conv=False, multi_branch=False)
+    out["overencoding"] = with_engram(
+        base, layer_ids=(0,), use_gating=False, use_short_conv=False, multi_branch=False
+    )
     return out
 
 
@@ -70,7 +71,15 @@ def sweep(base: Config, only=None) -> list[Point]:
         if unknown:
             raise ValueError(f"unknown ablation variants {unknown}; choose from {list(items)}")
         items = {k: v for k, v in items.items() if k in set(only)}
-    return [Point(name, dataclasses.replace(cfg, name=f"{base.name}-{name}"),
-                  {"variant": name, "slots": slots_of(cfg),
-                       "layer": cfg.engram.layer_ids[0] if cfg.engram.layer_ids else ""})
-            for name, cfg in items.items()]
+    return [
+        Point(
+            name,
+            dataclasses.replace(cfg, name=f"{base.name}-{name}"),
+            {
+                "variant": name,
+                "slots": slots_of(cfg),
+                "layer": cfg.engram.layer_ids[0] if cfg.engram.layer_ids else "",
+            },
+        )
+        for name, cfg in items.items()
+    ]

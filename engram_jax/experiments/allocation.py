@@ -47,8 +47,12 @@ def budget(base: Config) -> tuple[int, int]:
 
 def _expert_sparse(cfg: Config) -> int:
     """Sparse params per routed expert: 3 D F in each MoE layer."""
-    return 3 * cfg.model.d_model * cfg.moe.expert_hidden * (cfg.model.n_layers
-                                                            - cfg.model.n_dense_layers)
+    return (
+        3
+        * cfg.model.d_model
+        * cfg.moe.expert_hidden
+        * (cfg.model.n_layers - cfg.model.n_dense_layers)
+    )
 
 
 def _fit_tables(cfg: Config, table_target: int) -> Config:
@@ -75,19 +79,26 @@ def allocate(base: Config, rho: float, p_tot: int, p_act: int) -> Config:
     d, n_dense = base.model.d_model, base.model.n_dense_layers
     cfg = pure_moe(base)
     if rho < 1.0:
-        cfg = with_engram(base, layer_ids=base.engram.layer_ids or (1,),
-                          engram_vocab_size=(2,) * (base.engram.max_ngram_size - 1))
+        cfg = with_engram(
+            base,
+            layer_ids=base.engram.layer_ids or (1,),
+            engram_vocab_size=(2,) * (base.engram.max_ngram_size - 1),
+        )
     for _ in range(3):  # E moves the router (activated) and the dense width moves P_sparse
         n_sparse = round(rho * (p_tot - count_params(cfg)["activated"]) / per_expert)
         cfg = with_moe(cfg, n_routed_experts=max(k, 1, k + n_sparse))
         gap = p_act - count_params(cfg)["activated"]
         if gap and n_dense < 1:
-            raise ValueError("allocation needs model.n_dense_layers >= 1 (the dense FFN "
-                             "width absorbs the activated-parameter differences)")
+            raise ValueError(
+                "allocation needs model.n_dense_layers >= 1 (the dense FFN "
+                "width absorbs the activated-parameter differences)"
+            )
         hidden = cfg.model.dense_hidden + round(gap / (3 * d * max(n_dense, 1)))
         if hidden < 1:
-            raise ValueError(f"the Engram fusion and router do not fit in "
-                             f"model.dense_hidden={base.model.dense_hidden}")
+            raise ValueError(
+                f"the Engram fusion and router do not fit in "
+                f"model.dense_hidden={base.model.dense_hidden}"
+            )
         cfg = with_model(cfg, dense_hidden=hidden)
     if rho < 1.0:
         c = count_params(cfg)
@@ -101,13 +112,16 @@ def check(cfg: Config, p_tot: int, p_act: int, tol: float = 0.02) -> dict:
     c = count_params(cfg)
     for key, target in (("total", p_tot), ("activated", p_act)):
         if abs(c[key] - target) > tol * target:
-            raise ValueError(f"allocation missed {key}: {c[key]:,} vs target {target:,} "
-                             f"(> {tol:.0%}); the budget is too small for this rho grid")
+            raise ValueError(
+                f"allocation missed {key}: {c[key]:,} vs target {target:,} "
+                f"(> {tol:.0%}); the budget is too small for this rho grid"
+            )
     return c
 
 
-def sweep(base: Config, rhos=RHOS, p_tot: int | None = None, p_act: int | None = None,
-          tol: float = 0.02) -> list[Point]:
+def sweep(
+    base: Config, rhos=RHOS, p_tot: int | None = None, p_act: int | None = None, tol: float = 0.02
+) -> list[Point]:
     """One :class:`Point` per rho, named ``rho<rho>``, labelled with the nominal and actual rho
     and the layout (experts, table rows)."""
     t_tot, t_act = budget(base)
@@ -118,10 +132,19 @@ def sweep(base: Config, rhos=RHOS, p_tot: int | None = None, p_act: int | None =
         c = check(cfg, p_tot, p_act, tol)
         name = f"rho{float(rho):.2f}"
         cfg = dataclasses.replace(cfg, name=f"{base.name}-{name}")
-        points.append(Point(name, cfg, {
-            "rho": float(rho), "rho_actual": round(c["rho"], 4),
-            "experts": cfg.moe.n_routed_experts, "slots": _slots(cfg),
-            "dense_hidden": cfg.model.dense_hidden}))
+        points.append(
+            Point(
+                name,
+                cfg,
+                {
+                    "rho": float(rho),
+                    "rho_actual": round(c["rho"], 4),
+                    "experts": cfg.moe.n_routed_experts,
+                    "slots": _slots(cfg),
+                    "dense_hidden": cfg.model.dense_hidden,
+                },
+            )
+        )
     return points
 
 

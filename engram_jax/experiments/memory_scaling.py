@@ -33,8 +33,9 @@ def with_slots(cfg: Config, slots: int) -> Config:
     if not e.enabled:
         raise ValueError("memory scaling needs an Engram config (engram.layer_ids non-empty)")
     heads = len(e.layer_ids) * e.n_hash_heads
-    return with_engram(cfg, engram_vocab_size=(max(2, round(slots / heads)),)
-                       * (e.max_ngram_size - 1))
+    return with_engram(
+        cfg, engram_vocab_size=(max(2, round(slots / heads)),) * (e.max_ngram_size - 1)
+    )
 
 
 def decades(slots) -> float:
@@ -47,8 +48,11 @@ def sweep(base: Config, slots=SLOTS) -> list[Point]:
     for n in slots:
         cfg = with_slots(base, int(n))
         name = f"slots{int(n)}"
-        points.append(Point(name, dataclasses.replace(cfg, name=f"{base.name}-{name}"),
-                            {"slots": slots_of(cfg)}))
+        points.append(
+            Point(
+                name, dataclasses.replace(cfg, name=f"{base.name}-{name}"), {"slots": slots_of(cfg)}
+            )
+        )
     return points
 
 
@@ -61,5 +65,5 @@ def fit_log_slots(slots, losses) -> dict:
     b, a = np.polyfit(x, y, 1)
     resid = y - (a + b * x)
     ss_tot = float(np.sum((y - y.mean()) ** 2))
-    r2 = 1.0 - float(np.sum(resid ** 2)) / ss_tot if ss_tot > 0 else 1.0
+    r2 = 1.0 - float(np.sum(resid**2)) / ss_tot if ss_tot > 0 else 1.0
     return {"intercept": float(a), "slope": float(b), "r2": r2, "n": len(x)}
