@@ -11,7 +11,16 @@ Groups (:func:`param_labels`, from each Variable's type, path and logical axes):
              embedding / LM head (a ``vocab`` axis), norm scales, biases, conv kernels, or
              matrices without model axes (mHC's small mixing maps, Engram's 3-D key kernel).
              (With ``use_muon=False`` this group runs AdamW.)
-  ``adamw``  everything else (weight decay only on parameters with ndim >= 2).
+  ``adamw``  everything else.
+
+Weight decay (``optim.weight_decay``) applies to weight matrices only, decided by role (the
+path's last name, :func:`is_decayed`), never by ndim: every ``muon``-group parameter (with
+``use_muon=False`` that group runs AdamW with decay on all of it), and in the ``adamw`` group
+the token embedding, the LM head and other ``kernel``s of linear maps (Engram's ``key_kernel``
+W_K^(m)). Not decayed: norm scales, biases (incl. Engram ``key_bias``/``value_bias`` and mHC
+``pre/post/res_bias``), mHC's ``phi`` and ``alpha`` (they parameterize the branch mixing,
+whose identity/uniform balance decay would shift), the depthwise ``conv_kernel`` (initialized
+to zero so the module starts as a gated lookup) and the tables (spec section 5: no decay).
 
 Dense vs sparse tables (``EngramConfig.sparse_update``):
   dense   tables are ordinary leaves of the optax tree; ``table`` = ``optax.adam``.
@@ -56,6 +65,16 @@ _EMBED_NAMES = {
     "head",
     "unembed",
     "output",
+}
+# Leaf names of weight matrices of linear maps (see the module docstring, "Weight decay").
+_MATRIX_NAMES = {
+    "kernel",
+    "key_kernel",
+    "value_kernel",
+    "router",
+    "w_up",
+    "w_gate",
+    "w_down",
 }
 
 
@@ -149,6 +168,26 @@ def _label(names: list[str], v: Any) -> str:
     return "adamw" if not_matrix else "muon"
 
 
+def is_decayed(names: list[str]) -> bool:
+    """Whether an ``adamw``-group parameter at path ``names`` gets weight decay: a weight
+    matrix (:data:`_MATRIX_NAMES`, or the token embedding / LM head), never a norm, bias,
+    mHC mixing parameter, conv filter or table."""
+    lowered = [n.lower() for n in names]
+    leaf = lowered[-1] if lowered else ""
+    if any("norm" in n for n in lowered) or leaf.endswith("bias"):
+        return False
+    return leaf in _MATRIX_NAMES or leaf in _EMBED_NAMES
+
+
+def decay_mask(tree: Any) -> Any:
+    """Boolean tree like ``tree`` (Variables or bare arrays): :func:`is_decayed` per path."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: is_decayed(_names(p)),
+        tree,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+
+
 def param_labels(params_state: Any) -> Any:
     """Group label per parameter: a tree like ``nnx.as_pure(params_state)`` of strings.
 
@@ -212,7 +251,6 @@ def make_optimizer(
     """
     o = cfg.optim
     lr = learning_rate_schedule(o, total_steps)
-    decay_mask = lambda tree: jax.tree.map(lambda x: jnp.ndim(x) >= 2, tree)
     adamw = optax.adamw(
         lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask
     )
@@ -222,8 +260,8 @@ def make_optimizer(
             weight_decay=o.weight_decay,
             muon_weight_dimension_numbers=_muon_dims,
         )
-    else:
-        muon = adamw
+    else:  # the muon group holds weight matrices only: all decayed
+        muon = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
     if cfg.engram.sparse_update:
         table = optax.set_to_zero()
     else:

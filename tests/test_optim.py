@@ -201,3 +201,62 @@ def test_without_muon_matrices_use_adamw():
     tx = optim.make_optimizer(cfg, 100, labels=optim.param_labels(nnx.state(model, wrt)))
     state = tx.init(nnx.as_pure(nnx.state(model, wrt)))
     assert "MuonState" not in _state_kinds(state)
+
+
+# Weight decay by role, for the real model (tiny preset): exactly these parameters are
+# decayed (ENGRAM_SPEC section 5: decay on weight matrices; none on tables, norms, biases,
+# mHC mixing parameters or the zero-initialized conv filter).
+DECAYED_TINY = {
+    "embed",
+    "head/kernel",
+    "blocks/N/attn/wq/kernel",
+    "blocks/N/attn/wk/kernel",
+    "blocks/N/attn/wv/kernel",
+    "blocks/N/attn/wo/kernel",
+    "blocks/N/ffn/w_gate/kernel",  # the leading dense block
+    "blocks/N/ffn/w_up/kernel",
+    "blocks/N/ffn/w_down/kernel",
+    "blocks/N/ffn/router",
+    "blocks/N/ffn/w_gate",  # routed expert stacks
+    "blocks/N/ffn/w_up",
+    "blocks/N/ffn/w_down",
+    "blocks/N/ffn/shared/w_gate/kernel",
+    "blocks/N/ffn/shared/w_up/kernel",
+    "blocks/N/ffn/shared/w_down/kernel",
+    "blocks/N/engram/key_kernel",
+    "blocks/N/engram/value_kernel",
+}
+
+
+@pytest.mark.parametrize("use_muon", [True, False])
+def test_weight_decay_hits_exactly_the_weight_matrices(use_muon):
+    """With zero gradients only weight decay moves a parameter: the moved set is the list."""
+    import re
+
+    from engram_jax.model import EngramLM
+    from engram_jax.presets import get_preset
+
+    cfg = get_preset("tiny")
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, use_muon=use_muon))
+    model = EngramLM(cfg, rngs=nnx.Rngs(0), row_multiple=8)
+    params = nnx.state(model, optim.optimizer_filter(cfg))
+    tx = optim.make_optimizer(cfg, 100)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
+    moved = set()
+    for path, u in _flat(nnx.as_pure(updates)).items():
+        if np.any(np.asarray(u) != 0):
+            moved.add(re.sub(r"/\d+/", "/N/", path))
+    assert moved == DECAYED_TINY
+    every = {re.sub(r"/\d+/", "/N/", p) for p in _flat(nnx.as_pure(params))}
+    # the ones the old ndim >= 2 rule decayed by mistake are present and untouched
+    for name in ("engram/key_bias", "engram/conv_kernel", "attn_hc/res_bias", "attn_hc/phi"):
+        assert f"blocks/N/{name}" in every - moved
+    assert "blocks/N/engram/key_norm/scale" in every - moved
+
+
+def test_decay_rule_by_path_names():
+    assert optim.is_decayed(["blocks", "0", "attn", "wq", "kernel"])
+    assert optim.is_decayed(["embed"])
+    for names in (["final_norm", "scale"], ["x", "conv_kernel"], ["x", "key_bias"], ["hc", "phi"]):
+        assert not optim.is_decayed(names)
