@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from engram_jax import hlo, tables
+from engram_jax import catch_up, hlo, tables
 from engram_jax import sharding as shd
 from engram_jax.config import MeshConfig
 from engram_jax.optim import clip_by_global_norm_with_tables
@@ -280,3 +280,90 @@ def test_hlo_parser_reads_typed_and_untyped_operands():
     assert [c.op for c in colls] == ["all-gather", "all-reduce"]
     assert colls[0].operands == (("f32", (8, 4)),) and colls[0].bytes == 128
     assert colls[1].operands == (("f32", (2,)), ("s32", (3,))) and colls[1].bytes == 20
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact Adam (catch-up of untouched rows) against dense optax.adam
+
+
+def _schedule(count):
+    """Warmup 5 steps, lr 0.05, then x0.3 at 60 and 120 (the trainer's shape of schedule)."""
+    s = jnp.asarray(count, jnp.int32)
+    warm = jnp.minimum(1.0, (s + 1).astype(jnp.float32) / 5)
+    return 0.05 * warm * jnp.power(jnp.float32(0.3), (s >= 60).astype(jnp.int32) + (s >= 120))
+
+
+def _random_interval_ids(rng, steps, R, N):
+    """Per step N ids: a few hot rows every step, the others at random intervals (some rows
+    idle for longer than the catch-up horizon, some never touched)."""
+    period = rng.integers(1, 400, size=R)  # row r touched every ~period[r] steps
+    out = []
+    for _ in range(steps):
+        live = np.flatnonzero(rng.random(R) < 1.0 / period)
+        live = live[live < R - 4]  # the last 4 rows: never touched
+        ids = rng.choice(live, size=N) if len(live) else np.zeros(N, np.int64)
+        ids[: len(live[:N])] = live[:N]
+        out.append(ids.astype(np.int32))
+    return out
+
+
+def test_catch_up_horizon_bounds_the_tail():
+    h = catch_up.catch_up_horizon(B1, B2)
+    assert 200 < h < 300
+    assert catch_up.catch_up_horizon(0.9, 0.999) < h
+    with pytest.raises(ValueError, match="b1\\*\\*2 < b2"):
+        catch_up.catch_up_horizon(0.99, 0.9)
+
+
+@pytest.mark.parametrize("mesh_cfg", [None, MeshConfig(data=8)], ids=["1dev", "data8"])
+def test_exact_adam_equals_dense_adam_with_rows_touched_at_random_intervals(mesh_cfg):
+    R, D, N, steps = 64, 3, 8, 700
+    rng = np.random.default_rng(7)
+    table0 = jnp.asarray(rng.normal(size=(R, D)), jnp.float32)
+    tx = optax.adam(_schedule, b1=B1, b2=B2, eps=EPS)
+    mesh = shd.make_mesh(MeshConfig(data=1), jax.devices()[:1]) if mesh_cfg is None else None
+    mesh = mesh or shd.make_mesh(mesh_cfg)
+    row_s = NamedSharding(mesh, P(shd.MESH_AXES))
+    put = lambda x: jax.device_put(x, row_s)
+
+    @jax.jit
+    def dense_step(dense, state, ids, g):
+        upd, state = tx.update(jnp.zeros_like(dense).at[ids].add(g), state, dense)
+        return optax.apply_updates(dense, upd), state
+
+    @jax.jit
+    def sparse_step(t, mu, nu, last, ids, g, step):
+        t, mu, nu, last = tables.sharded_catch_up(
+            mesh, t, mu, nu, last, ids, step, _schedule, B1, B2, EPS
+        )
+        read = tables.sharded_lookup(mesh, t, ids)  # what the forward sees
+        merged = tables.sharded_merge_row_grads(mesh, ids, g, R)
+        t, mu, nu = tables.sharded_apply_adam(
+            mesh, t, mu, nu, merged, step, _schedule(step), B1, B2, EPS
+        )
+        return t, mu, nu, last, read
+
+    dense, dstate = table0, tx.init(table0)
+    t = put(table0)
+    mu, nu = tables.init_moments(t)
+    last = tables.init_last(t)
+    for step, ids_np in enumerate(_random_interval_ids(rng, steps, R, N)):
+        ids = jnp.asarray(ids_np.reshape(N, 1))
+        g = jnp.asarray(rng.normal(size=(N, 1, D)), jnp.float32)
+        t, mu, nu, last, read = sparse_step(t, mu, nu, last, ids, g, step)
+        np.testing.assert_allclose(read[:, 0], dense[ids_np], **TOL)  # before this update
+        dense, dstate = dense_step(dense, dstate, ids_np, g[:, 0])
+    # evaluation reads every row as dense Adam holds it, without writing
+    every = jnp.arange(R, dtype=jnp.int32).reshape(8, R // 8)
+    c = tables.CatchUp(mu, nu, last, steps, _schedule, B1, B2, EPS)
+    np.testing.assert_allclose(
+        tables.sharded_lookup(mesh, t, every, catch_up=c).reshape(R, D), dense, **TOL
+    )
+    lazy_gap = np.abs(np.asarray(t) - np.asarray(dense)).max()
+    assert lazy_gap > 1e-3  # the stored (lazy) table differs: the catch-up is what matters
+    flushed, fmu, fnu, flast = catch_up.catch_up_all(t, mu, nu, last, steps, _schedule, B1, B2, EPS)
+    np.testing.assert_allclose(flushed, dense, **TOL)
+    np.testing.assert_allclose(fmu, dstate[0].mu, **TOL)
+    np.testing.assert_allclose(fnu, dstate[0].nu, rtol=2e-5, atol=1e-9)
+    assert np.all(np.asarray(flast) == steps - 1)
+    np.testing.assert_array_equal(flushed[R - 4 :], table0[R - 4 :])  # never touched
