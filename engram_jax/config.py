@@ -278,6 +278,9 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     use_muon: bool = True
+    # > 0: Muon updates scaled to this RMS (Moonlight's sqrt(max(fan_in, fan_out)) * rms, so
+    # Muon shares AdamW's lr, as in the paper's recipe); 0: width scaling (Keller's Muon).
+    muon_consistent_rms: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "decay_steps", tuple(self.decay_steps))
@@ -292,6 +295,12 @@ class OptimConfig:
         )
         _check(self.weight_decay >= 0, "OptimConfig.weight_decay", ">= 0", self.weight_decay)
         _check(self.grad_clip >= 0, "OptimConfig.grad_clip", ">= 0 (0 disables)", self.grad_clip)
+        _check(
+            self.muon_consistent_rms >= 0,
+            "OptimConfig.muon_consistent_rms",
+            ">= 0 (0: width scaling)",
+            self.muon_consistent_rms,
+        )
         _bools(self, "use_muon")
 
 

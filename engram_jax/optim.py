@@ -259,6 +259,7 @@ def make_optimizer(
             learning_rate_schedule(o, total_steps, peak=o.muon_lr),
             weight_decay=o.weight_decay,
             muon_weight_dimension_numbers=_muon_dims,
+            consistent_rms=o.muon_consistent_rms or None,
         )
     else:  # the muon group holds weight matrices only: all decayed
         muon = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from engram_jax.config import Config, EngramConfig, ModelConfig, MoEConfig, TrainConfig
+from engram_jax.config import (
+    Config,
+    EngramConfig,
+    ModelConfig,
+    MoEConfig,
+    OptimConfig,
+    TrainConfig,
+)
 
 PRESETS: dict = {}
 
@@ -142,6 +149,14 @@ _PAPER_MOE = MoEConfig(
     dispatch="ragged",
 )
 _PAPER_TRAIN = TrainConfig(steps=50_000, batch_size=1280, seq_len=4096)
+# The paper's optimizer (spec section 5): Muon for the backbone, base lr 4e-4, step decay
+# (x0.316 at 80% and 90% of the steps), weight decay 0.1 on weight matrices; tables Adam with
+# lr x5 and no decay (``engram.table_lr_multiplier``, default 5). Not published, chosen here:
+# Muon at the same lr as AdamW through Moonlight's RMS matching (0.2), b1 0.9, b2 0.95 and
+# 2,000 warmup steps (DeepSeek-V3's).
+_PAPER_OPTIM = OptimConfig(
+    lr=4e-4, muon_lr=4e-4, muon_consistent_rms=0.2, weight_decay=0.1, warmup_steps=2000
+)
 _ENGRAM_27B = EngramConfig(
     engram_vocab_size=(2_262_400, 2_262_400),
     max_ngram_size=3,
@@ -162,6 +177,7 @@ def dense_4b() -> Config:
         moe=_PAPER_MOE,
         engram=_NO_ENGRAM,
         train=_PAPER_TRAIN,
+        optim=_PAPER_OPTIM,
     )
 
 
@@ -171,7 +187,12 @@ def moe_27b() -> Config:
     (hidden 1536), top-6, sigmoid scores, loss-free balancing. P_tot 26.32B, 26.65B with the
     embedding (paper 26.7B); 3.73B activated (paper 3.8B)."""
     return Config(
-        name="moe-27b", model=_PAPER_MODEL, moe=_PAPER_MOE, engram=_NO_ENGRAM, train=_PAPER_TRAIN
+        name="moe-27b",
+        model=_PAPER_MODEL,
+        moe=_PAPER_MOE,
+        engram=_NO_ENGRAM,
+        train=_PAPER_TRAIN,
+        optim=_PAPER_OPTIM,
     )
 
 
@@ -186,6 +207,7 @@ def engram_27b() -> Config:
         moe=dataclasses.replace(_PAPER_MOE, n_routed_experts=55),
         engram=_ENGRAM_27B,
         train=_PAPER_TRAIN,
+        optim=_PAPER_OPTIM,
     )
 
 
@@ -199,6 +221,7 @@ def engram_40b() -> Config:
         moe=dataclasses.replace(_PAPER_MOE, n_routed_experts=55),
         engram=dataclasses.replace(_ENGRAM_27B, engram_vocab_size=(7_239_680,) * 2),
         train=_PAPER_TRAIN,
+        optim=_PAPER_OPTIM,
     )
 
 
@@ -230,4 +253,5 @@ def ablation_3b() -> Config:
             layer_ids=(1, 5),
         ),
         train=TrainConfig(steps=50_000, batch_size=512, seq_len=4096),
+        optim=_PAPER_OPTIM,
     )

@@ -260,3 +260,42 @@ def test_decay_rule_by_path_names():
     assert optim.is_decayed(["embed"])
     for names in (["final_norm", "scale"], ["x", "conv_kernel"], ["x", "key_bias"], ["hc", "phi"]):
         assert not optim.is_decayed(names)
+
+
+PAPER_PRESETS = ("dense-4b", "moe-27b", "engram-27b", "engram-40b", "ablation-3b")
+
+
+@pytest.mark.parametrize("name", PAPER_PRESETS)
+def test_paper_presets_carry_the_paper_optimizer(name):
+    """Spec section 5: base lr 4e-4 with step decay, weight decay 0.1; tables Adam lr x5."""
+    from engram_jax.presets import get_preset
+
+    cfg = get_preset(name)
+    o, steps = cfg.optim, cfg.train.steps
+    assert o.use_muon and o.lr == o.muon_lr == 4e-4 and o.weight_decay == 0.1
+    lr = optim.learning_rate_schedule(o, steps)
+    peak = o.warmup_steps + 10
+    assert float(lr(peak)) == pytest.approx(4e-4)
+    assert float(lr(int(0.85 * steps))) == pytest.approx(4e-4 * o.decay_factor)
+    assert float(lr(steps - 1)) == pytest.approx(4e-4 * o.decay_factor**2)
+    table_lr = optim.table_learning_rate_schedule(cfg, steps)
+    assert float(table_lr(peak)) == pytest.approx(5 * 4e-4)
+
+
+def test_consistent_rms_scales_muon_updates_to_the_requested_rms():
+    """Moonlight's matching: update x sqrt(max(fan_in, fan_out)) x rms (vs Keller's width
+    scaling sqrt(max(1, fan_out/fan_in)) = 1 for the 16 x 16 kernel): ratio exactly 16**0.5."""
+    model = Small(nnx.Rngs(0))
+    params = nnx.as_pure(nnx.state(model, nnx.Param))
+    key = iter(jax.random.split(jax.random.key(1), 64))
+    grads = jax.tree.map(lambda x: jax.random.normal(next(key), x.shape), params)
+
+    def proj_update(rms):
+        o = OptimConfig(muon_lr=1.0, warmup_steps=0, weight_decay=0.0, grad_clip=0.0)
+        cfg = Config(optim=dataclasses.replace(o, muon_consistent_rms=rms))
+        tx = optim.make_optimizer(cfg, 100, labels=optim.param_labels(nnx.state(model, nnx.Param)))
+        return _flat(tx.update(grads, tx.init(params), params)[0])["proj/kernel"]
+
+    matched, width = proj_update(1.0), proj_update(0.0)
+    np.testing.assert_allclose(matched, 4.0 * width, rtol=1e-5)
+    assert float(jnp.sqrt(jnp.mean(matched**2))) == pytest.approx(1.0, rel=0.3)
