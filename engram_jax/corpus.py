@@ -6,7 +6,9 @@ Sources (``DataConfig.path``):
   library (test, site-packages and cache directories skipped), sorted, capped by
   ``max_files`` / ``max_bytes``; :func:`write_manifest` records the file list and hashes.
 - a ``.jsonl`` file: one document per line, text under ``DataConfig.text_field``.
-- any other file: plain text; documents are separated by blank lines.
+- any other file: plain text; documents are separated by blank lines, and a block longer than
+  ``LINES_PER_DOCUMENT`` lines (e.g. a file with one sentence or verse per line and no blank
+  lines) is cut into documents of that many lines.
 - a directory: every non-hidden file below it in sorted order, one document per file
   (``.jsonl`` files as above); files containing NUL bytes are skipped as binary.
 
@@ -28,6 +30,7 @@ from pathlib import Path
 
 from engram_jax.config import DataConfig
 
+LINES_PER_DOCUMENT = 64
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
 
@@ -158,7 +161,13 @@ def _file_documents(
     if not split_blocks:
         yield Document(key, text, bad)
         return
-    blocks = [b for b in text.replace("\r\n", "\n").split("\n\n") if b.strip()]
+    blocks = []
+    for para in text.replace("\r\n", "\n").split("\n\n"):
+        lines = para.strip("\n").split("\n")
+        for i in range(0, len(lines), LINES_PER_DOCUMENT):
+            block = "\n".join(lines[i : i + LINES_PER_DOCUMENT])
+            if block.strip():
+                blocks.append(block)
     for i, block in enumerate(blocks):
         yield Document(f"{key}#{i}", block + "\n", bad and "\ufffd" in block)
 
@@ -215,7 +224,10 @@ def split_documents(
 ) -> tuple[list[Document], list[Document]]:
     """Deterministic train/validation split by document key; both sides non-empty."""
     if len(docs) < 2:
-        raise ValueError(f"need at least 2 documents to split train/validation, got {len(docs)}")
+        raise ValueError(
+            f"need at least 2 documents to split train/validation, got {len(docs)}: give a "
+            f"text with more than {LINES_PER_DOCUMENT} lines or blank-line separated paragraphs"
+        )
     u = [_unit_hash(d.key) for d in docs]
     is_val = [x < val_fraction for x in u]
     if not any(is_val):  # tiny corpora: the document with the smallest hash goes to validation

@@ -262,3 +262,32 @@ def test_dataset_pickles_for_workers(bundle):
     cloudpickle = pytest.importorskip("cloudpickle")
     ds = cloudpickle.loads(cloudpickle.dumps(bundle.train_dataset))
     _assert_batches_equal([ds[0], ds[1]], [bundle.train_dataset[0], bundle.train_dataset[1]])
+
+
+def test_a_file_of_lines_without_blank_lines_is_cut_into_documents(tmp_path, workdir):
+    """One sentence per line, no blank line (a common corpus shape): documents of
+    LINES_PER_DOCUMENT lines, in order, nothing lost; train/validation both non-empty, and the
+    pipeline builds batches from it (what ``train`` and ``sweep`` do with --data)."""
+    from engram_jax import corpus
+
+    n = 5 * corpus.LINES_PER_DOCUMENT + 7
+    lines = [f"verse {i}: " + _text(i, 1).strip() for i in range(n)]
+    path = tmp_path / "verses.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    docs, stats = corpus.iter_documents(DataConfig(path=str(path)))
+    assert len(docs) == stats.documents == 6
+    got = [ln for d in docs for ln in d.text.splitlines()]
+    assert got == lines
+    assert [len(d.text.splitlines()) for d in docs] == [corpus.LINES_PER_DOCUMENT] * 5 + [7]
+    train, val = corpus.split_documents(docs, 0.2)
+    assert train and val
+    b = build_data(_cfg(path), tmp_path / "w")
+    assert next(b.train_iter())["inputs"].shape == (4, 16)
+    # paragraphs separated by blank lines still make one document each
+    path.write_text("first para\nline two\n\nsecond para\n", encoding="utf-8")
+    docs, _ = corpus.iter_documents(DataConfig(path=str(path)))
+    assert [d.text for d in docs] == ["first para\nline two\n", "second para\n"]
+    path.write_text("a single line\n", encoding="utf-8")
+    docs, _ = corpus.iter_documents(DataConfig(path=str(path)))
+    with pytest.raises(ValueError, match="at least 2 documents.*more than 64 lines"):
+        corpus.split_documents(docs, 0.2)
