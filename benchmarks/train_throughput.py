@@ -36,12 +36,13 @@ import numpy as np
 from bench_markdown import command_line, date_utc, publish  # noqa: E402
 
 from engram_jax import sharding as shd
-from engram_jax import train as T
 from engram_jax.config import override
 from engram_jax.hashing import NgramHasher
 from engram_jax.optim import make_optimizer
 from engram_jax.params import count_params
 from engram_jax.presets import get_preset
+from engram_jax.state import init_state
+from engram_jax.step import make_train_step
 
 HEADING = "## Train-step throughput and MFU (CPU)"
 ATTRIBUTION = [
@@ -89,11 +90,11 @@ class Variant:
         self.cfg = cfg = override(get_preset(preset), ["mesh.data=1", *sets])
         self.mesh = shd.make_mesh(cfg.mesh, jax.devices()[:1])
         tx = make_optimizer(cfg, cfg.train.steps)
-        graphdef, self.state = T.init_state(cfg, self.mesh, tx)
+        graphdef, self.state = init_state(cfg, self.mesh, tx)
         self.batch = shd.global_batch_from_local(self.mesh, synthetic_batch(cfg))
         t0 = time.perf_counter()
         compiled = (
-            jax.jit(T.make_train_step(cfg, graphdef, tx, self.mesh), donate_argnums=0)
+            jax.jit(make_train_step(cfg, graphdef, tx, self.mesh), donate_argnums=0)
             .lower(self.state, self.batch)
             .compile()
         )

@@ -99,9 +99,13 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: Any, data_iter: Any | None, config_dict: dict) -> bool:
+        """Start an asynchronous save of ``state`` (any pytree of arrays, stored in its
+        :func:`flatten` form), the iterator position and the config."""
         import grain
 
-        items = dict(state=ocp.args.PyTreeSave(state), config=ocp.args.JsonSave(config_dict))
+        items = dict(
+            state=ocp.args.PyTreeSave(flatten(state)), config=ocp.args.JsonSave(config_dict)
+        )
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -119,17 +123,19 @@ class Checkpointer:
     def has_data_state(self, step: int) -> bool:
         return os.path.exists(self.data_state_path(step))
 
-    def restore(self, step: int, abstract_state: Any, data_iter: Any | None = None) -> Any:
-        """Restore ``state`` onto the shardings in ``abstract_state`` (ShapeDtypeStructs);
-        the data iterator, if given, is restored in place."""
+    def restore(self, step: int, like: Any, data_iter: Any | None = None) -> Any:
+        """The state saved at ``step``, as the tree ``like`` (arrays or ShapeDtypeStructs,
+        whose shardings the arrays are restored onto); the data iterator, if given, is restored
+        in place."""
         import grain
 
-        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
-        items = dict(state=ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args))
+        target = abstract_like(flatten(like))
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        items = dict(state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return restored["state"]
+        return unflatten(restored["state"], like)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -137,6 +143,19 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def flatten(state: Any) -> dict[str, Any]:
+    """The checkpoint form of a state pytree: a flat dict keyed by each leaf's path string
+    (robust across NNX/optax pytree node types)."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(state)
+    return {jax.tree_util.keystr(p): x for p, x in leaves}
+
+
+def unflatten(flat: dict[str, Any], like: Any) -> Any:
+    """Inverse of :func:`flatten`: ``flat``'s values in the tree structure of ``like``."""
+    paths, treedef = jax.tree_util.tree_flatten_with_path(like)
+    return jax.tree_util.tree_unflatten(treedef, [flat[jax.tree_util.keystr(p)] for p, _ in paths])
 
 
 def abstract_like(tree: Any) -> Any:

@@ -13,11 +13,13 @@ import jax
 from flax import nnx
 
 from engram_jax import sharding as shd
-from engram_jax.checkpoint import Checkpointer, abstract_like
+from engram_jax.checkpoint import Checkpointer
 from engram_jax.config import Config
 from engram_jax.model import EngramLM
 from engram_jax.optim import make_optimizer
-from engram_jax.train import evaluate, flatten_state, init_state, make_eval_step, unflatten_state
+from engram_jax.state import init_state
+from engram_jax.step import make_eval_step
+from engram_jax.train import evaluate
 
 
 def load_state(workdir: str, step: int | None = None, *, mesh=None):
@@ -35,8 +37,7 @@ def load_state(workdir: str, step: int | None = None, *, mesh=None):
         mesh = shd.make_mesh(single_device_mesh_cfg(), jax.devices()[:1])
     tx = make_optimizer(cfg, cfg.train.steps)
     graphdef, state = init_state(cfg, mesh, tx)
-    flat, _ = flatten_state(state)
-    state = unflatten_state(ckpt.restore(step, abstract_like(flat)), state)
+    state = ckpt.restore(step, state)
     ckpt.close()
     return cfg, graphdef, state, step
 

@@ -1,16 +1,8 @@
-"""Training: state, the jitted train step, the loop with metrics, checkpoints and resumption.
+"""The training loop: config resolution, data, metrics, checkpoints and resumption.
 
-The model is split once into a static graph and four state groups (NNX functional style):
-
-- ``params``: backbone ``nnx.Param``s (and, on the dense path, the tables too), updated by optax
-  (Muon for 2-D matrices, AdamW for the rest, Adam with lr x multiplier for tables);
-- ``tables``: Engram ``TableParam``s on the sparse path (the default): the step looks rows up
-  outside the gradient, differentiates w.r.t. the gathered rows, and applies row-wise Adam to
-  the touched rows only (:mod:`engram_jax.tables`), in place through buffer donation;
-- ``rest``: everything else (the MoE router bias, updated from the observed expert load).
-
-``TrainState`` is a flat dict of these plus the optimizer states and the step, which is what
-Orbax saves. The step is compiled ahead of time, so ``step_time_s`` excludes compilation.
+The state and its construction live in :mod:`engram_jax.state`, the jitted step in
+:mod:`engram_jax.step`. The step is compiled ahead of time, so ``step_time_s`` excludes
+compilation.
 """
 
 from __future__ import annotations
@@ -20,23 +12,17 @@ import math
 import os
 import sys
 import time
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
 
 from engram_jax import sharding as shd
-from engram_jax.checkpoint import Checkpointer, abstract_like, config_mismatch
+from engram_jax.checkpoint import Checkpointer, config_mismatch
 from engram_jax.config import Config, override
-from engram_jax.engram import TableParam
 from engram_jax.metrics import MetricsLog
-from engram_jax.model import EngramLM
-from engram_jax.moe import RouterBias, bias_step
-from engram_jax.optim import decay_boundaries, make_optimizer, table_learning_rate_schedule
-from engram_jax.tables import init_moments, sparse_tables_step
+from engram_jax.optim import decay_boundaries, make_optimizer
+from engram_jax.state import abstract_train_state, init_state
+from engram_jax.step import compile_train_step, make_eval_step
 
 
 class TrainingDiverged(RuntimeError):
@@ -79,189 +65,6 @@ def resolve_config(workdir: str, preset: str | None, sets: list[str]) -> Config:
                 flush=True,
             )
     return cfg
-
-
-# ---------------------------------------------------------------------------------------------
-# State
-
-
-def split_model(model: EngramLM, cfg: Config):
-    """``graphdef, params, tables, rest``; on the dense path ``tables`` is empty."""
-    if cfg.engram.sparse_update:
-        graphdef, tables, params, rest = nnx.split(model, TableParam, nnx.Param, ...)
-        return graphdef, params, tables, rest
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    return graphdef, params, nnx.State({}), rest
-
-
-# Table rows are padded to a multiple of this (and of the shard count), so a checkpoint's
-# table shapes do not depend on the mesh: a run saved on 8 devices restores on 4 or 1.
-TABLE_ROW_MULTIPLE = 1024
-
-
-def build_model(cfg: Config, mesh) -> EngramLM:
-    rows = math.lcm(TABLE_ROW_MULTIPLE, shd.shard_count_for_tables(mesh))
-    seed = cfg.train.seed
-    return shd.sharded_init(mesh, lambda: EngramLM(cfg, rngs=nnx.Rngs(seed), row_multiple=rows))
-
-
-def init_state(cfg: Config, mesh, tx) -> tuple[Any, dict]:
-    """Fresh ``(graphdef, state)`` for a run; ``state`` is the pytree Orbax saves."""
-    model = build_model(cfg, mesh)
-    graphdef, params, tables, rest = split_model(model, cfg)
-    table_arrays = {k: v for k, v in _tables_by_layer(tables).items()}
-    moments = {k: init_moments(t) for k, t in table_arrays.items()}
-    state = dict(
-        params=params,
-        tables=tables,
-        rest=rest,
-        opt=tx.init(params),
-        table_mu={k: m[0] for k, m in moments.items()},
-        table_nu={k: m[1] for k, m in moments.items()},
-        step=jnp.zeros((), jnp.int32),
-    )
-    return graphdef, _on_mesh(mesh, state)
-
-
-def _on_mesh(mesh, tree):
-    """Replicate over ``mesh`` every leaf not already placed on it (optimizer counts, the
-    step). Else they stay on the default device, and a restore from a checkpoint COMMITS them
-    there: jit then refuses to mix them with the mesh's arrays (more than one device)."""
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-    def put(x):
-        s = getattr(x, "sharding", None)
-        if isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh:
-            return x
-        return jax.device_put(x, replicated)
-
-    return jax.tree.map(put, tree)
-
-
-def _tables_by_layer(tables: nnx.State) -> dict[str, jax.Array]:
-    """``{"<layer>": table array}`` from the TableParam state (one table per Engram layer)."""
-    out = {}
-    for path, var in nnx.to_flat_state(tables):
-        out[str(path[1])] = var.get_value() if isinstance(var, nnx.Variable) else var
-    return out
-
-
-def _set_tables(tables: nnx.State, new: dict[str, jax.Array]) -> nnx.State:
-    flat = []
-    for path, var in nnx.to_flat_state(tables):
-        flat.append((path, var.replace(new[str(path[1])])))
-    return nnx.from_flat_state(flat)
-
-
-# ---------------------------------------------------------------------------------------------
-# The step
-
-
-def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
-    logz = jax.nn.logsumexp(logits_BxTxV, axis=-1)
-    picked = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
-    return jnp.mean(logz - picked)
-
-
-def _aux_metrics(aux: dict) -> dict:
-    out = {}
-    loads = list(aux["moe_loads"].values())
-    if loads:
-        imb = [jnp.max(x) / jnp.maximum(jnp.mean(x.astype(jnp.float32)), 1e-9) for x in loads]
-        out["moe_imbalance"] = jnp.mean(jnp.stack(imb))
-    for layer, g in aux["engram_gates"].items():
-        out[f"engram_gate_{layer}"] = jnp.mean(g)
-    return out
-
-
-def _update_router_bias(rest: nnx.State, loads: dict, rate: float) -> nnx.State:
-    """Loss-free balancing: bias += rate * sign(mean load - load), outside the gradient."""
-    flat = []
-    for path, var in nnx.to_flat_state(rest):
-        layer = next((p for p in path if isinstance(p, int)), None)
-        if isinstance(var, RouterBias) and layer in loads:
-            var = var.replace(bias_step(var.get_value(), loads[layer], rate))
-        flat.append((path, var))
-    return nnx.from_flat_state(flat)
-
-
-def make_train_step(cfg: Config, graphdef, tx, mesh):
-    """``step(state, batch) -> (state, metrics)``; jit with ``donate_argnums=0``."""
-    sparse = cfg.engram.sparse_update and cfg.engram.enabled
-    table_lr = table_learning_rate_schedule(cfg, cfg.train.steps)
-    o = cfg.optim
-
-    def loss_fn(params, tables, rest, rows, batch):
-        model = nnx.merge(graphdef, params, tables, rest)
-        logits, aux = model(batch["inputs"], engram_ids=batch["engram_ids"], engram_rows=rows)
-        return cross_entropy(logits, batch["targets"]), aux
-
-    def step(state, batch):
-        params, tables, rest = state["params"], state["tables"], state["rest"]
-        ids = {str(k): v for k, v in batch["engram_ids"].items()}
-        rows = None
-        if sparse:
-            model = nnx.merge(graphdef, params, tables, rest)
-            rows = {int(k): model.blocks[int(k)].engram.table.global_ids(v) for k, v in ids.items()}
-            tarr = _tables_by_layer(tables)
-            gids = {str(k): v for k, v in rows.items()}
-            rows = {int(k): jnp.take(tarr[k], gids[k], axis=0) for k in tarr}
-        grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 3), has_aux=True)
-        (loss, aux), (g_params, g_rows) = grad_fn(params, tables, rest, rows, batch)
-        p_sq = optax.tree.norm(g_params, squared=True)
-        metrics = dict(loss=loss, **_aux_metrics(aux))
-        new = dict(state)
-        if sparse:
-            tarr = _tables_by_layer(tables)
-            new_t, mu, nu, t_sq = sparse_tables_step(
-                mesh,
-                tarr,
-                state["table_mu"],
-                state["table_nu"],
-                gids,
-                {str(k): v for k, v in g_rows.items()},
-                state["step"],
-                table_lr(state["step"]),
-                b1=o.b1,
-                b2=o.b2,
-                eps=o.eps,
-                clip_norm=o.grad_clip,
-                other_sq_norm=p_sq,
-            )
-            new.update(tables=_set_tables(tables, new_t), table_mu=mu, table_nu=nu)
-        else:
-            t_sq = jnp.zeros((), jnp.float32)
-        updates, new["opt"] = tx.update(g_params, state["opt"], params, table_sq_norm=t_sq)
-        new["params"] = optax.apply_updates(params, updates)
-        new["rest"] = _update_router_bias(rest, aux["moe_loads"], cfg.moe.bias_update_rate)
-        new["step"] = state["step"] + 1
-        metrics["grad_norm"] = jnp.sqrt(p_sq + t_sq)
-        return new, metrics
-
-    return step
-
-
-def make_eval_step(cfg: Config, graphdef):
-    def eval_step(state, batch):
-        model = nnx.merge(graphdef, state["params"], state["tables"], state["rest"])
-        logits, _ = model(batch["inputs"], engram_ids=batch["engram_ids"])
-        return cross_entropy(logits, batch["targets"])
-
-    return eval_step
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoint form: a flat dict with string keys (robust across NNX/optax pytree node types)
-
-
-def flatten_state(state: dict) -> tuple[dict[str, Any], Any]:
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
-    return {jax.tree_util.keystr(p): x for p, x in leaves}, treedef
-
-
-def unflatten_state(flat: dict[str, Any], like: dict) -> dict:
-    paths, treedef = jax.tree_util.tree_flatten_with_path(like)
-    return jax.tree_util.tree_unflatten(treedef, [flat[jax.tree_util.keystr(p)] for p, _ in paths])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,9 +142,6 @@ def train(cfg: Config, workdir: str, *, progress: bool = True) -> dict:
         _barrier("engram_jax.train.data")
         _publish_tokenizer(data.tokenizer_path, workdir)
     tx = make_optimizer(cfg, cfg.train.steps)
-    graphdef, state = init_state(cfg, mesh, tx)
-    flat, _ = flatten_state(state)
-
     ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
     it = data.train_iter()
     start = ckpt.latest_step() or 0
@@ -350,10 +150,12 @@ def train(cfg: Config, workdir: str, *, progress: bool = True) -> dict:
         # with another process count restores the model only and seeks the iterator to the
         # step: batch i of the pipeline is the same global batch for any process count.
         same_processes = ckpt.has_data_state(start)
-        restored = ckpt.restore(start, abstract_like(flat), it if same_processes else None)
-        state = unflatten_state(restored, state)
+        graphdef, like = abstract_train_state(cfg, mesh, tx)
+        state = ckpt.restore(start, like, it if same_processes else None)
         if not same_processes:
             _seek(it, start)
+    else:
+        graphdef, state = init_state(cfg, mesh, tx)
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             json.dump(cfg.to_dict(), f, indent=1, sort_keys=True)
@@ -361,8 +163,7 @@ def train(cfg: Config, workdir: str, *, progress: bool = True) -> dict:
 
     batch = shd.global_batch_from_local(mesh, next(it))
     t0 = time.time()
-    step_fn = jax.jit(make_train_step(cfg, graphdef, tx, mesh), donate_argnums=0)
-    step_fn = step_fn.lower(state, batch).compile()
+    step_fn = compile_train_step(cfg, graphdef, tx, mesh, state, batch)
     eval_fn = jax.jit(make_eval_step(cfg, graphdef))
     compile_s = time.time() - t0
     # Gloo gives a peer 30 s to join the first collective; compile times differ by more on a
@@ -405,7 +206,7 @@ def train(cfg: Config, workdir: str, *, progress: bool = True) -> dict:
             if cfg.train.checkpoint_every and (
                 step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps
             ):
-                ckpt.save(step, flatten_state(state)[0], it, cfg.to_dict())
+                ckpt.save(step, state, it, cfg.to_dict())
             if bar is not None:
                 bar.set_postfix(
                     loss=f"{m['loss']:.3f}",

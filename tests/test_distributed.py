@@ -23,7 +23,8 @@ from test_train_hlo import synthetic_batch, tiny_cfg
 from engram_jax import sharding as shd
 from engram_jax.config import MeshConfig
 from engram_jax.optim import make_optimizer
-from engram_jax.train import init_state, make_train_step
+from engram_jax.state import init_state
+from engram_jax.step import make_train_step
 
 
 def _losses_on(mesh_cfg, n_devices, steps=3):

@@ -16,7 +16,8 @@ from engram_jax import sharding as shd
 from engram_jax.config import override
 from engram_jax.optim import make_optimizer
 from engram_jax.presets import get_preset
-from engram_jax.train import _tables_by_layer, init_state, make_train_step
+from engram_jax.state import init_state, tables_by_layer
+from engram_jax.step import make_train_step
 
 TINY = [
     "model.d_model=32",
@@ -65,7 +66,7 @@ def compiled_step(cfg, mesh):
 
 def _table_rows(cfg, state):
     if cfg.engram.sparse_update:
-        tables = _tables_by_layer(state["tables"])
+        tables = tables_by_layer(state["tables"])
     else:  # dense path: the tables are among the params
         tables = {
             str(k): v
