@@ -38,14 +38,21 @@ def sinkhorn(logits: jax.Array, iters: int) -> jax.Array:
 
     Alternates row and column normalization ``iters`` times; the result is exactly
     column-stochastic and row-stochastic up to the convergence of the iteration.
+
+    The iteration runs on the matrices' entries moved to the front ([M, M, ...]): each
+    logsumexp is then over a leading axis of size M, M-1 elementwise ops on long contiguous
+    rows, which XLA CPU vectorizes; over the trailing [M, M] axes it reduces B*T separate
+    M-element rows (11x slower for the train step's [64, 64, 2, 2], forward + backward). Same
+    arithmetic in the same order.
     """
-    log_p = logits.astype(jnp.float32)
+    log_p = jnp.moveaxis(logits.astype(jnp.float32), (-2, -1), (0, 1))
 
     def body(_, lp):
-        lp = lp - jax.nn.logsumexp(lp, axis=-1, keepdims=True)
-        return lp - jax.nn.logsumexp(lp, axis=-2, keepdims=True)
+        lp = lp - jax.nn.logsumexp(lp, axis=1, keepdims=True)
+        return lp - jax.nn.logsumexp(lp, axis=0, keepdims=True)
 
-    return jnp.exp(jax.lax.fori_loop(0, iters, body, log_p))
+    log_p = jax.lax.fori_loop(0, iters, body, log_p)
+    return jnp.moveaxis(jnp.exp(log_p), (0, 1), (-2, -1))
 
 
 class HyperConnection(nnx.Module):

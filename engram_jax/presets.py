@@ -100,6 +100,46 @@ def small() -> Config:
     )
 
 
+@preset("toy")
+def toy() -> Config:
+    """The study model of experiments/ (the ``tiny`` preset shrunk: d=64, 4 blocks, mHC 2, 64
+    routed experts of hidden 32, top-2, Engram at block 1), as a preset so that
+    ``engram-jax train --preset toy`` trains it alone; batches of 64 x 64 tokens."""
+    return Config(
+        name="toy",
+        model=ModelConfig(
+            vocab_size=2048,
+            d_model=64,
+            n_layers=4,
+            n_heads=4,
+            n_kv_heads=2,
+            head_dim=16,
+            dense_hidden=192,
+            n_dense_layers=1,
+            hc_mult=2,
+            max_seq_len=256,
+        ),
+        moe=MoEConfig(
+            n_routed_experts=64, n_shared_experts=1, top_k=2, expert_hidden=32, dispatch="blocked"
+        ),
+        engram=EngramConfig(
+            engram_vocab_size=(5000, 5000),
+            max_ngram_size=3,
+            n_embed_per_ngram=32,
+            n_head_per_ngram=4,
+            layer_ids=(1,),
+        ),
+        train=TrainConfig(
+            steps=300,
+            batch_size=64,
+            seq_len=64,
+            eval_every=300,
+            eval_batches=16,
+            checkpoint_every=0,
+        ),
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # The paper's models (ENGRAM_SPEC sections 5-7). Published: 30 blocks, d=2560, MLA with 32
 # heads, mHC expansion 4, vocab 129,280, RoPE theta 10,000, seq 4096; the MoE layout; the Engram
