@@ -17,7 +17,8 @@ As in the reference demo, ``key_norm`` is applied to the key and ``query_norm`` 
 state; every RMSNorm here uses ``cfg.norm_eps`` (the demo's gate norms use torch's default eps,
 a difference of order 1e-5 in the normalized values). Ablations: ``use_gating=False`` sets
 alpha = 1; ``use_short_conv=False`` gives Y = V~; ``multi_branch=False`` runs one fusion on the
-mean of the M branches (the pre-mapped hidden state) and adds the same Y to every branch.
+pre-mapped hidden state ``h_pre = H_pre x`` (spec section 4; the block passes its attention
+sublayer's mHC pre-mapping, else the branch mean) and adds the same Y to every branch.
 """
 
 from __future__ import annotations
@@ -171,10 +172,12 @@ class Engram(nnx.Module):
         rows: jax.Array | None = None,
         *,
         return_gates: bool = False,
+        h_pre_BxTxD: jax.Array | None = None,
     ):
         """Returns ``y_BxTxMxD`` (compute dtype), or ``(y, gates_BxTxM)`` (float32 alpha) when
-        ``return_gates``. A 3-D ``h_BxTxD`` is accepted when hc_mult == 1 (y is then 3-D)."""
-        y, gates, _ = self._forward(h_BxTxMxD, self._memory(ids, rows), None)
+        ``return_gates``. A 3-D ``h_BxTxD`` is accepted when hc_mult == 1 (y is then 3-D).
+        ``h_pre_BxTxD``: the pre-mapped state the single gate reads when multi_branch=False."""
+        y, gates, _ = self._forward(h_BxTxMxD, self._memory(ids, rows), None, h_pre_BxTxD)
         return (y, gates) if return_gates else y
 
     def init_cache(self, batch: int) -> jax.Array:
@@ -188,13 +191,14 @@ class Engram(nnx.Module):
         cache_BxSxC: jax.Array,
         ids: jax.Array | None = None,
         rows: jax.Array | None = None,
+        h_pre_BxTxD: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Incremental pass over the next T >= 1 positions given the conv history.
 
         Returns ``(y, gates_BxTxM, new_cache)``; chaining steps from :meth:`init_cache`
         equals one full :meth:`__call__` over the concatenated positions.
         """
-        return self._forward(h_BxTxMxD, self._memory(ids, rows), cache_BxSxC)
+        return self._forward(h_BxTxMxD, self._memory(ids, rows), cache_BxSxC, h_pre_BxTxD)
 
     # -- internals -------------------------------------------------------------------------
 
@@ -219,10 +223,13 @@ class Engram(nnx.Module):
             b_PxD = jnp.concatenate([b_PxD, self.key_bias[...]], axis=0)
         return w_ExPxD.astype(self.dtype), b_PxD.astype(self.dtype)
 
-    def _gates(self, h_BxTxMxD: jax.Array, k_BxTxGxD: jax.Array) -> jax.Array:
+    def _gates(self, h_BxTxMxD: jax.Array, k_BxTxGxD: jax.Array, h_pre_BxTxD=None) -> jax.Array:
         """Steps (3)-(4): alpha_BxTxG in float32."""
         if self.n_groups != self.hc_mult:  # multi_branch=False: gate on the pre-mapped state
-            h_BxTxMxD = jnp.mean(h_BxTxMxD.astype(jnp.float32), axis=2, keepdims=True)
+            if h_pre_BxTxD is not None:
+                h_BxTxMxD = h_pre_BxTxD[:, :, None, :]
+            else:
+                h_BxTxMxD = jnp.mean(h_BxTxMxD.astype(jnp.float32), axis=2, keepdims=True)
         q_BxTxGxD = self.query_norm(h_BxTxMxD.astype(jnp.float32))
         k_BxTxGxD = self.key_norm(k_BxTxGxD.astype(jnp.float32))
         a_BxTxG = jnp.einsum("btgd,btgd->btg", q_BxTxGxD, k_BxTxGxD) / math.sqrt(self.d_model)
@@ -239,7 +246,7 @@ class Engram(nnx.Module):
         )
         return jax.nn.silu(y_BxTxC).reshape(B, T, G, D), history_BxSxC
 
-    def _forward(self, h, e_BxTxE, history_BxSxC):
+    def _forward(self, h, e_BxTxE, history_BxSxC, h_pre_BxTxD=None):
         squeeze = h.ndim == 3
         h_BxTxMxD = h[:, :, None, :] if squeeze else h
         B, T, M, D = h_BxTxMxD.shape
@@ -255,7 +262,7 @@ class Engram(nnx.Module):
         v_BxTxD = proj_BxTxPxD[:, :, 0]
         # (3)-(4) one gate per token per group
         if self.cfg.use_gating:
-            gates_BxTxG = self._gates(h_BxTxMxD, proj_BxTxPxD[:, :, 1:])
+            gates_BxTxG = self._gates(h_BxTxMxD, proj_BxTxPxD[:, :, 1:], h_pre_BxTxD)
         else:
             gates_BxTxG = jnp.ones((B, T, G), jnp.float32)
         # (5) gated value V~

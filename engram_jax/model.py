@@ -80,7 +80,9 @@ class Block(nnx.Module):
         """-> (h, expert load [E] or None, Engram gates [B,T,M] or None)."""
         gates_BxTxM = None
         if self.engram is not None:
-            y_BxTxMxD, gates_BxTxM = self.engram(h_BxTxMxD, ids=ids, rows=rows, return_gates=True)
+            y_BxTxMxD, gates_BxTxM = self.engram(
+                h_BxTxMxD, ids=ids, rows=rows, return_gates=True, h_pre_BxTxD=self._h_pre(h_BxTxMxD)
+            )
             h_BxTxMxD = h_BxTxMxD + y_BxTxMxD.astype(h_BxTxMxD.dtype)
         h_BxTxMxD, load_E, _ = self._attn_ffn(h_BxTxMxD, lambda x: (self.attn(x), None))
         return h_BxTxMxD, load_E, gates_BxTxM
@@ -93,7 +95,7 @@ class Block(nnx.Module):
         gates_BxTxM = None
         if self.engram is not None:
             y_BxTxMxD, gates_BxTxM, cache["conv"] = self.engram.step(
-                h_BxTxMxD, cache["conv"], rows=rows
+                h_BxTxMxD, cache["conv"], rows=rows, h_pre_BxTxD=self._h_pre(h_BxTxMxD)
             )
             h_BxTxMxD = h_BxTxMxD + y_BxTxMxD.astype(h_BxTxMxD.dtype)
         h_BxTxMxD, _, cache["kv"] = self._attn_ffn(
@@ -108,6 +110,13 @@ class Block(nnx.Module):
         if self.engram is not None:
             cache["conv"] = self.engram.init_cache(batch)
         return cache
+
+    def _h_pre(self, h_BxTxMxD):
+        """Engram without multi-branch fusion gates on the pre-mapped state H_pre x (spec
+        section 4): the attention sublayer's mHC pre-mapping of the branches."""
+        if self.engram.n_groups == self.engram.hc_mult:
+            return None
+        return self.attn_hc.read(h_BxTxMxD)[0]
 
     def _attn_ffn(self, h_BxTxMxD, attention):
         """The attention and FFN sublayers, each read from and written back to the branches.

@@ -65,8 +65,9 @@ def np_rms(x, scale, eps):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
 
 
-def oracle(model, h, ids):
-    """Returns (Y [B,T,M,D], alpha [B,T,M], V~ [B,T,M,D]) in float64."""
+def oracle(model, h, ids, h_pre=None):
+    """Returns (Y [B,T,M,D], alpha [B,T,M], V~ [B,T,M,D]) in float64. ``h_pre`` [B,T,D]: the
+    pre-mapped state the single gate reads without multi-branch fusion (default: the mean)."""
     cfg = model.cfg
     g = lambda v: np.asarray(v[...], np.float64)
     h, ids = np.asarray(h, np.float64), np.asarray(ids)
@@ -77,6 +78,8 @@ def oracle(model, h, ids):
     v = e @ g(model.value_kernel) + g(model.value_bias)
     groups = M if cfg.multi_branch else 1
     q_src = h if cfg.multi_branch else h.mean(axis=2, keepdims=True)
+    if h_pre is not None and not cfg.multi_branch:
+        q_src = np.asarray(h_pre, np.float64)[:, :, None]
     alpha = np.ones((Bn, Tn, groups))
     if cfg.use_gating:
         for m in range(groups):
@@ -329,6 +332,43 @@ def test_single_branch_fusion_on_mean_hidden():
     np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-5)
     y = np.asarray(y)
     assert all(np.array_equal(y[:, :, 0], y[:, :, m]) for m in range(4))
+
+
+def test_single_branch_fusion_on_the_pre_mapped_state():
+    """Spec section 4, "w/o multi-branch": one fusion gated on H_pre x; in a block, H_pre is
+    the attention sublayer's mHC pre-mapping (not the uniform branch mean)."""
+    cfg = dataclasses.replace(CFG, multi_branch=False)
+    model = randomize(make(4, cfg))
+    h, ids = inputs(4)
+    w = jnp.asarray([0.7, 0.1, 0.15, 0.05])
+    h_pre = jnp.einsum("m,btmd->btd", w, h)
+    y, gates = nnx.jit(lambda m, h, i, p: m(h, ids=i, return_gates=True, h_pre_BxTxD=p))(
+        model, h, ids, h_pre
+    )
+    y_ref, alpha_ref, _ = oracle(model, h, ids, h_pre=h_pre)
+    np.testing.assert_allclose(gates, alpha_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-5)
+    _, alpha_mean, _ = oracle(model, h, ids)
+    assert np.abs(alpha_mean - alpha_ref).max() > 1e-3
+
+    from engram_jax.model import EngramLM
+    from engram_jax.presets import get_preset
+
+    lm_cfg = get_preset("tiny")
+    lm_cfg = dataclasses.replace(
+        lm_cfg, engram=dataclasses.replace(lm_cfg.engram, multi_branch=False)
+    )
+    block = EngramLM(lm_cfg, rngs=nnx.Rngs(0), row_multiple=8).blocks[1]
+    M, Dm, H = lm_cfg.model.hc_mult, lm_cfg.model.d_model, lm_cfg.engram.n_hash_heads
+    rng = np.random.default_rng(2)
+    hb = jnp.asarray(rng.normal(size=(1, 8, M, Dm)), jnp.float32)
+    idb = jnp.asarray(rng.integers(0, 50, size=(1, 8, H)), jnp.int32)
+    _, _, gates_block = block(hb, idb)
+    pre = block.attn_hc.read(hb)[0]
+    _, want = block.engram(hb, ids=idb, return_gates=True, h_pre_BxTxD=pre)
+    _, mean = block.engram(hb, ids=idb, return_gates=True)
+    np.testing.assert_allclose(gates_block, want, rtol=1e-6)
+    assert np.abs(np.asarray(gates_block) - np.asarray(mean)).max() > 1e-4
 
 
 # -- shared layers ----------------------------------------------------------------------------
