@@ -2,9 +2,16 @@
 
 ``run_sweep(study, points, out, seeds)`` trains each ``(point, seed)`` with
 :func:`engram_jax.train.train` in ``out/runs/<point>-s<seed>/`` (``train.seed`` = seed) and
-writes after every run ``out/results.csv`` (one row per run); at the end ``out/summary.json``
-and the study's figures ``out/*.png``. It is the only side-effecting part of the experiments
+writes after every run ``out/results.csv`` (one row per run); :func:`finish` then writes
+``out/summary.json`` and the study's figures ``out/*.png`` (the study module's ``summarize``
+and ``plot``). It is the only side-effecting part of the experiments
 (:mod:`engram_jax.experiments` builds the configs).
+
+- Paired seeds: ``train.seed`` sets the data order and initialization, and the evaluation
+  batches are the first windows of the held-out split, so within a seed every point of a
+  study sees the same training batches and the same evaluation tokens.
+- Evaluation size: :func:`with_eval_tokens` raises ``train.eval_batches`` to cover at least
+  ``eval_tokens`` held-out tokens (default 65,536), evaluated once at the last step.
 
 - Restart: a run whose ``summary.json`` says ``ok`` for the same config is not trained again.
 - Failure: a run that raises (or diverges) becomes a row with ``status``/``error`` and the
@@ -38,11 +45,15 @@ COLUMNS = (
     "point",
     "rho",
     "rho_actual",
+    "kind",
     "slots",
+    "slots_dmem",
+    "reads_per_row",
     "variant",
     "layer",
     "experts",
     "dense_hidden",
+    "p_act_vs_moe",
     "seed",
     "total_params",
     "activated_params",
@@ -50,6 +61,7 @@ COLUMNS = (
     "train_loss",
     "val_loss",
     "tokens",
+    "eval_tokens",
     "steps",
     "wall_s",
     "compile_s",
@@ -135,6 +147,7 @@ def _row(study: str, point, seed: int, cfg: Config, summary: dict | None, error:
         engram_params=c["engram"],
         rho_actual=round(c["rho"], 4),
         steps=cfg.train.steps,
+        eval_tokens=cfg.train.eval_batches * cfg.train.batch_size * cfg.train.seq_len,
         error=error,
     )
     s = summary or {}
@@ -206,93 +219,25 @@ def run_sweep(
     return rows
 
 
+def with_eval_tokens(cfg: Config, eval_tokens: int) -> Config:
+    """One evaluation at the last step over at least ``eval_tokens`` held-out tokens."""
+    t = cfg.train
+    per_batch = t.batch_size * t.seq_len
+    batches = max(t.eval_batches, -(-int(eval_tokens) // per_batch))
+    return dataclasses.replace(
+        cfg, train=dataclasses.replace(t, eval_batches=batches, eval_every=t.steps)
+    )
+
+
 def finish(study: str, rows: list[dict], out: str) -> dict:
     """Write ``out/summary.json`` and the study's plots from the result rows."""
-    from engram_jax.experiments import report
+    from engram_jax.experiments import get_study
 
-    summary = report.summarize(study, rows)
-    with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
+    mod = get_study(study)
+    summary = mod.summarize(rows)
+    summary["figures"] = mod.plot(rows, summary, out)
+    tmp = os.path.join(out, "summary.json.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1, sort_keys=True)
-    summary["figures"] = plot(study, rows, summary, out)
-    with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(out, "summary.json"))
     return summary
-
-
-# ---------------------------------------------------------------------------------------------
-# Figures (matplotlib Agg)
-
-
-def plot(study: str, rows: list[dict], summary: dict, out: str) -> list[str]:
-    """The study's figure(s) in ``out``; returns their file names."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = summary.get("points", [])
-    if not groups:
-        return []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if study == "rho":
-        name = "rho_ucurve.png"
-        xs = [g["rho_actual"] for g in groups]
-        ax.errorbar(
-            xs,
-            [g["val_loss_mean"] for g in groups],
-            yerr=[g["val_loss_std"] for g in groups],
-            marker="o",
-            capsize=4,
-        )
-        for r in rows:
-            if r.get("val_loss") not in ("", None):
-                ax.plot(float(r["rho_actual"]), float(r["val_loss"]), "k.", alpha=0.4)
-        ax.set_xlabel("rho (share of sparse params in routed experts; 1 = pure MoE)")
-        ax.set_ylabel("validation loss")
-        ax.set_title("Sparsity allocation at fixed P_tot, P_act (mean +- std over seeds)")
-    elif study == "slots":
-        import numpy as np
-
-        name = "loss_vs_slots.png"
-        pts = [
-            (float(r["slots"]), float(r["val_loss"]))
-            for r in rows
-            if r.get("val_loss") not in ("", None)
-        ]
-        ax.plot([np.log10(x) for x, _ in pts], [y for _, y in pts], "o", label="runs")
-        fit = summary.get("fit")
-        if fit:
-            x = np.linspace(min(np.log10(x) for x, _ in pts), max(np.log10(x) for x, _ in pts))
-            ax.plot(
-                x,
-                fit["intercept"] + fit["slope"] * x,
-                "-",
-                label=f"fit: slope {fit['slope']:.4f}/decade, R^2 {fit['r2']:.3f}",
-            )
-        ax.set_xlabel("log10(Engram slots = total table rows)")
-        ax.set_ylabel("validation loss")
-        ax.legend()
-        ax.set_title("Memory scaling at a fixed backbone")
-    else:
-        name = "ablations.png"
-        labels = [g["point"] for g in groups]
-        means = [g["val_loss_mean"] for g in groups]
-        ax.bar(
-            range(len(groups)),
-            means,
-            yerr=[g["val_loss_std"] for g in groups],
-            capsize=3,
-            color=["C1" if n == "reference" else "C0" for n in labels],
-        )
-        ref = summary.get("reference_val_loss")
-        if ref is not None:
-            ax.axhline(ref, color="C1", lw=1, ls="--")
-        lo, hi = min(means), max(means)
-        ax.set_ylim(lo - 0.5 * (hi - lo + 1e-3), hi + 0.5 * (hi - lo + 1e-3))
-        ax.set_xticks(range(len(groups)), labels, rotation=45, ha="right")
-        ax.set_ylabel("validation loss")
-        ax.set_title("Ablations (dashed: reference Engram)")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, name), dpi=110)
-    plt.close(fig)
-    return [name]

@@ -354,7 +354,7 @@ def test_train_refuses_a_workdir_off_gcs(workdir, env, tmp_path):
     assert len(r.stderr.splitlines()) == 1 and "gs://" in r.stderr
 
 
-@pytest.mark.parametrize("kind", ["rho", "slots", "ablate"])
+@pytest.mark.parametrize("kind", ["rho", "slots", "ablations"])
 def test_sweep(kind, env, tmp_path):
     (c,) = dry(
         "sweep", kind, *LOC, "--out", "gs://bkt/s", "--", "--preset", "small", env=env, cwd=tmp_path

@@ -1,42 +1,23 @@
-"""``engram-jax sweep rho|slots|ablate``: train a study's configs, write results.csv, plots and
-summary.json to ``--out`` (see experiments/README.md for the runs committed in the repo).
-
-- ``rho``: iso-P_tot, iso-P_act configs over the allocation ratio (``--rhos``);
-- ``slots``: a fixed backbone with Engram tables over ``--slots`` total rows; log-linear fit;
-- ``ablate``: the reference Engram, its ablations, the MoE and OverEncoding baselines.
-
-Re-running the same command skips runs that finished; a failed run is a row with an error.
-"""
+"""``engram-jax sweep STUDY``: train a study's configs, write results.csv, plots and
+summary.json to ``--out`` (default ``experiments/results/STUDY``). Studies: see
+:mod:`engram_jax.experiments` (one module each, same name). Re-running the same command skips
+finished runs (resumable); a failed run is a row with an error."""
 
 from __future__ import annotations
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(",") if x.strip())
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(float(x)) for x in text.split(",") if x.strip())
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "sweep", help="run a study (rho U-curve, memory scaling, ablations)", description=__doc__
-    )
-    p.add_argument("study", choices=("rho", "slots", "ablate"))
-    p.add_argument(
-        "--preset",
-        default="toy",
-        help="base config: 'toy' (engram_jax.experiments.toy, the CPU studies) or a "
-        "preset name such as tiny",
-    )
+def _add_common(p, study: str) -> None:
+    p.add_argument("--preset", default="toy", help="base config: any preset (default: toy)")
     p.add_argument("--data", default=None, help="text file/dir/.jsonl (default: Python stdlib)")
-    p.add_argument("--seeds", type=int, default=1, help="seeds per point (train.seed 0..K-1)")
+    p.add_argument("--seeds", type=int, default=2, help="paired seeds per point (0..K-1)")
     p.add_argument(
-        "--steps",
+        "--steps", type=int, default=None, help="training steps per run (default: the preset's)"
+    )
+    p.add_argument(
+        "--eval-tokens",
         type=int,
-        default=None,
-        help="training steps per run (also sets train.eval_every: one final eval)",
+        default=65_536,
+        help="held-out tokens of the one evaluation at the last step (>= this many)",
     )
     p.add_argument(
         "--set",
@@ -46,34 +27,35 @@ def add_parser(sub) -> None:
         metavar="KEY=VALUE",
         help="override a base config field before the sweep is built",
     )
-    p.add_argument("--rhos", type=_floats, default=None, help="rho grid, e.g. 1,0.8,0.6")
-    p.add_argument("--slots", type=_ints, default=None, help="slot grid, e.g. 1e4,4e4,1.6e5")
-    p.add_argument("--only", default=None, help="ablate: comma-separated variant names")
-    p.add_argument("--out", required=True, help="output directory")
-    p.set_defaults(func=run)
+    p.add_argument("--out", default=f"experiments/results/{study}", help="output directory")
+
+
+def add_parser(sub) -> None:
+    from engram_jax.experiments import STUDIES, get_study
+
+    p = sub.add_parser("sweep", help="run a study (rho, slots, ablations)", description=__doc__)
+    studies = p.add_subparsers(dest="study", required=True, metavar="STUDY")
+    for name in STUDIES:
+        mod = get_study(name)
+        sp = studies.add_parser(name, help=mod.__doc__.split(":")[0], description=mod.__doc__)
+        _add_common(sp, name)
+        mod.add_arguments(sp)
+        sp.set_defaults(func=run)
 
 
 def build_points(args):
     from engram_jax.config import override
-    from engram_jax.experiments import (
-        ablations,
-        allocation,
-        base_config,
-        memory_scaling,
-    )
+    from engram_jax.experiments import base_config, get_study
+    from engram_jax.sweep import with_eval_tokens
 
     sets = list(args.sets)
     if args.steps is not None:
-        sets += [f"train.steps={args.steps}", f"train.eval_every={args.steps}"]
+        sets.append(f"train.steps={args.steps}")
     if args.data is not None:
         sets.append(f"data.path={args.data!r}")
     base = override(base_config(args.preset), sets)
-    if args.study == "rho":
-        return allocation.sweep(base, args.rhos or allocation.RHOS)
-    if args.study == "slots":
-        return memory_scaling.sweep(base, args.slots or memory_scaling.SLOTS)
-    only = [s.strip() for s in args.only.split(",")] if args.only else None
-    return ablations.sweep(base, only)
+    base = with_eval_tokens(base, args.eval_tokens)
+    return get_study(args.study).points(base, args)
 
 
 def run(args) -> int:
@@ -84,15 +66,7 @@ def run(args) -> int:
     points = build_points(args)
     rows = run_sweep(args.study, points, args.out, seeds=tuple(range(args.seeds)))
     summary = finish(args.study, rows, args.out)
-    keys = (
-        "best_rho",
-        "best_rho_actual",
-        "gain_vs_moe",
-        "gain_se",
-        "fit",
-        "delta_vs_reference",
-        "failed",
-    )
+    keys = ("best_rho", "u_curve", "fit_engram", "fit_overencoding", "beyond_2se", "failed")
     print({k: summary[k] for k in keys if k in summary})
     print(f"results: {args.out}/results.csv, summary.json, {', '.join(summary['figures'])}")
     return 0 if not summary["failed"] else 1

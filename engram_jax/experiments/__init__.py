@@ -1,26 +1,28 @@
-"""Experiments (ENGRAM_SPEC sections 6-7): pure functions from configs to configs.
+"""Studies (ENGRAM_SPEC sections 6-7), one module each, registered once by name.
 
-Each study module exposes ``sweep(base, ...) -> list[Point]``; nothing runs at import and
-nothing here touches the disk. :mod:`engram_jax.sweep` is the runner (training, results.csv,
-plots, summary.json) and ``engram-jax sweep rho|slots|ablate`` its command line.
+A study's name is its module (``engram_jax.experiments.<name>``), its CLI subcommand
+(``engram-jax sweep <name>``) and its results directory (``experiments/results/<name>/``).
+Each module gives its command, runtime on this machine and expected result in its docstring,
+and exposes:
 
-- :mod:`.allocation`: iso-parameter, iso-activated configs over the allocation ratio rho
-  (the U-curve, spec section 6);
-- :mod:`.memory_scaling`: a fixed backbone with Engram tables swept over slots, and the fit
-  loss = a + b log10(slots) (the infinite-memory regime, spec section 6);
-- :mod:`.ablations`: the reference Engram against its ablations, the MoE baseline and an
-  OverEncoding baseline at equal table memory (spec section 7).
+- ``add_arguments(parser)``: its own grid options;
+- ``points(base, args) -> list[Point]``: pure, from a base config to the runs' configs;
+- ``summarize(rows) -> dict``: the pre-registered criteria (experiments/README.md);
+- ``plot(rows, summary, out) -> list[str]``: PNG figures with error bars.
 
-:func:`toy` is the shrunk backbone all three studies run on at CPU scale (the big_vision
-"runlocal" idea: one function that makes any study fit a laptop).
+:mod:`engram_jax.sweep` is the runner (training, resume, results.csv, summary.json).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass, field
+from types import ModuleType
 
-from engram_jax.config import Config, override
+from engram_jax.config import Config
+
+STUDIES = ("rho", "slots", "ablations")
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,13 @@ class Point:
     labels: dict = field(default_factory=dict, hash=False, compare=False)
 
 
+def get_study(name: str) -> ModuleType:
+    if name not in STUDIES:
+        raise ValueError(f"unknown study {name!r}; choose one of: {', '.join(STUDIES)}")
+    return importlib.import_module(f"engram_jax.experiments.{name}")
+
+
+# Until ``toy`` is a preset of engram_jax.presets: the tiny preset shrunk for the CPU studies.
 TOY_OVERRIDES = (
     "model.vocab_size=2048",
     "model.d_model=64",
@@ -57,22 +66,14 @@ TOY_OVERRIDES = (
 )
 
 
-def toy() -> Config:
-    """The ``tiny`` preset shrunk for the CPU studies: d=64, 4 blocks (1 dense + 3 MoE), mHC 2,
-    64 routed experts of hidden 32 (top-2) + 1 shared, vocab 2048, Engram at block 1 with
-    orders 2-3 x 4 heads x ~5,000 rows of width 8, batches of 8 x 64 tokens, 300 steps, one
-    evaluation (16 batches) at the end, no checkpoints. P_tot/P_act of the pure MoE is ~8
-    (the paper's budgets: ~10)."""
-    from engram_jax.presets import get_preset
+def base_config(preset: str = "toy") -> Config:
+    """The study base: any preset name (default ``toy``, the study model)."""
+    from engram_jax.config import override
+    from engram_jax.presets import PRESETS, get_preset
 
-    return dataclasses.replace(override(get_preset("tiny"), list(TOY_OVERRIDES)), name="toy")
-
-
-def base_config(preset: str) -> Config:
-    """``toy`` or any preset name of :mod:`engram_jax.presets`."""
-    from engram_jax.presets import get_preset
-
-    return toy() if preset == "toy" else get_preset(preset)
+    if preset == "toy" and "toy" not in PRESETS:
+        return dataclasses.replace(override(get_preset("tiny"), list(TOY_OVERRIDES)), name="toy")
+    return get_preset(preset)
 
 
 def with_engram(cfg: Config, **changes) -> Config:
@@ -85,3 +86,34 @@ def with_moe(cfg: Config, **changes) -> Config:
 
 def with_model(cfg: Config, **changes) -> Config:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **changes))
+
+
+def named(base: Config, name: str, cfg: Config, labels: dict) -> Point:
+    return Point(name, dataclasses.replace(cfg, name=f"{base.name}-{name}"), labels)
+
+
+def slots_of(cfg: Config) -> int:
+    """Total Engram table rows of ``cfg`` (each ``d_head`` wide; 0 without Engram)."""
+    from engram_jax.params import count_params
+
+    return count_params(cfg)["engram"] // cfg.engram.d_head if cfg.engram.enabled else 0
+
+
+def memory_labels(cfg: Config, tokens: int) -> dict:
+    """Slots in both units and how often a row is read in training: ``slots`` (rows of
+    ``d_head`` floats, this code's unit), ``slots_dmem`` (table params / d_mem: the paper's
+    unit, one d_mem-wide memory entry per slot), ``reads_per_row`` (lookups / rows)."""
+    rows = slots_of(cfg)
+    if not rows:
+        return {"slots": 0, "slots_dmem": 0, "reads_per_row": ""}
+    e = cfg.engram
+    lookups = tokens * e.n_hash_heads * len(e.layer_ids)
+    return {
+        "slots": rows,
+        "slots_dmem": rows * e.d_head // e.d_mem,
+        "reads_per_row": round(lookups / rows, 1),
+    }
+
+
+def train_tokens(cfg: Config) -> int:
+    return cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len

@@ -1,0 +1,130 @@
+"""Statistics shared by the studies (pure): per-point means, paired differences over seeds,
+the log-linear fit, and one error-bar figure.
+
+Paired design: within a seed every point sees the same data order and the same evaluation
+batches, so a difference between two points is measured per seed; its standard error is
+``std(d_s, ddof=1) / sqrt(n)`` over the seeds s present in both (0 with one seed).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+
+def ok_rows(rows) -> list[dict]:
+    return [r for r in rows if r.get("status") == "ok" and r.get("val_loss") not in ("", None)]
+
+
+def _num(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v
+
+
+def losses_by_seed(rows, point: str) -> dict[int, float]:
+    return {int(r["seed"]): float(r["val_loss"]) for r in ok_rows(rows) if r["point"] == point}
+
+
+def paired(rows, a: str, b: str) -> dict:
+    """``loss(a) - loss(b)`` per shared seed: ``{mean, se, n}`` (se 0 for one seed)."""
+    la, lb = losses_by_seed(rows, a), losses_by_seed(rows, b)
+    d = np.array([la[s] - lb[s] for s in sorted(set(la) & set(lb))])
+    if not len(d):
+        return {"mean": None, "se": None, "n": 0}
+    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
+    return {"mean": float(d.mean()), "se": se, "n": int(len(d))}
+
+
+LABELS = (
+    "rho",
+    "rho_actual",
+    "kind",
+    "slots",
+    "slots_dmem",
+    "reads_per_row",
+    "variant",
+    "layer",
+    "experts",
+    "dense_hidden",
+    "total_params",
+    "activated_params",
+    "engram_params",
+)
+
+
+def group(rows) -> list[dict]:
+    """Per point, in first-seen order: its labels, seeds, val/train loss mean and std."""
+    order, by = [], {}
+    for r in ok_rows(rows):
+        by.setdefault(r["point"], []).append(r)
+        if r["point"] not in order:
+            order.append(r["point"])
+    out = []
+    for p in order:
+        rs = by[p]
+        val = np.array([float(r["val_loss"]) for r in rs])
+        g = {k: _num(rs[0].get(k, "")) for k in LABELS}
+        g.update(
+            point=p,
+            seeds=len(rs),
+            val_loss_mean=float(val.mean()),
+            val_loss_std=float(val.std(ddof=1)) if len(rs) > 1 else 0.0,
+            train_loss_mean=float(np.mean([float(r["train_loss"]) for r in rs])),
+            wall_s=float(np.sum([float(r["wall_s"] or 0) for r in rs])),
+        )
+        out.append(g)
+    return out
+
+
+def base_summary(name: str, rows) -> dict:
+    return {
+        "study": name,
+        "runs": len(rows),
+        "ok": len(ok_rows(rows)),
+        "failed": [r["name"] for r in rows if r.get("status") != "ok"],
+        "wall_s": float(sum(float(r["wall_s"] or 0) for r in rows if r.get("wall_s"))),
+        "points": group(rows),
+    }
+
+
+def fit_log(x, y) -> dict:
+    """Least squares ``y = a + b log10(x)``: ``{intercept, slope, r2, n}``."""
+    lx = np.log10(np.asarray(x, np.float64))
+    y = np.asarray(y, np.float64)
+    if len(lx) < 2 or np.ptp(lx) == 0:
+        raise ValueError("the fit needs at least two distinct x values")
+    b, a = np.polyfit(lx, y, 1)
+    ss_tot = float(np.sum((y - y.mean()) ** 2))
+    r2 = 1.0 - float(np.sum((y - (a + b * lx)) ** 2)) / ss_tot if ss_tot > 0 else 1.0
+    return {"intercept": float(a), "slope": float(b), "r2": r2, "n": int(len(lx))}
+
+
+def errorbar_figure(path: str, series: dict, *, xlabel: str, ylabel: str, title: str,
+                    logx: bool = False, bars: bool = False) -> str:  # fmt: skip
+    """One PNG: ``series = {label: (xs, ys, yerr)}`` (lines with error bars, or bars with
+    ``bars=True`` where xs are tick labels). Returns the file name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, (label, (xs, ys, err)) in enumerate(series.items()):
+        if bars:
+            ax.bar(range(len(xs)), ys, yerr=err, capsize=3, color=f"C{i}", label=label)
+            ax.set_xticks(range(len(xs)), xs, rotation=45, ha="right")
+        else:
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=4, label=label)
+    ax.axhline(0.0, color="k", lw=0.8, ls="--")
+    if logx:
+        ax.set_xscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return os.path.basename(path)
