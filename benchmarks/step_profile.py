@@ -9,9 +9,9 @@ transforms: clipping, AdamW):
 
 - attention, MoE (routing, dispatch, experts), dense FFN, mHC, Engram (fusion), table Adam
   (``tables.py``);
-- LM head + loss (``model.readout``, ``train.cross_entropy``), embedding;
+- LM head + loss (``model.readout``, ``step.cross_entropy``), embedding;
 - optimizer: Muon (``optax/contrib/_muon.py``), AdamW + clipping (other optax);
-- step glue: the rest of ``train.py`` (row gathers, router-bias update, metrics).
+- step glue: the rest of the train step (``step.py``: row gathers, router-bias update, metrics).
 
 Times are summed over threads (so they are CPU time of the XLA work: the two cores can run two
 thunks at once) and divided by the number of steps. "Python/dispatch" is the step's wall time
@@ -51,7 +51,7 @@ ORDER = [
     "embedding",
     "Muon",
     "AdamW + clip",
-    "step glue (train.py)",
+    "step glue (train step)",
     "other",
 ]
 _FILES = {
@@ -124,8 +124,8 @@ def component(stack: list[tuple[str, str]]) -> str:
             if func == "EngramLM.embed_tokens":
                 return "embedding"
             continue  # Block glue: the caller decides
-        if base == "train.py":
-            return "LM head + loss" if func == "cross_entropy" else "step glue (train.py)"
+        if base in ("train.py", "step.py", "state.py"):
+            return "LM head + loss" if func == "cross_entropy" else "step glue (train step)"
     return "other"
 
 

@@ -11,8 +11,11 @@ the unbiased scores: ``g = s_topk / sum(s_topk)`` (if ``norm_topk_prob``) times
 ``b`` by ``rate * sign(mean_load - load)`` (loss-free balancing). The shared experts are one
 SwiGLU of width ``n_shared_experts * expert_hidden`` (same parameters, one matmul).
 
-**Dispatch** (``MoEConfig.dispatch``). All three sort the S*k (token, expert) assignments by
-expert, run each expert's SwiGLU on its rows, and scatter-add the weighted outputs back:
+**Dispatch** (``MoEConfig.dispatch``). All three give each of the S*K (token, expert)
+assignments its row within its expert (token order, i.e. a stable sort by expert), place the
+token copies into their expert's rows with one scatter, run each expert's SwiGLU on its rows,
+and read the outputs back in assignment order with one gather; a token's output is then the
+score-weighted sum of its K rows (no scatter-add):
 
 - ``"ragged"`` (default; dropless): ``jax.lax.ragged_dot`` on the sorted rows. On TPU/GPU this is
   a grouped matmul costing exactly the routed FLOPs; expert parallelism means wrapping it in a
@@ -106,7 +109,7 @@ class MoE(nnx.Module):
     def __call__(self, x_BxTxD: jax.Array) -> tuple[jax.Array, jax.Array]:
         """-> (y [B,T,D], load [E]: how many tokens selected each expert)."""
         b, t, d = x_BxTxD.shape
-        cfg, e = self.cfg, self.cfg.n_routed_experts
+        cfg, e, k = self.cfg, self.cfg.n_routed_experts, self.cfg.top_k
         x_SxD = x_BxTxD.reshape(b * t, d).astype(self.dtype)
         logits_SxE = x_SxD.astype(jnp.float32) @ self.router[...]
         scores_SxE = (
@@ -115,20 +118,18 @@ class MoE(nnx.Module):
             else jax.nn.softmax(logits_SxE, axis=-1)
         )
         idx_SxK, w_SxK = route(scores_SxE, jax.lax.stop_gradient(self.router_bias[...]), cfg)
-        # 1. sort the R = S*K assignments by expert (stable: token order within an expert)
+        # 1. each assignment's row within its expert, in token order (a stable sort by expert)
         expert_R = idx_SxK.reshape(-1)
-        order_R = jnp.argsort(expert_R, stable=True)
-        expert_sorted_R = expert_R[order_R]
-        token_sorted_R = order_R // cfg.top_k
         load_E = jnp.bincount(expert_R, length=e)
-        start_E = jnp.cumsum(load_E) - load_E
-        rank_R = jnp.arange(expert_R.shape[0]) - start_E[expert_sorted_R]  # row within expert
-        # 2. every expert's SwiGLU on its rows
-        xs_RxD = x_SxD[token_sorted_R]
-        ys_RxD = getattr(self, f"_{cfg.dispatch}")(xs_RxD, expert_sorted_R, rank_R, load_E)
-        # 3. weight by the unbiased scores and scatter-add back to tokens
-        w_R = w_SxK.reshape(-1)[order_R].astype(ys_RxD.dtype)
-        y_SxD = jnp.zeros_like(x_SxD).at[token_sorted_R].add(ys_RxD * w_R[:, None])
+        rank_R = _rank_within_expert(expert_R, load_E)
+        # 2. every expert's SwiGLU on its rows; the R rows stay in assignment order (token s,
+        #    choice j at s*K + j), so the token's copies are a broadcast, not a gather, and the
+        #    combine below is a sum over K, not a scatter-add
+        xr_RxD = jnp.broadcast_to(x_SxD[:, None, :], (b * t, k, d)).reshape(b * t * k, d)
+        ys_RxD = getattr(self, f"_{cfg.dispatch}")(xr_RxD, expert_R, rank_R, load_E)
+        # 3. weight by the unbiased scores and sum each token's K outputs
+        ys_SxKxD = ys_RxD.reshape(b * t, k, d)
+        y_SxD = jnp.einsum("skd,sk->sd", ys_SxKxD, w_SxK.astype(ys_RxD.dtype))
         if self.shared is not None:
             y_SxD = y_SxD + self.shared(x_SxD)
         return y_SxD.reshape(b, t, d), load_E
@@ -140,41 +141,47 @@ class MoE(nnx.Module):
             self.w_down[...].astype(self.dtype),
         )
 
-    def _ragged(self, xs_RxD, expert_R, rank_R, load_E):
-        del expert_R, rank_R
+    def _ragged(self, xr_RxD, expert_R, rank_R, load_E):
+        start_E = jnp.cumsum(load_E) - load_E
+        dest_R = start_E[expert_R] + rank_R  # position in expert-sorted order
+        xs_RxD = jnp.zeros_like(xr_RxD).at[dest_R].set(xr_RxD, unique_indices=True)
         wg_ExDxF, wu_ExDxF, wd_ExFxD = self._weights()
         h_RxF = jax.nn.silu(jax.lax.ragged_dot(xs_RxD, wg_ExDxF, load_E)) * jax.lax.ragged_dot(
             xs_RxD, wu_ExDxF, load_E
         )
-        return jax.lax.ragged_dot(h_RxF, wd_ExFxD, load_E)
+        return jax.lax.ragged_dot(h_RxF, wd_ExFxD, load_E)[dest_R]
 
-    def _blocked(self, xs_RxD, expert_R, rank_R, load_E):
-        rows, d = xs_RxD.shape
+    def _blocked(self, xr_RxD, expert_R, rank_R, load_E):
+        rows, d = xr_RxD.shape
         e = load_E.shape[0]
         bs = _block_size(rows, e)
         n_blocks = -(-rows // bs) + e  # each expert wastes less than one block
         padded_E = -(-load_E // bs) * bs
         pstart_E = jnp.cumsum(padded_E) - padded_E
         dest_R = pstart_E[expert_R] + rank_R
-        buf_PxD = jnp.zeros((n_blocks * bs, d), xs_RxD.dtype).at[dest_R].set(xs_RxD)
+        buf_PxD = (
+            jnp.zeros((n_blocks * bs, d), xr_RxD.dtype).at[dest_R].set(xr_RxD, unique_indices=True)
+        )
         buf_NxBxD = buf_PxD.reshape(n_blocks, bs, d)
         block_expert_N = jnp.searchsorted(
             jnp.cumsum(padded_E), jnp.arange(n_blocks) * bs, side="right"
         )
         block_expert_N = jnp.minimum(block_expert_N, e - 1)  # trailing empty blocks
-        wg, wu, wd = (w[block_expert_N] for w in self._weights())
-        h_NxBxF = jax.nn.silu(jnp.einsum("nbd,ndf->nbf", buf_NxBxD, wg)) * jnp.einsum(
-            "nbd,ndf->nbf", buf_NxBxD, wu
-        )
-        out_PxD = jnp.einsum("nbf,nfd->nbd", h_NxBxF, wd).reshape(n_blocks * bs, d)
-        return out_PxD[dest_R]
+        wg_ExDxF, wu_ExDxF, wd_ExFxD = self._weights()
+        # gate and up side by side: one weight gather and one batched matmul for both
+        wgu_NxDx2F = jnp.concatenate([wg_ExDxF, wu_ExDxF], axis=-1)[block_expert_N]
+        gu_NxBx2F = jnp.einsum("nbd,ndf->nbf", buf_NxBxD, wgu_NxDx2F)
+        f = wg_ExDxF.shape[-1]
+        h_NxBxF = jax.nn.silu(gu_NxBx2F[..., :f]) * gu_NxBx2F[..., f:]
+        out_NxBxD = jnp.einsum("nbf,nfd->nbd", h_NxBxF, wd_ExFxD[block_expert_N])
+        return out_NxBxD.reshape(n_blocks * bs, d)[dest_R]
 
-    def _capacity(self, xs_RxD, expert_R, rank_R, load_E):
-        rows, d = xs_RxD.shape
+    def _capacity(self, xr_RxD, expert_R, rank_R, load_E):
+        rows, d = xr_RxD.shape
         e = load_E.shape[0]
         cap = max(1, math.ceil(self.cfg.capacity_factor * rows / e))
         buf_ExCxD = (
-            jnp.zeros((e, cap, d), xs_RxD.dtype).at[expert_R, rank_R].set(xs_RxD, mode="drop")
+            jnp.zeros((e, cap, d), xr_RxD.dtype).at[expert_R, rank_R].set(xr_RxD, mode="drop")
         )
         wg_ExDxF, wu_ExDxF, wd_ExFxD = self._weights()
         h_ExCxF = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buf_ExCxD, wg_ExDxF)) * jnp.einsum(
@@ -183,6 +190,18 @@ class MoE(nnx.Module):
         out_ExCxD = jnp.einsum("ecf,efd->ecd", h_ExCxF, wd_ExFxD)
         kept_R = (rank_R < cap)[:, None]
         return jnp.where(kept_R, out_ExCxD[expert_R, jnp.minimum(rank_R, cap - 1)], 0)
+
+
+def _rank_within_expert(expert_R: jax.Array, load_E: jax.Array) -> jax.Array:
+    """For each assignment, how many earlier assignments (in token order) chose its expert."""
+    order_R = jnp.argsort(expert_R, stable=True)
+    start_E = jnp.cumsum(load_E) - load_E
+    pos_R = (
+        jnp.zeros_like(expert_R)
+        .at[order_R]
+        .set(jnp.arange(expert_R.shape[0], dtype=expert_R.dtype), unique_indices=True)
+    )
+    return pos_R - start_E[expert_R]
 
 
 def bias_step(bias_E: jax.Array, load_E: jax.Array, rate: float) -> jax.Array:
