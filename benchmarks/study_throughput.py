@@ -66,13 +66,14 @@ def compile_seconds(preset: str, sets: list[str], cache_dir: str) -> float:
 
 
 def _compile_once(preset: str, sets: list[str]) -> float:
+    from train_throughput import synthetic_batch
+
     from engram_jax import sharding as shd
     from engram_jax.config import override
     from engram_jax.optim import make_optimizer
     from engram_jax.presets import get_preset
     from engram_jax.state import init_state
     from engram_jax.step import compile_train_step
-    from train_throughput import synthetic_batch
 
     cfg = override(get_preset(preset), ["mesh.data=1", *sets])
     mesh = shd.make_mesh(cfg.mesh, jax.devices()[:1])
