@@ -70,8 +70,11 @@ class EngramConfig:
     use_short_conv: bool = True  # False: Y = V~ (no depthwise causal conv)
     multi_branch: bool = True  # False: one fusion on the mean of the M branches, added to all
     compress_tokenizer: bool = True  # False: hash raw token ids
-    # Sparse row-wise optimizer for the tables (False: dense optax Adam, exact semantics).
+    # Sparse row-wise optimizer for the tables (False: dense optax Adam). Both are Adam for
+    # every row (untouched rows caught up exactly, engram_jax.catch_up) unless lazy_adam:
+    # then an untouched row's moments and parameters stay put (sparse path only).
     sparse_update: bool = True
+    lazy_adam: bool = False
     table_lr_multiplier: float = 5.0
 
     def __post_init__(self) -> None:
@@ -130,6 +133,7 @@ class EngramConfig:
             "multi_branch",
             "compress_tokenizer",
             "sparse_update",
+            "lazy_adam",
         )
 
     @property

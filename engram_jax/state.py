@@ -9,9 +9,11 @@ The model is split once into a static graph and three state groups (NNX function
 - ``rest``: everything else (the MoE router bias, updated from the observed expert load).
 
 The training state is a flat dict of these plus the optax state ``opt``, per-table state
-(``table_mu``/``table_nu``: ``{layer: array shaped like the table}``) and the ``step``. Every
-table-shaped entry is listed in :data:`TABLE_STATE`: adding one there (with its initial value)
-gives it the table's sharding, a place in checkpoints and in the abstract state.
+(``table_mu``/``table_nu``: ``{layer: array shaped like the table}``; ``table_last``:
+``{layer: int32 [rows]}``, the step through which each row is up to date, for exact Adam,
+:mod:`engram_jax.catch_up`) and the ``step``. Every per-table entry is listed in
+:data:`TABLE_STATE`: adding one there (with its initial value) gives it the table's row
+sharding, a place in checkpoints and in the abstract state.
 
 :func:`init_state` materializes the state directly sharded (one jit, each device builds only its
 shards); :func:`abstract_train_state` gives the same tree as ``ShapeDtypeStruct``s with their
@@ -42,6 +44,7 @@ TABLE_ROW_MULTIPLE = 1024
 TABLE_STATE: dict[str, Callable[[jax.Array], jax.Array]] = {
     "table_mu": jnp.zeros_like,
     "table_nu": jnp.zeros_like,
+    "table_last": lambda t: jnp.full(t.shape[:1], -1, jnp.int32),  # -1: never updated
 }
 
 MODEL_KEYS = ("params", "tables", "rest")
@@ -115,8 +118,16 @@ def _plan(cfg: Config, mesh, tx, *, with_optimizer: bool = True):
     table_sh = tables_by_layer(shardings["tables"])
     for name in TABLE_STATE:
         if name in abstract:
-            shardings[name] = {k: table_sh[k] for k in abstract[name]}
+            shardings[name] = {k: _rows_like(table_sh[k], a) for k, a in abstract[name].items()}
     return graphdef, init, shardings
+
+
+def _rows_like(table_sharding, x):
+    """The table's sharding for a per-table entry of fewer dimensions (rows first)."""
+    spec = tuple(table_sharding.spec) + (None,) * x.ndim
+    return jax.sharding.NamedSharding(
+        table_sharding.mesh, jax.sharding.PartitionSpec(*spec[: x.ndim])
+    )
 
 
 def _leaf_shardings(mesh, tree):

@@ -1,8 +1,11 @@
 """The jitted train and eval steps over the state of :mod:`engram_jax.state`.
 
-Sparse path (the default): the step looks table rows up outside the gradient, differentiates
-the loss w.r.t. the gathered rows, and applies row-wise Adam to the touched rows only
-(:mod:`engram_jax.tables`), in place through buffer donation (jit with ``donate_argnums=0``).
+Sparse path (the default): the step first catches the batch's table rows up to dense Adam
+(their missed zero-gradient steps, :mod:`engram_jax.catch_up`; skipped with
+``engram.lazy_adam``), looks them up outside the gradient, differentiates the loss w.r.t. the
+gathered rows, and applies row-wise Adam to the touched rows only (:mod:`engram_jax.tables`),
+in place through buffer donation (jit with ``donate_argnums=0``). The eval step reads rows
+caught up the same way (nothing written): it sees the parameters dense Adam would have.
 The backbone goes through optax with the same global-norm clip factor. Tables, ids and rows are
 keyed by the Engram layer index (an ``int``) everywhere.
 """
@@ -20,7 +23,7 @@ from engram_jax.hashing import head_offsets, table_sizes
 from engram_jax.moe import update_router_bias
 from engram_jax.optim import table_learning_rate_schedule
 from engram_jax.state import MODEL_KEYS, set_tables, tables_by_layer
-from engram_jax.tables import sparse_tables_step
+from engram_jax.tables import CatchUp, sharded_catch_up, sharded_lookup, sparse_tables_step
 
 
 def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
@@ -58,6 +61,28 @@ def make_train_step(cfg: Config, graphdef, tx, mesh):
     offsets = table_row_offsets(cfg)
     o = cfg.optim
 
+    def _catch_up(tarr, new, gids):
+        """Rows of this batch brought to dense Adam's values after step - 1 (in place)."""
+        out = {
+            i: sharded_catch_up(
+                mesh,
+                t,
+                new["table_mu"][i],
+                new["table_nu"][i],
+                new["table_last"][i],
+                gids[i],
+                new["step"],
+                table_lr,
+                o.b1,
+                o.b2,
+                o.eps,
+            )  # fmt: skip
+            for i, t in tarr.items()
+        }
+        for j, name in enumerate(("table_mu", "table_nu", "table_last"), 1):
+            new[name] = {i: c[j] for i, c in out.items()}
+        return {i: c[0] for i, c in out.items()}, new
+
     def loss_fn(params, tables, rest, rows, batch):
         model = nnx.merge(graphdef, params, tables, rest)
         logits, aux = model(batch["inputs"], engram_ids=batch["engram_ids"], engram_rows=rows)
@@ -66,21 +91,23 @@ def make_train_step(cfg: Config, graphdef, tx, mesh):
     def step(state, batch):
         params, tables, rest = (state[k] for k in MODEL_KEYS)
         rows = None
+        new = dict(state)
         if sparse:
             tarr = tables_by_layer(tables)
             gids = {i: ids.astype(jnp.int32) + offsets[i] for i, ids in batch["engram_ids"].items()}
+            if not cfg.engram.lazy_adam:
+                tarr, new = _catch_up(tarr, new, gids)
             rows = {i: jnp.take(t, gids[i], axis=0) for i, t in tarr.items()}
         grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 3), has_aux=True)
         (loss, aux), (g_params, g_rows) = grad_fn(params, tables, rest, rows, batch)
         p_sq = optax.tree.norm(g_params, squared=True)
         metrics = dict(loss=loss, **_aux_metrics(aux))
-        new = dict(state)
         if sparse:
             new_t, new["table_mu"], new["table_nu"], t_sq = sparse_tables_step(
                 mesh,
                 tarr,
-                state["table_mu"],
-                state["table_nu"],
+                new["table_mu"],
+                new["table_nu"],
                 gids,
                 g_rows,
                 state["step"],
@@ -104,13 +131,25 @@ def make_train_step(cfg: Config, graphdef, tx, mesh):
     return step
 
 
-def make_eval_step(cfg: Config, graphdef):
+def make_eval_step(cfg: Config, graphdef, mesh=None):
     """``eval_step(state, batch) -> mean token cross-entropy``; ``state`` needs only the model
-    entries (``params``, ``tables``, ``rest``)."""
+    entries (``params``, ``tables``, ``rest``). With ``mesh`` and a training state (exact
+    table Adam on the sparse path), Engram rows are read caught up to dense Adam's values."""
+    exact = cfg.engram.enabled and cfg.engram.sparse_update and not cfg.engram.lazy_adam
+    table_lr = table_learning_rate_schedule(cfg, cfg.train.steps)
+    offsets, o = table_row_offsets(cfg), cfg.optim
 
     def eval_step(state, batch):
         model = nnx.merge(graphdef, *(state[k] for k in MODEL_KEYS))
-        logits, _ = model(batch["inputs"], engram_ids=batch["engram_ids"])
+        rows = None
+        if exact and mesh is not None and "table_last" in state:
+            rows = {}
+            for i, t in tables_by_layer(state["tables"]).items():
+                gids = batch["engram_ids"][i].astype(jnp.int32) + offsets[i]
+                c = CatchUp(state["table_mu"][i], state["table_nu"][i], state["table_last"][i],
+                            state["step"], table_lr, o.b1, o.b2, o.eps)  # fmt: skip
+                rows[i] = sharded_lookup(mesh, t, gids, catch_up=c)
+        logits, _ = model(batch["inputs"], engram_ids=batch["engram_ids"], engram_rows=rows)
         return cross_entropy(logits, batch["targets"])
 
     return eval_step

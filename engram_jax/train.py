@@ -164,7 +164,7 @@ def train(cfg: Config, workdir: str, *, progress: bool = True) -> dict:
     batch = shd.global_batch_from_local(mesh, next(it))
     t0 = time.time()
     step_fn = compile_train_step(cfg, graphdef, tx, mesh, state, batch)
-    eval_fn = jax.jit(make_eval_step(cfg, graphdef))
+    eval_fn = jax.jit(make_eval_step(cfg, graphdef, mesh))
     compile_s = time.time() - t0
     # Gloo gives a peer 30 s to join the first collective; compile times differ by more on a
     # loaded host, so all processes start the first step together.
