@@ -41,38 +41,10 @@ def get_study(name: str) -> ModuleType:
     return importlib.import_module(f"engram_jax.experiments.{name}")
 
 
-# Until ``toy`` is a preset of engram_jax.presets: the tiny preset shrunk for the CPU studies.
-TOY_OVERRIDES = (
-    "model.vocab_size=2048",
-    "model.d_model=64",
-    "model.n_layers=4",
-    "model.n_heads=4",
-    "model.n_kv_heads=2",
-    "model.head_dim=16",
-    "model.dense_hidden=192",
-    "model.max_seq_len=256",
-    "moe.n_routed_experts=64",
-    "moe.expert_hidden=32",
-    "moe.top_k=2",
-    "engram.n_embed_per_ngram=32",
-    "engram.n_head_per_ngram=4",
-    "engram.engram_vocab_size=[5000,5000]",
-    "train.seq_len=64",
-    "train.batch_size=8",
-    "train.steps=300",
-    "train.eval_every=300",
-    "train.eval_batches=16",
-    "train.checkpoint_every=0",
-)
-
-
 def base_config(preset: str = "toy") -> Config:
     """The study base: any preset name (default ``toy``, the study model)."""
-    from engram_jax.config import override
-    from engram_jax.presets import PRESETS, get_preset
+    from engram_jax.presets import get_preset
 
-    if preset == "toy" and "toy" not in PRESETS:
-        return dataclasses.replace(override(get_preset("tiny"), list(TOY_OVERRIDES)), name="toy")
     return get_preset(preset)
 
 
