@@ -102,9 +102,28 @@ def small() -> Config:
 
 @preset("toy")
 def toy() -> Config:
-    """The study model of experiments/ (the ``tiny`` preset shrunk: d=64, 4 blocks, mHC 2, 64
-    routed experts of hidden 32, top-2, Engram at block 1), as a preset so that
-    ``engram-jax train --preset toy`` trains it alone; batches of 64 x 64 tokens."""
+    """The study model of experiments/ (issues 10 and 11): the paper's proportions at the
+    largest scale whose runs of millions of tokens take minutes on 2 CPU cores.
+
+    - Width 64, 4 blocks (1 dense + 3 MoE), GQA 4 heads / 2 kv heads of 16, mHC with 2
+      branches, vocab 2048, sequences of 64 tokens. Training cost per token is set by the
+      width, depth and the LM head (64 x 2048): this is the budget that keeps a 5M-token run
+      in minutes.
+    - MoE: 72 routed experts of hidden 32 (top-2) + 1 shared; the dense block's FFN is 96
+      wide, as wide as the 3 experts a token activates (DeepSeek-V3's convention, as in the
+      paper presets). P_tot/P_act of the pure MoE (``engram.layer_ids=[]``) is 9.9 (paper's
+      budgets: ~10); it needs fine-grained experts, hence 72 of them.
+    - Engram at blocks 1 and 2 (0-based), the paper's reference placement (layers 2 and 6 of
+      12, i.e. after 1/12 and 5/12 of the depth) scaled to 4 blocks; orders 2-3, one head per
+      order, rows of 16 floats, d_mem = 32 = d_model / 2 (paper: 0.5, rows of 80 floats);
+      ~4,000 rows per head (256k table parameters, rho ~0.83 with the experts above), so a
+      5M-token run reads each row ~1,250 times. The two fusions are 9% of P_act (paper ~1%):
+      a fusion's share is set by d_mem/d_model and the number of blocks, and 4 blocks is what
+      the time budget allows.
+    - Batches of 128 x 64 tokens: the step's fixed costs (optimizer, Muon's Newton-Schulz,
+      dispatch) are amortized over twice the tokens of 64 x 64 (BENCHMARKS.md, study loop).
+    300 steps, one evaluation (16 batches) at the end, no checkpoints; studies set their own
+    step counts. ``engram-jax params --preset toy`` prints the proportions."""
     return Config(
         name="toy",
         model=ModelConfig(
@@ -114,24 +133,24 @@ def toy() -> Config:
             n_heads=4,
             n_kv_heads=2,
             head_dim=16,
-            dense_hidden=192,
+            dense_hidden=96,
             n_dense_layers=1,
             hc_mult=2,
             max_seq_len=256,
         ),
         moe=MoEConfig(
-            n_routed_experts=64, n_shared_experts=1, top_k=2, expert_hidden=32, dispatch="blocked"
+            n_routed_experts=72, n_shared_experts=1, top_k=2, expert_hidden=32, dispatch="blocked"
         ),
         engram=EngramConfig(
-            engram_vocab_size=(5000, 5000),
+            engram_vocab_size=(4000, 4000),
             max_ngram_size=3,
-            n_embed_per_ngram=32,
-            n_head_per_ngram=4,
-            layer_ids=(1,),
+            n_embed_per_ngram=16,
+            n_head_per_ngram=1,
+            layer_ids=(1, 2),
         ),
         train=TrainConfig(
             steps=300,
-            batch_size=64,
+            batch_size=128,
             seq_len=64,
             eval_every=300,
             eval_batches=16,

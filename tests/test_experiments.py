@@ -101,7 +101,8 @@ def test_slots_pair_engram_and_overencoding_over_two_decades():
         assert abs(p.labels["slots"] / n - 1) < 0.05
         assert p.labels["slots"] == slots_of(p.cfg)
         assert p.labels["slots_dmem"] == p.labels["slots"] * e.d_head // e.d_mem
-        lookups = p.cfg.train.steps * p.cfg.train.batch_size * p.cfg.train.seq_len * e.n_hash_heads
+        tokens = p.cfg.train.steps * p.cfg.train.batch_size * p.cfg.train.seq_len
+        lookups = tokens * e.n_hash_heads * len(p.cfg.engram.layer_ids)
         assert p.labels["reads_per_row"] == pytest.approx(lookups / p.labels["slots"], abs=0.051)
     for p in kinds["engram"]:
         assert _without(p.cfg, "engram.engram_vocab_size") == _without(
@@ -129,7 +130,8 @@ def test_ablations_reference_is_the_papers_two_layer_engram():
     for name in ("reference", "one_layer", "ngram4", "overencoding", "layer0", "no_multi_branch"):
         assert abs(slots_of(v[name]) / total - 1) < 0.01, name
     ref_rows = v["reference"].engram.engram_vocab_size[0]
-    assert abs(ref_rows / TOY.engram.engram_vocab_size[0] - 0.5) < 0.03  # memory split
+    split = len(TOY.engram.layer_ids) / 2  # a 1-layer base's memory is split over 2 layers
+    assert abs(ref_rows / TOY.engram.engram_vocab_size[0] - split) < 0.03
     for name in ("no_gating", "no_compression", "no_short_conv", "no_multi_branch", "rows_min"):
         assert v[name].engram.layer_ids == (1, 2), name
     heads = 2 * TOY.engram.n_hash_heads
