@@ -1,9 +1,11 @@
 """Ablations (ENGRAM_SPEC section 7): the paper's 2-layer reference Engram against one change at
 a time, the 1-layer vs 2-layer comparison, a table-capacity control, MoE and OverEncoding.
 
-    engram-jax sweep ablations --seeds 2 --steps 1250 --out experiments/results/ablations
+    engram-jax sweep ablations --seeds 2 --steps 1250 --set data.max_bytes=0 \
+        --set data.val_fraction=0.03 --out experiments/results/ablations
 
-Runtime (toy, 14 variants x 2 seeds x 5.1M tokens): see experiments/README.md, "Runtime".
+Runtime: 28 runs (14 variants x 2 seeds) of 5.1M tokens: about 7 h on this machine when
+quiet, up to twice that under the usual load (experiments/README.md, "Commands").
 Expected at paper scale (3B MoE, 100B tokens): the reference beats MoE by 0.04 nats; removing
 multi-branch fusion, the gate or tokenizer compression hurts most; removing the short conv
 hurts slightly; 4-grams at equal memory are slightly worse; a single Engram layer is best at

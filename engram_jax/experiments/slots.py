@@ -2,10 +2,12 @@
 Engram tables swept over slots, OverEncoding at the same slot counts, and the fits
 ``val_loss = a + b log10(slots)``.
 
-    engram-jax sweep slots --seeds 2 --steps 1250 --out experiments/results/slots
+    engram-jax sweep slots --seeds 2 --steps 1250 --set data.max_bytes=0 \
+        --set data.val_fraction=0.03 --out experiments/results/slots
 
-Runtime (toy, 5 slot counts x 2 kinds x 2 seeds x 5.1M tokens): see experiments/README.md,
-"Runtime". Expected at paper scale: loss linear in log(slots) for Engram (a power law), with
+Runtime: 20 runs (5 slot counts x 2 kinds x 2 seeds) of 5.1M tokens: about 5 h on this machine
+when quiet, up to twice that under the usual load (experiments/README.md, "Commands").
+Expected at paper scale: loss linear in log(slots) for Engram (a power law), with
 OverEncoding gaining less per slot; at toy scale (issue 11, 1.6M tokens) the curve flattened
 where rows were read only ~20 times, so the default grid keeps every row read >= 100 times.
 
