@@ -1,11 +1,12 @@
 """Ablations (ENGRAM_SPEC section 7): the paper's 2-layer reference Engram against one change at
 a time, the 1-layer vs 2-layer comparison, a table-capacity control, MoE and OverEncoding.
 
-    engram-jax sweep ablations --seeds 2 --steps 1250 --set data.max_bytes=0 \
-        --set data.val_fraction=0.03 --out experiments/results/ablations
+    engram-jax sweep ablations --seeds 2 --steps 625 --set data.max_bytes=0 \
+        --set data.val_fraction=0.04 --out experiments/results/ablations
 
-Runtime: 28 runs (14 variants x 2 seeds) of 5.1M tokens: about 7 h on this machine when
-quiet, up to twice that under the usual load (experiments/README.md, "Commands").
+Runtime: 28 runs (14 variants x 2 seeds) of 625 steps x 128 x 64 tokens (5.1M tokens
+each): about 8.2 h on this machine at the load seen in this session (~7), less when quiet
+(experiments/README.md, "Commands").
 Expected at paper scale (3B MoE, 100B tokens): the reference beats MoE by 0.04 nats; removing
 multi-branch fusion, the gate or tokenizer compression hurts most; removing the short conv
 hurts slightly; 4-grams at equal memory are slightly worse; a single Engram layer is best at
@@ -22,10 +23,9 @@ Variants of ``base`` (its Engram: orders, heads, widths, total table rows):
   ``no_multi_branch`` (one fusion gated on the pre-mapped state H_pre x; needs mHC);
 - ``ngram4``: orders 2-4 at the same total rows;
 - ``rows_min`` / ``rows_64``: capacity controls, the same Engram with tables of the smallest
-  distinct primes (the 16 heads of the toy reference get 2, 3, 5, ..., 53 rows: ~24 on
-  average, 381 slots; 1 row per head is not expressible, as head sizes are distinct primes)
-  and of ~64+ rows per head: too few to store n-grams, so is the gain memorized n-grams or
-  the extra gated branch?
+  distinct primes (the toy reference's 4 heads get 2, 3, 5 and 7 rows; 1 row per head is not
+  expressible, as head sizes are distinct primes) and of base 64 rows per head: too few to
+  store n-grams, so is the gain memorized n-grams or the extra gated branch?
 - ``moe``: no Engram; ``overencoding``: the same memory as input n-gram embeddings.
 """
 

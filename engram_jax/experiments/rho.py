@@ -1,12 +1,12 @@
 """Sparsity allocation (ENGRAM_SPEC section 6, the U-curve): fixed P_tot, rho moves the sparse
 budget between routed experts and Engram slots.
 
-    engram-jax sweep rho --seeds 3 --steps 1250 --set data.max_bytes=0 \
-        --set data.val_fraction=0.03 --out experiments/results/rho
+    engram-jax sweep rho --seeds 3 --steps 625 --set data.max_bytes=0 \
+        --set data.val_fraction=0.04 --out experiments/results/rho
 
-Runtime: 18 runs (6 rhos x 3 seeds) of 1,250 steps x 64 x 64 tokens (5.1M tokens): about
-4.5 h on this machine when quiet, up to twice that under the usual load (estimated from a
-measured step time: experiments/README.md, "Commands"). Expected at paper scale: a U-shape,
+Runtime: 18 runs (6 rhos x 3 seeds) of 625 steps x 128 x 64 tokens (5.1M tokens each):
+about 5.3 h on this machine at the load seen in this session (~7), less when quiet
+(experiments/README.md, "Commands"). Expected at paper scale: a U-shape,
 best rho ~0.75-0.8, Engram matching pure MoE down to rho ~0.4; at toy scale (issue 11, 1.6M
 tokens) the loss fell steeply from rho 1 and flattened at 0.4-0.6, so the grid reaches 0.15.
 

@@ -2,11 +2,12 @@
 Engram tables swept over slots, OverEncoding at the same slot counts, and the fits
 ``val_loss = a + b log10(slots)``.
 
-    engram-jax sweep slots --seeds 2 --steps 1250 --set data.max_bytes=0 \
-        --set data.val_fraction=0.03 --out experiments/results/slots
+    engram-jax sweep slots --seeds 2 --steps 625 --set data.max_bytes=0 \
+        --set data.val_fraction=0.04 --out experiments/results/slots
 
-Runtime: 20 runs (5 slot counts x 2 kinds x 2 seeds) of 5.1M tokens: about 5 h on this machine
-when quiet, up to twice that under the usual load (experiments/README.md, "Commands").
+Runtime: 20 runs (5 slot counts x 2 kinds x 2 seeds) of 625 steps x 128 x 64 tokens (5.1M
+tokens each): about 5.8 h on this machine at the load seen in this session (~7), less when
+quiet (experiments/README.md, "Commands").
 Expected at paper scale: loss linear in log(slots) for Engram (a power law), with
 OverEncoding gaining less per slot; at toy scale (issue 11, 1.6M tokens) the curve flattened
 where rows were read only ~20 times, so the default grid keeps every row read >= 100 times.
@@ -30,7 +31,7 @@ from engram_jax.config import Config
 from engram_jax.experiments import memory_labels, named, slots_of, train_tokens, with_engram
 from engram_jax.experiments.stats import base_summary, errorbar_figure, fit_log, paired
 
-SLOTS = (3_500, 11_000, 36_000, 120_000, 400_000)
+SLOTS = (1_900, 6_000, 19_000, 60_000, 200_000)
 KINDS = ("engram", "overencoding")
 
 
