@@ -25,7 +25,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8.0", "ruff>=0.6"],
-        "tpu": ["jax[tpu]>=0.10.2"],
+        # libtpu must match jaxlib: jax[tpu]==0.10.2 pins libtpu 0.0.42.1 (bump them together;
+        # tests/test_tpu_compile.py installs the same libtpu on its own)
+        "tpu": ["jax[tpu]==0.10.2"],
     },
     entry_points={"console_scripts": ["engram-jax=engram_jax.cli:main"]},
 )

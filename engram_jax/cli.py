@@ -13,7 +13,7 @@ import importlib
 import sys
 
 # name of the module in engram_jax.commands for each subcommand, in help order
-SUBCOMMANDS = ("demo", "params", "train", "eval", "sweep", "generate", "analyze")
+SUBCOMMANDS = ("demo", "params", "train", "eval", "sweep", "generate", "analyze", "compile")
 
 
 class UsageError(Exception):

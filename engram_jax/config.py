@@ -173,9 +173,12 @@ class MoEConfig:
     norm_topk_prob: bool = True
     bias_update_rate: float = 1e-3  # loss-free balancing step (outside the gradient)
     # Token dispatch (see engram_jax.moe): "ragged" (dropless ragged_dot; TPU/GPU),
-    # "blocked" (dropless padded blocks; fast on CPU), "capacity" (expert-axis einsum, drops).
+    # "blocked" (dropless padded blocks; fast on CPU), "capacity" (expert-axis einsum, drops),
+    # "ep" (experts split over the `expert` mesh axis, all-to-all dispatch: engram_jax.moe_ep).
     dispatch: str = "ragged"
-    capacity_factor: float = 2.0  # "capacity" only: slots per expert = factor * S*top_k / E
+    # "capacity": slots per expert = factor * S*top_k / E; "ep": slots per destination device
+    # = factor * s*top_k / n (s tokens per device, n expert-axis devices; factor >= n: no drops)
+    capacity_factor: float = 2.0
 
     def __post_init__(self) -> None:
         _pos_int(self, "n_routed_experts")
@@ -194,7 +197,7 @@ class MoEConfig:
             self.bias_update_rate >= 0, "MoEConfig.bias_update_rate", ">= 0", self.bias_update_rate
         )
         _bools(self, "norm_topk_prob")
-        _choice(self, "dispatch", ("ragged", "blocked", "capacity"))
+        _choice(self, "dispatch", ("ragged", "blocked", "capacity", "ep"))
         _check(self.capacity_factor > 0, "MoEConfig.capacity_factor", "> 0", self.capacity_factor)
 
 

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from engram_jax import sharding as shd
 from engram_jax.attention import make_attention
 from engram_jax.config import Config
 from engram_jax.engram import Engram
@@ -134,7 +135,13 @@ def _run_block(block: Block, h, ids, rows):
     return block(h, ids, rows)
 
 
-_run_block_remat = nnx.remat(_run_block)
+def _run_block_remat(block: Block, h, ids, rows):
+    """``_run_block`` recomputed in the backward pass: only the block's inputs are saved.
+    A pure ``jax.checkpoint`` over the split block (a block's call mutates no state):
+    ``nnx.remat`` refuses Variables merged at another trace level, as in the train step."""
+    graphdef, state = nnx.split(block)
+    pure = lambda state, h, ids, rows: nnx.merge(graphdef, state)(h, ids, rows)
+    return jax.checkpoint(pure)(state, h, ids, rows)
 
 
 class EngramLM(nnx.Module):
@@ -218,7 +225,7 @@ class EngramLM(nnx.Module):
                 f"Engram layers {missing} need engram_ids or engram_rows "
                 "(hash ids come from engram_jax.hashing in the input pipeline)"
             )
-        h_BxTxMxD = self.embed_tokens(tokens_BxT)
+        h_BxTxMxD = shd.constrain_batch(self.embed_tokens(tokens_BxT))
         run = _run_block_remat if m.remat else _run_block
         aux = {"moe_loads": {}, "engram_gates": {}}
         if collect:
@@ -228,6 +235,7 @@ class EngramLM(nnx.Module):
             layer_rows = rows.get(i)
             layer_ids = None if layer_rows is not None else ids.get(i)
             h_BxTxMxD, load_E, gates_BxTxM = run(block, h_BxTxMxD, layer_ids, layer_rows)
+            h_BxTxMxD = shd.constrain_batch(h_BxTxMxD)
             if load_E is not None:
                 aux["moe_loads"][i] = load_E
             if gates_BxTxM is not None:

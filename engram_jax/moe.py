@@ -111,6 +111,13 @@ class MoE(nnx.Module):
         b, t, d = x_BxTxD.shape
         cfg, e, k = self.cfg, self.cfg.n_routed_experts, self.cfg.top_k
         x_SxD = x_BxTxD.reshape(b * t, d).astype(self.dtype)
+        if cfg.dispatch == "ep":  # expert parallelism over the mesh: engram_jax.moe_ep
+            from engram_jax.moe_ep import ep_routed
+
+            y_SxD, load_E = ep_routed(self, x_SxD)
+            if self.shared is not None:
+                y_SxD = y_SxD + self.shared(x_SxD)
+            return y_SxD.reshape(b, t, d), load_E
         logits_SxE = x_SxD.astype(jnp.float32) @ self.router[...]
         scores_SxE = (
             jax.nn.sigmoid(logits_SxE)

@@ -135,6 +135,19 @@ def batch_axes() -> tuple[str, ...]:
     return mesh_axes_for("batch")
 
 
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """Pin an activation's dimension 0 to the batch axes of the context mesh (``jax.set_mesh``;
+    a no-op without one). Without it, FSDP-sharded weights can pull activations onto the
+    ``embed`` split and XLA then runs attention on the whole global batch on every chip."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(batch_axes()) <= set(mesh.axis_names):
+        return x
+    axes = tuple(a for a in batch_axes() if mesh.shape[a] > 1)
+    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(axes))
+
+
 def table_axes() -> tuple[str, ...]:
     return mesh_axes_for("table_rows")
 

@@ -159,4 +159,5 @@ def compile_train_step(cfg: Config, graphdef, tx, mesh, state, batch):
     """The train step compiled ahead of time for ``state`` and ``batch`` (arrays or
     ``ShapeDtypeStruct``s) exactly as the trainer runs it: state donated."""
     step = jax.jit(make_train_step(cfg, graphdef, tx, mesh), donate_argnums=0)
-    return step.lower(state, batch).compile()
+    with jax.set_mesh(mesh):  # code that shard_maps over the context mesh (moe.dispatch="ep")
+        return step.lower(state, batch).compile()

@@ -85,7 +85,8 @@ def _check_batch_split(cfg: Config, mesh) -> None:
 
 
 def evaluate(eval_fn, state, batches: list[dict], mesh) -> float:
-    losses = [float(eval_fn(state, shd.global_batch_from_local(mesh, b))) for b in batches]
+    with jax.set_mesh(mesh):  # the eval step traces here (moe.dispatch="ep" needs the mesh)
+        losses = [float(eval_fn(state, shd.global_batch_from_local(mesh, b))) for b in batches]
     return float(np.mean(losses))
 
 

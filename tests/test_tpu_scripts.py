@@ -26,7 +26,10 @@ LOC = ("--name", "pod", "--zone", "us-central2-b", "--project", "proj-x")
 CASES = {
     "create": (("--accelerator-type", "v5litepod-16", "--version", "v2-alpha-tpuv5-lite"), ()),
     "install": (("--repo-url", "https://example.com/engram-jax.git", "--ref", "v0.1"), ()),
-    "train": (("--workdir", "gs://bkt/run1", "--preset", "small"), ("--set", "train.steps=10")),
+    "train": (
+        ("--workdir", "gs://bkt/run1", "--preset", "small", "--topology", "v5p:2x2x1"),
+        ("--set", "train.steps=10"),
+    ),
     "sweep": (("rho", "--out", "gs://bkt/sweeps"), ()),
     "logs": ((), ()),
     "delete": ((), ()),
@@ -37,6 +40,14 @@ if [[ -n ${FAKE_GCLOUD_FAIL:-} ]]; then touch "$FAKE_GCLOUD_FAIL"; exit 97; fi
 printf '%s\\0' "$@" >> "$FAKE_GCLOUD_LOG"; printf '\\n' >> "$FAKE_GCLOUD_LOG"
 if [[ " $* " == *" describe "* ]]; then echo "${FAKE_STATE:-ACTIVE}"; fi
 """
+# The local `engram-jax` of train.sh's preflight compile: fails loudly under --dry-run, else
+# records its arguments and exits with $FAKE_EJ_EXIT (a compile that does not fit exits 1).
+FAKE_ENGRAM_JAX = """#!/usr/bin/env bash
+if [[ -n ${FAKE_GCLOUD_FAIL:-} ]]; then touch "$FAKE_GCLOUD_FAIL"; exit 97; fi
+printf '%s\\0' "$@" >> "$FAKE_EJ_LOG"; printf '\\n' >> "$FAKE_EJ_LOG"
+if [[ ${FAKE_EJ_EXIT:-0} != 0 ]]; then echo "engram-jax compile: DOES NOT FIT"; fi
+exit "${FAKE_EJ_EXIT:-0}"
+"""
 
 
 @pytest.fixture
@@ -46,12 +57,15 @@ def env(tmp_path):
     fake = bin_dir / "gcloud"
     fake.write_text(FAKE_GCLOUD)
     fake.chmod(0o755)
+    (bin_dir / "engram-jax").write_text(FAKE_ENGRAM_JAX)
+    (bin_dir / "engram-jax").chmod(0o755)
     e = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
     e.update(
         PATH=f"{bin_dir}{os.pathsep}{e.get('PATH', '')}",
         TMPDIR=str(tmp_path),
         FAKE_GCLOUD_FAIL=str(tmp_path / "gcloud-was-called"),
         FAKE_GCLOUD_LOG=str(tmp_path / "gcloud.log"),
+        FAKE_EJ_LOG=str(tmp_path / "engram-jax.log"),
     )
     return e
 
@@ -170,6 +184,7 @@ MISSING = [(n, f) for n in NAMES for f in ("--name", "--zone", "--project")] + [
     ("install", "--repo-url"),
     ("train", "--workdir"),
     ("train", "--preset"),
+    ("train", "--topology"),
     ("sweep", "rho"),
     ("sweep", "--out"),
 ]
@@ -280,7 +295,7 @@ def test_install_needs_exactly_one_source(env, tmp_path):
 
 
 def test_train(env, tmp_path):
-    (c,) = dry(
+    pre, c = dry(
         "train",
         *LOC,
         *CASES["train"][0],
@@ -293,6 +308,20 @@ def test_train(env, tmp_path):
         env=env,
         cwd=tmp_path,
     )
+    # the preflight compiles the same config for the slice, locally, before any gcloud call
+    assert pre == [
+        "engram-jax",
+        "compile",
+        "--preset",
+        "small",
+        "--topology",
+        "v5p:2x2x1",
+        "--no-decode",
+        "--set",
+        "train.steps=10",
+        "--set",
+        "engram.layer_ids=[1, 5]",
+    ]
     assert c[3:6] == ["tpu-vm", "ssh", "pod"] and "--worker=all" in c
     cmd = remote(c)
     assert "nohup " in cmd and "> ~/engram-jax-logs/train.log 2>&1 < /dev/null &" in cmd
@@ -321,7 +350,7 @@ def test_remote_commands_work_in_a_local_shell(env, tmp_path):
     fake.write_text('#!/usr/bin/env bash\nprintf "%s\\0" "$@"\n')
     fake.chmod(0o755)
     value = 'data.name=it\'s a "test" $HOME; `x` & y'
-    (c,) = dry("train", *LOC, *CASES["train"][0], "--set", value, env=env, cwd=tmp_path)
+    _, c = dry("train", *LOC, *CASES["train"][0], "--set", value, env=env, cwd=tmp_path)
     local = {**env, "HOME": str(home)}
     subprocess.run(["bash", "-c", remote(c)], env=local, check=True, timeout=30)
     pid = int((home / "engram-jax-logs" / "train.pid").read_text())
@@ -343,6 +372,23 @@ def test_remote_commands_work_in_a_local_shell(env, tmp_path):
         ["bash", "-c", remote(c)], env=local, check=True, capture_output=True, text=True
     ).stdout
     assert out == log
+
+
+def test_train_preflight_runs_first_and_stops_a_config_that_does_not_fit(env, tmp_path):
+    del env["FAKE_GCLOUD_FAIL"]
+    env["FAKE_EJ_EXIT"] = "1"
+    r = sh("train", *LOC, *CASES["train"][0], env=env, cwd=tmp_path)
+    assert r.returncode != 0 and "DOES NOT FIT" in r.stdout
+    assert "preflight" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    assert not Path(env["FAKE_GCLOUD_LOG"]).exists(), "gcloud ran after a failed preflight"
+    ran = Path(env["FAKE_EJ_LOG"]).read_text().split("\0")[:-1]
+    assert ran[:5] == ["compile", "--preset", "small", "--topology", "v5p:2x2x1"]
+
+
+def test_train_without_preflight(env, tmp_path):
+    args = ("--workdir", "gs://bkt/run1", "--preset", "small", "--no-preflight")
+    (c,) = dry("train", *LOC, *args, env=env, cwd=tmp_path)
+    assert c[0] == "gcloud"
 
 
 @pytest.mark.parametrize("workdir", ["/tmp/run", "runs/x", "s3://bkt/run", "gs://", "GS://bkt/r"])
@@ -402,13 +448,15 @@ def test_real_run_executes_what_dry_run_prints(name, extra, env, tmp_path):
     if "--local" in extra:
         required = ()
         (tmp_path / "setup.py").write_text("")
-    printed = gcloud(dry(name, *LOC, *required, *optional, *extra, env=env, cwd=tmp_path))
+    commands = dry(name, *LOC, *required, *optional, *extra, env=env, cwd=tmp_path)
     del env["FAKE_GCLOUD_FAIL"]
     r = sh(name, *LOC, *required, *optional, *extra, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    log = Path(env["FAKE_GCLOUD_LOG"]).read_text().split("\n")[:-1]
-    ran = [["gcloud", *entry.split("\0")[:-1]] for entry in log]
-    assert ran == printed
+    for tool, log in (("gcloud", "FAKE_GCLOUD_LOG"), ("engram-jax", "FAKE_EJ_LOG")):
+        path = Path(env[log])
+        entries = path.read_text().split("\n")[:-1] if path.exists() else []
+        ran = [[tool, *entry.split("\0")[:-1]] for entry in entries]
+        assert ran == [c for c in commands if c[0] == tool]
 
 
 def test_local_tarball_inside_the_tree_is_not_packed_into_itself(env, tmp_path):

@@ -1,0 +1,146 @@
+"""Expert-parallel MoE dispatch (``MoEConfig.dispatch = "ep"``): all-to-all over ``expert``.
+
+The routed experts' weights are split over the ``expert`` mesh axis (n devices, E/n experts
+each, never gathered whole); tokens stay split over the batch axes. Inside one
+``jax.shard_map`` over the whole mesh, each device:
+
+  1. takes its 1/n slice of the batch shard's tokens (the batch is replicated over
+     ``expert``, so the n devices of an expert group split it instead of repeating it);
+  2. routes them (same :func:`engram_jax.moe.route` as every dispatch) and packs each
+     (token, expert) assignment into a send buffer ``[n, C, D]`` by destination device,
+     ``C = ceil(capacity_factor * s * K / n)`` slots per destination (assignments beyond C are
+     dropped, as in ``"capacity"``; ``capacity_factor >= n`` never drops);
+  3. ``all_to_all`` over ``expert``: each device receives the rows for its own experts, runs
+     them through its E/n SwiGLU experts (``ragged_dot`` on rows sorted by local expert), and
+     sends the outputs back with a second ``all_to_all``;
+  4. combines the weighted outputs per token and all-gathers the n token slices over
+     ``expert`` (restoring the batch layout the rest of the block uses).
+
+Per device and MoE layer the forward moves 2 x n x C x D activations through all-to-all (the
+backward the same again) and all-gathers s x n x D outputs; expert weights move only along
+the FSDP/tensor axes that also split them. The expert load (for loss-free balancing) is
+summed over every device, so it equals the other dispatches' load.
+
+Needs a mesh context (``with jax.set_mesh(mesh):`` around lowering) holding an ``expert``
+axis that divides E, and a batch shard divisible by the expert axis size.
+
+Shape legend: S tokens of the batch shard, s = S/n tokens of this device's slice, D d_model,
+E routed experts (L = E/n local), F expert hidden, K top-k, A = s*K assignments,
+C slots per destination device, n expert-axis size, Q = n*C received rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from engram_jax import sharding as shd
+
+AXIS = "expert"
+
+
+def _mesh():
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or AXIS not in mesh.axis_names:
+        raise ValueError(
+            "moe.dispatch='ep' needs a mesh context with an 'expert' axis: lower the step "
+            "inside `with jax.set_mesh(mesh):`"
+        )
+    return mesh
+
+
+def _pack(dest_A, n: int, cap: int):
+    """Slot of every assignment in its destination's buffer (stable: token order); slot ``cap``
+    or more means dropped."""
+    order_A = jnp.argsort(dest_A, stable=True)
+    count_n = jnp.bincount(dest_A, length=n)
+    start_n = jnp.cumsum(count_n) - count_n
+    rank_sorted_A = jnp.arange(dest_A.shape[0]) - start_n[dest_A[order_A]]
+    return jnp.zeros_like(dest_A).at[order_A].set(rank_sorted_A)
+
+
+def _local_experts(x_QxD, expert_Q, valid_Q, wg_LxDxF, wu_LxDxF, wd_LxFxD):
+    """SwiGLU of each received row by its local expert (invalid rows -> zeros)."""
+    n_local = wg_LxDxF.shape[0]
+    key_Q = jnp.where(valid_Q, expert_Q, n_local)  # invalid rows sort last, in no group
+    order_Q = jnp.argsort(key_Q, stable=True)
+    xs_QxD = x_QxD[order_Q]
+    sizes_L = jnp.bincount(key_Q, length=n_local + 1)[:n_local].astype(jnp.int32)
+    h_QxF = jax.nn.silu(jax.lax.ragged_dot(xs_QxD, wg_LxDxF, sizes_L)) * jax.lax.ragged_dot(
+        xs_QxD, wu_LxDxF, sizes_L
+    )
+    ys_QxD = jax.lax.ragged_dot(h_QxF, wd_LxFxD, sizes_L)
+    ys_QxD = jnp.where((jnp.arange(key_Q.shape[0]) < jnp.sum(sizes_L))[:, None], ys_QxD, 0)
+    return jnp.zeros_like(ys_QxD).at[order_Q].set(ys_QxD)
+
+
+def ep_routed(moe, x_SxD: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Routed-expert output ``y [S, D]`` and expert load ``[E]`` of :class:`engram_jax.moe.MoE`
+    ``moe`` for global tokens ``x_SxD`` (batch-sharded), experts split over ``expert``."""
+    cfg, mesh = moe.cfg, _mesh()
+    n, e, k = mesh.shape[AXIS], cfg.n_routed_experts, cfg.top_k
+    if e % n:
+        raise ValueError(f"moe.n_routed_experts={e} must be a multiple of the expert axis ({n})")
+    batch = tuple(a for a in shd.batch_axes() if mesh.shape[a] > 1)
+    shards = math.prod(mesh.shape[a] for a in batch)
+    if x_SxD.shape[0] % (shards * n):
+        raise ValueError(
+            f"{x_SxD.shape[0]} tokens per MoE layer do not split over {shards} batch shards "
+            f"x {n} expert devices"
+        )
+    s = x_SxD.shape[0] // (shards * n)
+    cap = max(1, math.ceil(cfg.capacity_factor * s * k / n))
+    wg, wu, wd = moe._weights()
+    router = moe.router[...]
+    bias = jax.lax.stop_gradient(moe.router_bias[...])
+    spec_w = P(AXIS, None, None)
+
+    def local(x_nsxD, router_DxE, bias_E, wg_LxDxF, wu_LxDxF, wd_LxFxD):
+        from engram_jax.moe import route
+
+        i = jax.lax.axis_index(AXIS)
+        x_sxD = jax.lax.dynamic_slice_in_dim(x_nsxD, i * s, s)
+        logits_sxE = x_sxD.astype(jnp.float32) @ router_DxE
+        scores_sxE = (
+            jax.nn.sigmoid(logits_sxE)
+            if cfg.score_func == "sigmoid"
+            else jax.nn.softmax(logits_sxE, axis=-1)
+        )
+        idx_sxK, w_sxK = route(scores_sxE, bias_E, cfg)
+        expert_A = idx_sxK.reshape(-1)
+        dest_A, local_A = expert_A // (e // n), expert_A % (e // n)
+        slot_A = _pack(dest_A, n, cap)
+        token_A = jnp.arange(s * k) // k
+        put = dict(mode="drop")
+        send_nxCxD = jnp.zeros((n, cap, x_sxD.shape[1]), x_sxD.dtype)
+        send_nxCxD = send_nxCxD.at[dest_A, slot_A].set(x_sxD[token_A], **put)
+        meta_nxC = jnp.full((n, cap), -1, jnp.int32).at[dest_A, slot_A].set(local_A, **put)
+        recv_nxCxD = jax.lax.all_to_all(send_nxCxD, AXIS, 0, 0, tiled=True)
+        rmeta_nxC = jax.lax.all_to_all(meta_nxC, AXIS, 0, 0, tiled=True)
+        out_QxD = _local_experts(
+            recv_nxCxD.reshape(n * cap, -1),
+            rmeta_nxC.reshape(-1),
+            rmeta_nxC.reshape(-1) >= 0,
+            wg_LxDxF,
+            wu_LxDxF,
+            wd_LxFxD,
+        )
+        back_nxCxD = jax.lax.all_to_all(out_QxD.reshape(n, cap, -1), AXIS, 0, 0, tiled=True)
+        kept_A = slot_A < cap
+        got_AxD = back_nxCxD.at[dest_A, jnp.minimum(slot_A, cap - 1)].get()
+        got_AxD = jnp.where(kept_A[:, None], got_AxD * w_sxK.reshape(-1, 1).astype(x_sxD.dtype), 0)
+        y_sxD = jnp.zeros_like(x_sxD).at[token_A].add(got_AxD)
+        y_nsxD = jax.lax.all_gather(y_sxD, AXIS, tiled=True)
+        load_E = jax.lax.psum(jnp.bincount(expert_A, length=e), (*batch, AXIS))
+        return y_nsxD, load_E
+
+    fn = jax.shard_map(
+        local,
+        in_specs=(P(batch), P(), P(), spec_w, spec_w, spec_w),
+        out_specs=(P(batch), P()),
+        check_vma=False,
+    )
+    return fn(x_SxD, router, bias, wg, wu, wd)
