@@ -27,11 +27,13 @@ from engram_jax.layers import Linear, RMSNorm
 
 
 def rope(x_BxTxNxH: jax.Array, positions_T: jax.Array, theta: float) -> jax.Array:
-    """Rotary position embedding over the last axis (rotate-half), computed in float32."""
+    """Rotary position embedding over the last axis (rotate-half), computed in float32.
+    ``positions_T`` may also be per sequence, ``[B, T]`` (batched decoding of ragged rows)."""
     half = x_BxTxNxH.shape[-1] // 2
     freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle_TxH = positions_T.astype(jnp.float32)[:, None] * freq[None, :]
-    cos, sin = jnp.cos(angle_TxH)[None, :, None, :], jnp.sin(angle_TxH)[None, :, None, :]
+    pos_BxT = positions_T.reshape((-1, positions_T.shape[-1])).astype(jnp.float32)  # B may be 1
+    angle_BxTxH = pos_BxT[:, :, None] * freq[None, None, :]
+    cos, sin = jnp.cos(angle_BxTxH)[:, :, None, :], jnp.sin(angle_BxTxH)[:, :, None, :]
     x = x_BxTxNxH.astype(jnp.float32)
     x1, x2 = x[..., :half], x[..., half:]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -45,7 +47,8 @@ def attend(
 
     Query t sits at absolute position ``pos_T[t]`` and sees key slot s when ``s <= pos_T[t]``:
     with ``pos_T = arange(T)`` over T keys this is the causal mask of a full forward pass; over
-    a decode cache of S slots, later slots (empty or stale) are hidden.
+    a decode cache of S slots, later slots (empty or stale) are hidden. ``pos_T`` may be
+    ``[B, T]``: every sequence at its own position (batched decoding of ragged rows).
     """
     b, t, n, h = q_BxTxNxH.shape
     k_heads, s = k_BxSxKxH.shape[2], k_BxSxKxH.shape[1]
@@ -54,14 +57,19 @@ def attend(
         jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32)
         * scale
     )
-    visible_TxS = jnp.arange(s)[None, :] <= pos_T[:, None]
-    s_BxKxGxTxS = jnp.where(visible_TxS[None, None, None], s_BxKxGxTxS, jnp.finfo(jnp.float32).min)
+    pos_BxT = pos_T.reshape((-1, t))  # one row, or one per sequence
+    visible_BxTxS = jnp.arange(s)[None, None, :] <= pos_BxT[:, :, None]
+    visible_Bx1x1xTxS = visible_BxTxS[:, None, None]
+    s_BxKxGxTxS = jnp.where(visible_Bx1x1xTxS, s_BxKxGxTxS, jnp.finfo(jnp.float32).min)
     p_BxKxGxTxS = jax.nn.softmax(s_BxKxGxTxS, axis=-1).astype(v_BxSxKxV.dtype)
     o_BxTxKxGxV = jnp.einsum("bkgts,bskv->btkgv", p_BxKxGxTxS, v_BxSxKxV)
     return o_BxTxKxGxV.reshape(b, t, n, v_BxSxKxV.shape[-1])
 
 
 def _write(cache_BxSx_: jax.Array, new_BxTx_: jax.Array, pos) -> jax.Array:
+    """Write T new slots at ``pos`` (a scalar, or ``[B]``: one start per sequence)."""
+    if jnp.ndim(pos) == 1:
+        return jax.vmap(lambda c, n, p: _write(c[None], n[None], p)[0])(cache_BxSx_, new_BxTx_, pos)
     start = (0, pos) + (0,) * (cache_BxSx_.ndim - 2)
     return jax.lax.dynamic_update_slice(cache_BxSx_, new_BxTx_.astype(cache_BxSx_.dtype), start)
 
@@ -79,9 +87,10 @@ class _Attention(nnx.Module):
 
     def step(self, x_BxTxD: jax.Array, kv: dict, pos) -> tuple[jax.Array, dict]:
         """T new positions starting at ``pos``, keys/values written into the cache
-        ``kv = {"k": [B,S,K,.], "v": [B,S,K,.]}`` at slots pos..pos+T-1: -> (y, new kv)."""
+        ``kv = {"k": [B,S,K,.], "v": [B,S,K,.]}`` at slots pos..pos+T-1: -> (y, new kv).
+        ``pos`` is a scalar, or ``[B]`` when every sequence sits at its own position."""
         b, t, _ = x_BxTxD.shape
-        pos_T = pos + jnp.arange(t)
+        pos_T = pos + jnp.arange(t) if jnp.ndim(pos) == 0 else pos[:, None] + jnp.arange(t)[None]
         q_BxTxNx_, k_new, v_new, scale = self.project(x_BxTxD, pos_T)
         k_BxSxKx_, v_BxSxKxH = _write(kv["k"], k_new, pos), _write(kv["v"], v_new, pos)
         o_BxTxNxH = attend(q_BxTxNx_, k_BxSxKx_.astype(q_BxTxNx_.dtype), v_BxSxKxH, pos_T, scale)

@@ -86,8 +86,20 @@ def _post(
         if g is not None:
             gates[i] = g
     logits_BxTxV = model.readout(h_BxTxMxD)
-    token_B = sample(logits_BxTxV[:, -1], jax.random.fold_in(key, pos), temperature, top_k)
+    token_B = sample_at(logits_BxTxV[:, -1], key, pos, temperature, top_k)
     return logits_BxTxV, token_B, new, gates
+
+
+def sample_at(logits_BxV, key, pos, temperature, top_k):
+    """:func:`sample` with the key folded with the position: one draw for the batch at a
+    scalar ``pos``; at per-sequence positions ``pos [B]`` each row draws as if decoded alone."""
+    if jnp.ndim(pos) == 0:
+        return sample(logits_BxV, jax.random.fold_in(key, pos), temperature, top_k)
+
+    def one(logits_V, pos_b):
+        return sample(logits_V[None], jax.random.fold_in(key, pos_b), temperature, top_k)[0]
+
+    return jax.vmap(one)(logits_BxV, pos)
 
 
 @functools.lru_cache(maxsize=32)
@@ -194,22 +206,31 @@ class Generator:
 
     # -- steps -------------------------------------------------------------------------------
 
-    def _forward(self, tokens_dev, tokens_host, sampling=(0.0, 0, None)):
-        """One jitted step over the T tokens of a chunk: -> (logits [B,T,V], next token [B])."""
+    def _forward(self, tokens_dev, tokens_host, sampling=(0.0, 0, None), gids=None):
+        """One jitted step over the T tokens of a chunk: -> (logits [B,T,V], next token [B]).
+        ``gids``: the chunk's rows if already hashed. ``self.pos`` is a scalar, or ``[B]``
+        when every sequence has its own position (``engram_jax.batch_generate``)."""
         b, t = tokens_host.shape
         if b != self.batch:
             raise ValueError(f"batch of {b} sequences, generator built for {self.batch}")
-        if self.pos + t > self.max_len:
-            raise ValueError(f"position {self.pos + t} exceeds max_len={self.max_len}")
+        if np.max(self.pos) + t > self.max_len:
+            raise ValueError(f"position {np.max(self.pos) + t} exceeds max_len={self.max_len}")
         pos = jnp.asarray(self.pos, jnp.int32)
+        prefetch = getattr(self.rows, "prefetch", None)
+        if self.layers and gids is None and (prefetch is not None or not self.overlap):
+            gids = self.engram_ids(tokens_host)  # rows known now: a disk store starts reading
+            if prefetch is not None:
+                prefetch(gids)
         if not self.overlap:
-            rows = self.rows(self.engram_ids(tokens_host)) if self.layers else {}
+            rows = self.rows(gids) if self.layers else {}
             jax.block_until_ready(rows)
         # 1. dispatch the blocks before the first Engram layer (they need only the tokens) ...
         h, self._cache_pre = self._pre(self._state, tokens_dev, self._cache_pre, pos)
         # 2. ... while the host hashes the new n-grams and fetches their rows
-        if self.overlap:
-            rows = self.rows(self.engram_ids(tokens_host)) if self.layers else {}
+        if self.overlap and self.layers:
+            rows = self.rows(self.engram_ids(tokens_host) if gids is None else gids)
+        elif self.overlap:
+            rows = {}
         temperature, top_k, key = sampling
         key = jax.random.key(0) if key is None else key
         logits, token_B, self._cache_post, _ = self._post(
@@ -231,17 +252,29 @@ class Generator:
         tokens = np.asarray(tokens_BxT, np.int32)
         if tokens.ndim != 2 or tokens.shape[1] < 1:
             raise ValueError(f"tokens must be [B, T] with T >= 1; got {tokens.shape}")
-        if self.pos + tokens.shape[1] > self.max_len:
+        if np.max(self.pos) + tokens.shape[1] > self.max_len:
             raise ValueError(
-                f"position {self.pos + tokens.shape[1]} exceeds max_len={self.max_len}"
+                f"position {np.max(self.pos) + tokens.shape[1]} exceeds max_len={self.max_len}"
             )
-        logits, t0 = [], 0
+        # every chunk's rows are known before the first runs: fetch chunk k+1's during chunk k
+        gids = self.engram_ids(tokens) if self.layers else None
+        prefetch = getattr(self.rows, "prefetch", None) if self.layers else None
+        bounds, t0 = [], 0
         while t0 < tokens.shape[1]:
             n = 1 << (min(tokens.shape[1] - t0, self.max_chunk).bit_length() - 1)
-            chunk = tokens[:, t0 : t0 + n]
-            out, token_B = self._forward(jnp.asarray(chunk), chunk, sampling)
-            logits.append(out)
+            bounds.append((t0, t0 + n))
             t0 += n
+        logits = []
+        for k, (a, z) in enumerate(bounds):
+            chunk, chunk_ids = tokens[:, a:z], None
+            if gids is not None:
+                chunk_ids = {i: g[:, a:z] for i, g in gids.items()}
+                if prefetch is not None and k == 0:
+                    prefetch(chunk_ids)
+            out, token_B = self._forward(jnp.asarray(chunk), chunk, sampling, chunk_ids)
+            if prefetch is not None and k + 1 < len(bounds):
+                prefetch({i: g[:, slice(*bounds[k + 1])] for i, g in gids.items()})
+            logits.append(out)
         return jnp.concatenate(logits, axis=1), token_B
 
     def prefill(self, tokens_BxT):
