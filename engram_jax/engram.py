@@ -2,12 +2,12 @@
 
 Shape legend: B batch, T sequence, M mHC branches (hc_mult), G gated groups (M, or 1 when
 ``multi_branch=False``), D d_model, H hash heads ((N-1)*K), d row width (d_head),
-E d_mem = H*d, P fused projections (1 value + G keys), C conv channels G*D, W conv taps
-(kernel_size), S conv history (W-1)*N, R table rows.
+E d_mem = H*d, C conv channels G*D, W conv taps (kernel_size), S conv history (W-1)*N,
+R table rows.
 
 Equations, numbered as the steps in :meth:`Engram._forward`:
   (1) e_t = concat_h Table[offset_h + z_{t,h}]                                   spec 2
-  (2) k_t^(m) = W_K^(m) e_t + b_K^(m),  v_t = W_V e_t + b_V (one fused matmul)   spec 3, 4
+  (2) k_t^(m) = W_K^(m) e_t + b_K^(m),  v_t = W_V e_t + b_V                     spec 3, 4
   (3) a^(m) = RMSNorm_q^(m)(h_t^(m)) . RMSNorm_k^(m)(k_t^(m)) / sqrt(D)
   (4) a <- sign(a) sqrt(max(|a|, 1e-6)),  alpha^(m) = sigmoid(a)                 demo
   (5) V~^(m) = alpha^(m) v_t
@@ -214,15 +214,6 @@ class Engram(nnx.Module):
         B, T = rows.shape[:2]
         return rows.reshape(B, T, H * d).astype(self.dtype)
 
-    def _fused_weights(self) -> tuple[jax.Array, jax.Array]:
-        """[W_V | W_K^(1..G)] as one [E, P, D] kernel and [P, D] bias (P = 1 + G, or 1)."""
-        w_ExPxD = self.value_kernel[...][:, None, :]
-        b_PxD = self.value_bias[...][None, :]
-        if self.key_kernel is not None:
-            w_ExPxD = jnp.concatenate([w_ExPxD, self.key_kernel[...]], axis=1)
-            b_PxD = jnp.concatenate([b_PxD, self.key_bias[...]], axis=0)
-        return w_ExPxD.astype(self.dtype), b_PxD.astype(self.dtype)
-
     def _gates(self, h_BxTxMxD: jax.Array, k_BxTxGxD: jax.Array, h_pre_BxTxD=None) -> jax.Array:
         """Steps (3)-(4): alpha_BxTxG in float32."""
         if self.n_groups != self.hc_mult:  # multi_branch=False: gate on the pre-mapped state
@@ -256,13 +247,17 @@ class Engram(nnx.Module):
                 f"hc_mult={self.hc_mult}, d_model={self.d_model}"
             )
         G = self.n_groups
-        # (2) value and G keys in one matmul
-        w_ExPxD, b_PxD = self._fused_weights()
-        proj_BxTxPxD = jnp.einsum("bte,epd->btpd", e_BxTxE, w_ExPxD) + b_PxD[None, None]
-        v_BxTxD = proj_BxTxPxD[:, :, 0]
+        # (2) value and G keys: two matmuls, each output contiguous (slicing one fused
+        # [B,T,1+G,D] product along its third axis ran as a slow strided copy on XLA CPU)
+        dt = self.dtype
+        v_BxTxD = jnp.einsum("bte,ed->btd", e_BxTxE, self.value_kernel[...].astype(dt))
+        v_BxTxD = v_BxTxD + self.value_bias[...].astype(dt)[None, None]
         # (3)-(4) one gate per token per group
         if self.cfg.use_gating:
-            gates_BxTxG = self._gates(h_BxTxMxD, proj_BxTxPxD[:, :, 1:], h_pre_BxTxD)
+            w_ExGxD = self.key_kernel[...].astype(dt)
+            k_BxTxGxD = jnp.einsum("bte,egd->btgd", e_BxTxE, w_ExGxD)
+            k_BxTxGxD = k_BxTxGxD + self.key_bias[...].astype(dt)[None, None]
+            gates_BxTxG = self._gates(h_BxTxMxD, k_BxTxGxD, h_pre_BxTxD)
         else:
             gates_BxTxG = jnp.ones((B, T, G), jnp.float32)
         # (5) gated value V~
