@@ -60,6 +60,7 @@ COLUMNS = (
     "engram_params",
     "train_loss",
     "val_loss",
+    "gate_mean",
     "tokens",
     "eval_tokens",
     "steps",
@@ -129,6 +130,21 @@ def enable_compilation_cache(path: str) -> None:
         jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def final_gate(workdir: str) -> float | str:
+    """Mean Engram gate alpha over the Engram layers at the last logged step of a run (from
+    its metrics.jsonl): whether the gates learned to select (they start near 0.5)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    last = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                rec = json.loads(line)
+                gates = [v for k, v in rec.items() if k.startswith("engram_gate_")]
+                if gates:
+                    last = gates
+    return round(sum(last) / len(last), 4) if last else ""
 
 
 def _row(study: str, point, seed: int, cfg: Config, summary: dict | None, error: str) -> dict:
@@ -215,6 +231,7 @@ def run_sweep(
                     f"{summary.get('train_loss')}, {summary.get('wall_s')} s"
                 )
         rows.append(_row(study, point, seed, cfg, summary, error))
+        rows[-1]["gate_mean"] = final_gate(workdir)
         write_csv(rows, os.path.join(out, "results.csv"))
     return rows
 

@@ -214,6 +214,11 @@ def _fake_train(calls, fail=()):
             json.dump(cfg.to_dict(), f)
         loss = 3.0 + 0.1 * cfg.train.seed + 1e-6 * count_params(cfg)["engram"]
         s = dict(status="ok", train_loss=loss, val_loss=loss, tokens=10, wall_s=1.0, compile_s=0.5)
+        with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:  # as train() logs gates
+            for step, g in ((1, 0.5), (2, 0.25 + 0.1 * cfg.train.seed)):
+                rec = {"step": step, "loss": loss}
+                rec.update({f"engram_gate_{i}": g + 0.1 * i for i in cfg.engram.layer_ids})
+                f.write(json.dumps(rec) + "\n")
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(s, f)
         return s
@@ -242,6 +247,9 @@ def test_runner_skips_finished_runs_and_survives_a_failure(tmp_path):
         "slots", points, out, seeds=(0, 1), log=logs.append, train_fn=_fake_train(calls)
     )
     assert [os.path.basename(c) for c in calls] == ["engram-slots40000-s1"]  # only the failed one
+    layers = points[0].cfg.engram.layer_ids  # gates at the last logged step, mean over layers
+    want = {s: round(0.25 + 0.1 * s + 0.1 * sum(layers) / len(layers), 4) for s in (0, 1)}
+    assert [r["gate_mean"] for r in rows] == [want[int(r["seed"])] for r in rows]
     summary = finish("slots", read_csv(os.path.join(out, "results.csv")), out)
     assert summary["fit_engram"]["n"] == 3 and summary["fit_engram"]["decades"] > 1.1
     assert summary["wall_s"] == 6.0

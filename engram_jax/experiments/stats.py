@@ -76,6 +76,8 @@ def group(rows) -> list[dict]:
             train_loss_mean=float(np.mean([float(r["train_loss"]) for r in rs])),
             wall_s=float(np.sum([float(r["wall_s"] or 0) for r in rs])),
         )
+        gates = [float(r["gate_mean"]) for r in rs if r.get("gate_mean") not in ("", None)]
+        g["gate_mean"] = float(np.mean(gates)) if gates else None
         out.append(g)
     return out
 
