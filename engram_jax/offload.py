@@ -374,6 +374,24 @@ class HostRows:
             for i, c in self.caches.items()
         }
 
+    @property
+    def prefetch(self):
+        """``prefetch(gids)`` where a store can read ahead (a disk store), else None."""
+        return self._prefetch if any(hasattr(s, "prefetch") for s in self.stores.values()) else None
+
+    def _prefetch(self, gids: dict) -> None:
+        """Start reading the rows of ``gids`` that are not in the device cache (the cache may
+        still evict one before use: ``take`` then reads it directly)."""
+        for i, ids in gids.items():
+            start = getattr(self.stores[i], "prefetch", None)
+            if start is None:
+                continue
+            ids_U = np.unique(np.asarray(ids, np.int64))
+            if i in self.caches:
+                cached = self.caches[i].slot_of
+                ids_U = ids_U[np.fromiter((g not in cached for g in ids_U.tolist()), bool)]
+            start(ids_U)
+
     def _direct(self, store, ids_N):
         rows = store.take(ids_N)
         return rows if isinstance(rows, jax.Array) else jax.device_put(rows, self.device)
