@@ -407,11 +407,15 @@ class HostRows:
             else:
                 slots_N, miss_ids, miss_slots = plan
                 u = _pad_len(ids.size)  # fixed per step shape: no recompilation as misses vary
-                ids_U = np.zeros(u, np.int64)
+                # padding repeats a miss (no extra row read); padding slots are dropped
+                ids_U = np.full(u, miss_ids[0] if len(miss_ids) else 0, np.int64)
                 ids_U[: len(miss_ids)] = miss_ids
-                slots_U = np.full(u, self.caches[i].size, np.int64)  # padding: dropped
+                slots_U = np.full(u, self.caches[i].size, np.int64)
                 slots_U[: len(miss_slots)] = miss_slots
-                rows_UxD = self._direct(store, ids_U)
+                if len(miss_ids):
+                    rows_UxD = self._direct(store, ids_U)
+                else:  # every row cached: nothing to read
+                    rows_UxD = jnp.zeros((u, store.shape[1]), jnp.float32)
                 self._dev[i], rows_NxD = _assemble_donated(
                     self._dev[i],
                     jnp.asarray(slots_U, jnp.int32),
