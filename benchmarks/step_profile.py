@@ -13,15 +13,16 @@ transforms: clipping, AdamW):
 - optimizer: Muon (``optax/contrib/_muon.py``), AdamW + clipping (other optax);
 - step glue: the rest of the train step (``step.py``: row gathers, router-bias update, metrics).
 
-Times are summed over threads (so they are CPU time of the XLA work: the two cores can run two
-thunks at once) and divided by the number of steps. "Python/dispatch" is the median host time
+Thunk durations are summed over threads (the two cores can run two thunks at once) and divided
+by the number of steps; on a loaded machine a duration includes time the thread waited for a
+core, so the shares are the reading. "Python/dispatch" is the median host time
 to issue one step (the call returns before the XLA work runs). Step wall times are measured
 without the profiler. The host input pipeline (tokenize, pack, hash) is measured
 separately as the time to produce one batch of the preset, since the benchmark reuses a fixed
 batch.
 
-    python benchmarks/step_profile.py --preset toy --preset tiny
-    python benchmarks/step_profile.py --preset toy --preset tiny --update BENCHMARKS.md
+    python benchmarks/step_profile.py --preset toy --with-dense --preset tiny
+    python benchmarks/step_profile.py --preset toy --with-dense --preset tiny --update BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -201,6 +202,11 @@ def main() -> None:
     ap.add_argument("--preset", action="append", default=[], help="repeatable (default toy)")
     ap.add_argument("--set", dest="sets", action="append", default=[])
     ap.add_argument("--steps", type=int, default=6, help="profiled steps per preset")
+    ap.add_argument(
+        "--with-dense",
+        action="store_true",
+        help="also profile the plain dense model of the first preset (study_throughput.py)",
+    )
     ap.add_argument("--top", type=int, default=0, help="print the N most expensive ops")
     ap.add_argument("--no-input", action="store_true", help="skip the input-pipeline timing")
     ap.add_argument("--cache-dir", default="/tmp/engram_jax_bench_cache")
@@ -208,7 +214,17 @@ def main() -> None:
     args = ap.parse_args()
     enable_compile_cache(args.cache_dir)
     load = os.getloadavg()[0]
-    presets = args.preset or ["toy"]
+    runs = [(name, args.sets) for name in (args.preset or ["toy"])]
+    if args.with_dense:
+        from study_throughput import dense_overrides
+
+        from engram_jax.config import override
+        from engram_jax.presets import get_preset
+
+        first = runs[0][0]
+        runs.insert(
+            1, (first, [*args.sets, *dense_overrides(override(get_preset(first), args.sets))])
+        )
     lines = [
         HEADING,
         "",
@@ -216,13 +232,14 @@ def main() -> None:
         f"Date: {date_utc()}  ",
         f"Machine: {os.cpu_count()} CPU cores shared with other jobs (load average {load:.1f} "
         f"at start), jax {jax.__version__}. {args.steps} profiled steps per preset after 2 "
-        "warm-up steps; XLA thunk time summed over threads (CPU time of the XLA work) per step, "
+        "warm-up steps; XLA thunk time summed over threads per step (each thunk's duration: on a "
+        "loaded machine it includes time its thread waited for a core, so read the shares), "
         "attributed by the Python call stack recorded in each HLO instruction "
         "(`benchmarks/step_profile.py` docstring).",
         "",
     ]
-    for name in presets:
-        v = Variant(name, name, args.sets)
+    for name, sets in runs:
+        v = Variant(name, name, sets)
         cfg = v.cfg
         v.run(args.steps)
         wall = v.median  # untraced: the profiler's own overhead is not in it
@@ -232,11 +249,11 @@ def main() -> None:
         inp = None if args.no_input else input_batch_seconds(cfg)
         tokens = cfg.train.batch_size * cfg.train.seq_len
         lines += [
-            f"### `{name}`{' ' + ' '.join(args.sets) if args.sets else ''}: batch "
+            f"### `{name}`{' ' + ' '.join(sets) if sets else ''}: batch "
             f"{cfg.train.batch_size} x {cfg.train.seq_len}, step wall {wall * 1e3:.0f} ms "
-            f"({tokens / wall:,.0f} tokens/s), XLA thunk CPU time {total * 1e3:.0f} ms per step",
+            f"({tokens / wall:,.0f} tokens/s), XLA thunk time {total * 1e3:.0f} ms per step",
             "",
-            "| component | ms per step (CPU) | share |",
+            "| component | thunk ms per step | share |",
             "|---|---:|---:|",
         ]
         for k in ORDER:
