@@ -1,7 +1,7 @@
 """Checkpoint bandwidth of a 2 GiB Engram table through the project's Checkpointer, vs dd,
 and the same checkpoint restored onto other meshes (8 -> 4 and 8 -> 1 CPU devices).
 
-The state is a training-state-shaped flat dict (``flatten_state`` keys) holding one Engram
+The state holds one Engram table at the trainer's key (``checkpoint.table_key``, row-chunked) of
 table of ``--gib`` GiB (``[R, 64]`` fp32, rows sharded over every device as in training) and
 the step. Steps, each in a fresh subprocess so the device count and ``MALLOC_ARENA_MAX`` can
 differ and the peak RSS is the step's own:
@@ -40,9 +40,11 @@ import time
 import zlib
 from pathlib import Path
 
+from engram_jax.checkpoint import table_key
+
 HEADING = "## Checkpoint bandwidth and cross-mesh restore of a 2 GiB table (CPU)"
-KEY_TABLE = "['tables']['1']"
-KEY_STEP = "['step']"
+KEY_TABLE = table_key(1)  # where the trainer saves layer 1's table (row-chunked)
+KEY_STEP = "step"
 D = 64
 
 
@@ -205,13 +207,12 @@ def worker(args) -> None:
         del restored, table
         # The floor under Orbax: tensorstore alone reading the same array into one NumPy array
         # (no sharding, no device copies), from an evicted page cache like the restore.
-        from engram_jax.offload import TensorStoreRows, checkpoint_array_keys
+        from engram_jax.checkpoint import TableRows
 
-        state_dir = os.path.join(ck.directory, str(ck.latest_step()), "state")
-        (key,) = [k for k in checkpoint_array_keys(state_dir) if "tables" in k]
-        _evict(state_dir)
+        state_dir = ck.state_dir(ck.latest_step())
+        _evict(str(state_dir))
         t0, c0 = time.perf_counter(), _cpu()
-        whole = TensorStoreRows(state_dir, key).array.read().result()
+        whole = TableRows.open(state_dir, 1).array.read().result()
         out["ts_read_s"], out["ts_read_cpu_s"] = time.perf_counter() - t0, _cpu() - c0
         out["ts_crc"] = zlib.crc32(memoryview(np.ascontiguousarray(whole)).cast("B"))
         del whole

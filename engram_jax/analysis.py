@@ -222,17 +222,19 @@ def tokenizer_digest(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def validation_batches(cfg, workdir: str, num_batches: int, *, data: str | None = None):
+def validation_batches(cfg, workdir, num_batches: int, *, data: str | None = None):
     """The run's validation batches (or those of ``data``), tokenized with the run's own
     tokenizer: ``(batches, tokenizer_path)``."""
     from engram_jax.data import build_data
-    from engram_jax.generate import find_tokenizer
+    from engram_jax.workdir import Workdir
 
-    tok = find_tokenizer(workdir, cfg)
+    wd = Workdir(workdir)
+    tok = wd.tokenizer()
     data_cfg = dataclasses.replace(
         cfg.data, tokenizer=tok, path=cfg.data.path if data is None else data
     )
-    bundle = build_data(dataclasses.replace(cfg, data=data_cfg), workdir)
+    wd.pull_data()
+    bundle = build_data(dataclasses.replace(cfg, data=data_cfg), wd.data_root())
     return bundle.val_batches(num_batches), tok
 
 

@@ -277,7 +277,8 @@ class OptimConfig:
     lr: float = 3e-3
     muon_lr: float = 2e-2
     warmup_steps: int = 20
-    decay_steps: tuple[int, ...] = ()  # step decay boundaries; empty: 80% and 90% of train.steps
+    # step decay boundaries; empty: 80% and 90% of train.steps, written in when a run starts
+    decay_steps: tuple[int, ...] = ()
     decay_factor: float = 0.316
     weight_decay: float = 0.1
     b1: float = 0.9
@@ -377,6 +378,11 @@ class MeshConfig:
         )
 
 
+def default_decay_steps(total_steps: int) -> tuple[int, int]:
+    """The lr decay boundaries of a run of ``total_steps`` when none are given: 80% and 90%."""
+    return (int(0.8 * total_steps), int(0.9 * total_steps))
+
+
 @dataclass(frozen=True)
 class Config:
     name: str = "custom"
@@ -411,17 +417,34 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> Config:
+        """The inverse of :meth:`to_dict`. Missing keys take their defaults; an unknown key
+        (e.g. a renamed field) is an error naming it, never silently dropped."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
         kwargs = {}
-        for f in dataclasses.fields(cls):
-            if f.name not in d:
-                continue
-            sub = d[f.name]
-            if isinstance(sub, dict):
-                sub_cls = type(getattr(cls(), f.name))
-                known = {g.name for g in dataclasses.fields(sub_cls)}
-                sub = sub_cls(**{k: v for k, v in sub.items() if k in known})
-            kwargs[f.name] = sub
+        for name, sub in d.items():
+            if name not in fields:
+                raise ValueError(f"unknown config key {name!r} (valid: {', '.join(fields)})")
+            default = getattr(cls(), name)
+            if dataclasses.is_dataclass(default):
+                known = [g.name for g in dataclasses.fields(default)]
+                bad = sorted(set(sub) - set(known)) if isinstance(sub, dict) else [""]
+                if bad:
+                    raise ValueError(
+                        f"unknown config key '{name}.{bad[0]}' (valid {name} keys: "
+                        f"{', '.join(known)})"
+                    )
+                sub = type(default)(**sub)
+            kwargs[name] = sub
         return cls(**kwargs)
+
+    def with_derived(self) -> Config:
+        """The config with the values derived from others written in (the lr decay
+        boundaries from ``train.steps``), as a run stores it when it is created: resuming with
+        another ``train.steps`` then keeps the run's boundaries."""
+        if self.optim.decay_steps:
+            return self
+        bounds = default_decay_steps(self.train.steps)
+        return dataclasses.replace(self, optim=dataclasses.replace(self.optim, decay_steps=bounds))
 
 
 # ---------------------------------------------------------------------------------------------

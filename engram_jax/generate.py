@@ -327,38 +327,14 @@ class Generator:
 # Trained workdirs
 
 
-def find_tokenizer(workdir: str, cfg) -> str:
-    """The SentencePiece model a run trained with: ``W/tokenizer.model``, else the one named in
-    ``W/summary.json``, else ``cfg.data.tokenizer``, else the only ``W/data/tokenizer-*.model``."""
-    import glob
-    import json
-    import os
-
-    candidates = [os.path.join(workdir, "tokenizer.model")]
-    summary = os.path.join(workdir, "summary.json")
-    if os.path.exists(summary):
-        with open(summary, encoding="utf-8") as f:
-            candidates.append(json.load(f).get("data", {}).get("tokenizer") or "")
-    candidates.append(os.path.expanduser(cfg.data.tokenizer) if cfg.data.tokenizer else "")
-    for path in candidates:
-        if path and os.path.isfile(path):
-            return path
-    found = sorted(glob.glob(os.path.join(workdir, "data", "tokenizer-*.model")))
-    if len(found) == 1:
-        return found[0]
-    raise FileNotFoundError(
-        f"cannot tell which tokenizer {workdir} was trained with "
-        f"(tried {[c for c in candidates if c]} and found {found})"
-    )
-
-
-def load_workdir(workdir: str, step: int | None = None):
+def load_workdir(workdir, step: int | None = None):
     """``(cfg, model, tokenizer, compression)`` of a trained run (latest checkpoint)."""
-    from engram_jax.runs import load_model
     from engram_jax.tokenizer import build_compression, load_tokenizer
+    from engram_jax.workdir import Workdir
 
-    cfg, model = load_model(workdir, step)
-    sp = load_tokenizer(find_tokenizer(workdir, cfg))
+    wd = Workdir(workdir)
+    cfg, model = wd.load_model(step)
+    sp = load_tokenizer(wd.tokenizer())
     if sp.get_piece_size() != cfg.model.vocab_size:
         raise ValueError(
             f"tokenizer has {sp.get_piece_size()} pieces, the model {cfg.model.vocab_size}"

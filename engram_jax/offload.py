@@ -8,8 +8,8 @@ Engram layer compute (``engram_jax.generate`` dispatches those blocks first). Pi
   :class:`MemoryKindStore` (a ``jax.Array`` in a host memory kind, ``pinned_host`` or
   ``unpinned_host``, gathered by host compute in one jitted call that also moves the rows to
   the device), :class:`NumpyStore` (a NumPy array; where the platform has no host memory
-  kind) and :class:`TensorStoreRows` (rows read by index straight from an Orbax checkpoint on
-  disk, never loading the table);
+  kind) and :class:`engram_jax.checkpoint.TableRows` (rows read by index straight from a
+  training checkpoint, never loading the table: :meth:`HostRows.from_checkpoint`);
 - :class:`HotRowCache`: an optional cache of rows in device memory. N-gram accesses are
   Zipfian, so a small cache serves most lookups; policy ``"lru"`` (recency) or ``"static"``
   (a fixed hot set, e.g. the most frequent rows of a calibration text);
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
 from typing import Protocol
 
 import jax
@@ -154,80 +153,6 @@ def make_store(table_RxD, memory_kind: str = "auto", device=None) -> RowStore:
     if kind is None:
         return NumpyStore(np.asarray(table_RxD))
     return MemoryKindStore(table_RxD, kind, device)
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading rows straight from an Orbax checkpoint (tensorstore, OCDBT + zarr)
-
-
-def _kvstore_spec(state_dir: str) -> dict:
-    return {"driver": "ocdbt", "base": f"file://{os.path.abspath(state_dir)}"}
-
-
-def checkpoint_array_keys(state_dir: str) -> list[str]:
-    """Names of the arrays of an Orbax ``StandardSave`` item (e.g. ``.../<step>/state``)."""
-    import tensorstore as ts
-
-    kv = ts.KvStore.open(_kvstore_spec(state_dir)).result()
-    keys = [k.decode() for k in kv.list().result()]
-    return sorted(k[: -len("/.zarray")] for k in keys if k.endswith("/.zarray"))
-
-
-def find_table_key(state_dir: str, layer: int) -> str:
-    """The checkpoint array holding layer ``layer``'s Engram table (not an optimizer moment)."""
-    suffix = f"blocks.{layer}.engram.table.table"
-    found = [k for k in checkpoint_array_keys(state_dir) if k == suffix or k.endswith("." + suffix)]
-    params = [
-        k
-        for k in found
-        if not any(p in k.split(".") for p in ("opt", "mu", "nu")) and not k.startswith("table_")
-    ]
-    if not params:
-        raise FileNotFoundError(
-            f"no Engram table of layer {layer} in {state_dir} (arrays ending in {suffix}: {found})"
-        )
-    return min(params, key=len)
-
-
-def table_save_args(state, chunk_byte_size: int = 1 << 20):
-    """Orbax ``SaveArgs`` for a state pytree: Engram tables (2-D arrays whose path names
-    ``engram`` and ``table``) written in chunks of about ``chunk_byte_size`` bytes, so that
-    :class:`TensorStoreRows` reads only the chunks holding the rows it needs. Use as
-    ``ocp.args.StandardSave(state, save_args=table_save_args(state))``."""
-    import orbax.checkpoint as ocp
-
-    def args(path, x):
-        key = jax.tree_util.keystr(path)
-        if getattr(x, "ndim", 0) == 2 and "engram" in key and "table" in key:
-            return ocp.SaveArgs(chunk_byte_size=int(chunk_byte_size))
-        return ocp.SaveArgs()
-
-    return jax.tree_util.tree_map_with_path(args, state)
-
-
-class TensorStoreRows:
-    """One table inside a checkpoint, opened with tensorstore: ``take`` reads only the chunks
-    holding the requested rows. Orbax writes one chunk per saved shard unless told otherwise:
-    save with :func:`table_save_args` so that a row read touches kilobytes, not the table."""
-
-    def __init__(self, state_dir: str, key: str):
-        import tensorstore as ts
-
-        spec = {"driver": "zarr", "kvstore": dict(_kvstore_spec(state_dir), path=key + "/")}
-        self.array = ts.open(spec, open=True, read=True).result()
-        self.shape = tuple(self.array.shape)
-        self.key = key
-
-    @classmethod
-    def for_layer(cls, state_dir: str, layer: int) -> TensorStoreRows:
-        return cls(state_dir, find_table_key(state_dir, layer))
-
-    def take(self, ids_N):
-        ids_N = np.asarray(ids_N, np.int64)
-        if ids_N.size == 0:
-            return np.zeros((0,) + self.shape[1:], self.array.dtype.numpy_dtype)
-        uniq, inv = np.unique(ids_N, return_inverse=True)  # tensorstore wants no repeats
-        return self.array[uniq].read().result()[inv.reshape(-1)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,9 +289,11 @@ class HostRows:
         return cls(stores, hot_rows=cfg.hot_rows, policy=cfg.policy, hot_ids=hot_ids)
 
     @classmethod
-    def from_checkpoint(cls, state_dir: str, layers, **kw) -> HostRows:
-        """Rows read on demand from a checkpoint on disk (``W/checkpoints/<step>/state``)."""
-        return cls({i: TensorStoreRows.for_layer(state_dir, i) for i in layers}, **kw)
+    def from_checkpoint(cls, state_dir, layers, **kw) -> HostRows:
+        """Rows read on demand from a checkpoint's state (``Checkpointer.state_dir(step)``)."""
+        from engram_jax.checkpoint import TableRows
+
+        return cls({i: TableRows.open(state_dir, i) for i in layers}, **kw)
 
     def stats(self) -> dict:
         return {

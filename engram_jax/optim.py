@@ -49,7 +49,7 @@ import optax
 from flax import nnx
 from optax.contrib import MuonDimensionNumbers
 
-from engram_jax.config import Config, OptimConfig
+from engram_jax.config import Config, OptimConfig, default_decay_steps
 from engram_jax.tables import clip_scale
 
 LABELS = ("muon", "adamw", "table")
@@ -86,7 +86,7 @@ def decay_boundaries(optim_cfg: OptimConfig, total_steps: int) -> tuple[int, ...
     """Steps at which the lr is multiplied by ``decay_factor`` (default: 80% and 90%)."""
     if optim_cfg.decay_steps:
         return tuple(sorted(optim_cfg.decay_steps))
-    return (int(0.8 * total_steps), int(0.9 * total_steps))
+    return default_decay_steps(total_steps)
 
 
 def learning_rate_schedule(

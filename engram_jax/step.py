@@ -18,6 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from engram_jax import sharding as shd
 from engram_jax.config import Config
 from engram_jax.hashing import head_offsets, table_sizes
 from engram_jax.moe import update_router_bias
@@ -153,6 +154,13 @@ def make_eval_step(cfg: Config, graphdef, mesh=None):
         return cross_entropy(logits, batch["targets"])
 
     return eval_step
+
+
+def evaluate(eval_fn, state, batches: list[dict], mesh) -> float:
+    """Mean of ``eval_fn`` over local ``batches`` (each assembled into a global batch)."""
+    with jax.set_mesh(mesh):  # the eval step traces here (moe.dispatch="ep" needs the mesh)
+        losses = [float(eval_fn(state, shd.global_batch_from_local(mesh, b))) for b in batches]
+    return float(np.mean(losses))
 
 
 def compile_train_step(cfg: Config, graphdef, tx, mesh, state, batch):

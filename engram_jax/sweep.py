@@ -79,7 +79,7 @@ def _finished(workdir: str, cfg: Config) -> dict | None:
     with open(path, encoding="utf-8") as f:
         summary = json.load(f)
     with open(cfg_path, encoding="utf-8") as f:
-        same = Config.from_dict(json.load(f)) == cfg
+        same = Config.from_dict(json.load(f)).with_derived() == cfg.with_derived()
     return summary if summary.get("status") == "ok" and same else None
 
 

@@ -1,16 +1,20 @@
 """The training loop: config resolution, data, metrics, checkpoints and resumption.
 
 The state and its construction live in :mod:`engram_jax.state`, the jitted step in
-:mod:`engram_jax.step`. The step is compiled ahead of time, so ``step_time_s`` excludes
-compilation.
+:mod:`engram_jax.step`, the run's files in :mod:`engram_jax.workdir`. The step is compiled ahead
+of time. The loop keeps the device busy: the next global batch is prepared in a background
+thread while a step runs, and metrics stay on the device until a logging, eval or checkpoint
+step (where non-finite losses are caught before any checkpoint is written).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import os
+import queue
 import sys
+import threading
 import time
 
 import jax
@@ -20,59 +24,55 @@ from engram_jax import sharding as shd
 from engram_jax.checkpoint import Checkpointer, config_mismatch
 from engram_jax.config import Config, override
 from engram_jax.metrics import MetricsLog
-from engram_jax.optim import decay_boundaries, make_optimizer
+from engram_jax.optim import make_optimizer
 from engram_jax.state import abstract_train_state, init_state
-from engram_jax.step import compile_train_step, make_eval_step
+from engram_jax.step import compile_train_step, evaluate, make_eval_step
+from engram_jax.workdir import Workdir
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or Inf."""
+    """The loss or the gradient norm became NaN or Inf at ``step``."""
+
+    def __init__(self, step: int, metrics: dict):
+        self.step = step
+        super().__init__(
+            f"training diverged at step {step} (loss {metrics['loss']}, grad norm "
+            f"{metrics['grad_norm']}); stopped"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # Config resolution
 
 
-def resolve_config(workdir: str, preset: str | None, sets: list[str]) -> Config:
+def resolve_config(workdir, preset: str | None, sets: list[str]) -> Config:
     """The run's config: the workdir's saved config when resuming without ``--preset``,
-    else the preset (default ``tiny``), then ``--set`` overrides. A preset whose config
-    differs from the workdir's run (beyond schedule-length knobs) is an error."""
+    else the preset (default ``tiny``), then ``--set`` overrides, with derived values written in
+    (:meth:`Config.with_derived`; on resume, the run's own). A preset whose config differs from
+    the workdir's run (beyond schedule-length knobs) is an error."""
     from engram_jax.presets import get_preset
 
-    saved_path = os.path.join(workdir, "config.json")
-    saved = None
-    if os.path.exists(saved_path):
-        with open(saved_path, encoding="utf-8") as f:
-            saved = Config.from_dict(json.load(f))
+    saved = Workdir(workdir).read_config()
     base = get_preset(preset) if preset else (saved or get_preset("tiny"))
     cfg = override(base, sets)
-    if saved is not None:
-        diff = config_mismatch(saved.to_dict(), cfg.to_dict())
-        if diff:
-            raise ValueError(
-                f"workdir {workdir} holds a run with a different config ({', '.join(diff[:6])}"
-                f"{'...' if len(diff) > 6 else ''}); use another --workdir or the same config"
-            )
-        old_b = decay_boundaries(saved.optim, saved.train.steps)
-        new_b = decay_boundaries(cfg.optim, cfg.train.steps)
-        if not cfg.optim.decay_steps and old_b != new_b and jax.process_index() == 0:
-            print(
-                f"engram-jax train: warning: train.steps {saved.train.steps} -> "
-                f"{cfg.train.steps} moves the default lr decay boundaries from {list(old_b)} "
-                f"(the workdir's config) to {list(new_b)}; pass --set "
-                f"optim.decay_steps={list(old_b)} to keep them",
-                file=sys.stderr,
-                flush=True,
-            )
+    if saved is None:
+        return cfg.with_derived()
+    saved = saved.with_derived()
+    if not cfg.optim.decay_steps:  # extending a run keeps the boundaries it was created with
+        cfg = dataclasses.replace(
+            cfg, optim=dataclasses.replace(cfg.optim, decay_steps=saved.optim.decay_steps)
+        )
+    diff = config_mismatch(saved.to_dict(), cfg.to_dict())
+    if diff:
+        raise ValueError(
+            f"workdir {workdir} holds a run with a different config ({', '.join(diff[:6])}"
+            f"{'...' if len(diff) > 6 else ''}); use another --workdir or the same config"
+        )
     return cfg
 
 
 # ---------------------------------------------------------------------------------------------
 # The loop
-
-
-def _host_metrics(metrics: dict) -> dict:
-    return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
 def _check_batch_split(cfg: Config, mesh) -> None:
@@ -82,12 +82,6 @@ def _check_batch_split(cfg: Config, mesh) -> None:
             f"train.batch_size={cfg.train.batch_size} must be a multiple of the "
             f"{shards} batch shards of the mesh (data x fsdp)"
         )
-
-
-def evaluate(eval_fn, state, batches: list[dict], mesh) -> float:
-    with jax.set_mesh(mesh):  # the eval step traces here (moe.dispatch="ep" needs the mesh)
-        losses = [float(eval_fn(state, shd.global_batch_from_local(mesh, b))) for b in batches]
-    return float(np.mean(losses))
 
 
 def _drop_suspect_checkpoint(ckpt: Checkpointer, step: int, start: int) -> int | None:
@@ -121,29 +115,112 @@ def _seek(it, position: int) -> None:
         next(it)
 
 
-def train(cfg: Config, workdir: str, *, progress: bool = True) -> dict:
-    """Train ``cfg`` in ``workdir``, resuming from its latest complete checkpoint.
+class _Position:
+    """The iterator position after a given batch, in the form Grain's checkpoint handler
+    saves (``get_state()`` of a non-Dataset iterator: JSON bytes)."""
 
-    Writes ``config.json``, ``metrics.jsonl``, ``tb/``, ``checkpoints/`` and ``summary.json``
-    (process 0 only) and returns the summary (``status``: ``ok`` or ``diverged``).
+    def __init__(self, state):
+        self.state = state
+
+    def get_state(self) -> bytes:
+        if isinstance(self.state, bytes):
+            return self.state
+        return json.dumps(self.state, indent=4).encode()
+
+
+class _Prefetch:
+    """Global batches assembled in a background thread ``depth`` steps ahead of the step that
+    consumes them, so reading, hashing and the host-to-device copy overlap the running step.
+    Yields ``(batch, position)``: ``position`` is the iterator's state just after that batch
+    (what a checkpoint at that step must save, not the state of the prefetching iterator)."""
+
+    def __init__(self, it, mesh, depth: int = 2):
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(it, mesh), daemon=True)
+        self._thread.start()
+
+    def _run(self, it, mesh) -> None:
+        try:
+            while not self._stop.is_set():
+                local = next(it)
+                item = (shd.global_batch_from_local(mesh, local), _Position(it.get_state()))
+                while not self._stop.is_set():
+                    try:
+                        self._q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # handed to the consumer
+            self._q.put(e)
+
+    def __next__(self):
+        item = self._q.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class _Metrics:
+    """Step metrics left on the device until a sync point (logging, eval, checkpoint, last
+    step): the loop never waits for a step it does not report. ``step_time_s`` is the mean
+    over the steps since the previous sync (compilation, eval and checkpoint calls excluded)."""
+
+    def __init__(self, tokens_per_step: int):
+        self.pending: list = []
+        self.tokens_per_step = tokens_per_step
+        self.losses: list[float] = []
+        self.last: dict = {}
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        self.t0, self.n0 = time.time(), len(self.pending)
+
+    def add(self, step: int, metrics) -> None:
+        self.pending.append((step, metrics))
+
+    def sync(self) -> dict:
+        """Fetch the pending metrics; the record of the latest step. Raises
+        :class:`TrainingDiverged` at the first step whose loss or grad norm is not finite."""
+        host = jax.device_get([m for _, m in self.pending])
+        dt = (time.time() - self.t0) / max(1, len(self.pending) - self.n0)
+        for (step, _), m in zip(self.pending, host):
+            m = {k: float(v) for k, v in m.items()}
+            if not all(math.isfinite(v) for v in (m["loss"], m["grad_norm"])):
+                self.pending = []
+                raise TrainingDiverged(step, m)
+            self.losses.append(m["loss"])
+            self.last = dict(step=step, **m, step_time_s=dt, tokens_per_s=self.tokens_per_step / dt)
+        self.pending = []
+        return self.last
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    return bool(every) and (step % every == 0 or step == last)
+
+
+def train(cfg: Config, workdir, *, progress: bool = True) -> dict:
+    """Train ``cfg`` in ``workdir`` (a :class:`~engram_jax.workdir.Workdir` path, local or
+    ``gs://``), resuming from its latest complete checkpoint.
+
+    Writes ``config.json``, ``tokenizer.model``, ``data/``, ``metrics.jsonl``, ``tb/``,
+    ``checkpoints/`` and ``summary.json`` (process 0 only) and returns the summary
+    (``status``: ``ok`` or ``diverged``).
     """
-    from engram_jax.data import build_data
-
     t_start = time.time()
+    cfg = cfg.with_derived()
+    wd = Workdir(workdir)
     mesh = shd.make_mesh(cfg.mesh)
     _check_batch_split(cfg, mesh)
     is_main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
-    if not is_main:  # process 0 builds the shared tokenizer/token cache first
-        _barrier("engram_jax.train.data")
-    data = build_data(
-        cfg, workdir, process_index=jax.process_index(), process_count=jax.process_count()
-    )
-    if is_main:
-        _barrier("engram_jax.train.data")
-        _publish_tokenizer(data.tokenizer_path, workdir)
+    wd.path.mkdir(parents=True, exist_ok=True)
+    data = _build_data(cfg, wd, is_main)
     tx = make_optimizer(cfg, cfg.train.steps)
-    ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
+    ckpt = Checkpointer(wd.path, keep=cfg.train.keep_checkpoints)
     it = data.train_iter()
     start = ckpt.latest_step() or 0
     if start:
@@ -158,11 +235,11 @@ def train(cfg: Config, workdir: str, *, progress: bool = True) -> dict:
     else:
         graphdef, state = init_state(cfg, mesh, tx)
     if is_main:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(cfg.to_dict(), f, indent=1, sort_keys=True)
-    log = MetricsLog(workdir, start, enabled=is_main)
+        wd.write_config(cfg)
+    log = MetricsLog(wd.path, start, enabled=is_main)
 
-    batch = shd.global_batch_from_local(mesh, next(it))
+    batches = _Prefetch(it, mesh)
+    batch, position = next(batches)
     t0 = time.time()
     step_fn = compile_train_step(cfg, graphdef, tx, mesh, state, batch)
     eval_fn = jax.jit(make_eval_step(cfg, graphdef, mesh))
@@ -171,90 +248,95 @@ def train(cfg: Config, workdir: str, *, progress: bool = True) -> dict:
     # loaded host, so all processes start the first step together.
     _barrier("engram_jax.train.compiled")
     val = data.val_batches(cfg.train.eval_batches) if cfg.train.eval_every else []
-    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    t = cfg.train
+    metrics = _Metrics(t.batch_size * t.seq_len)
 
     bar = None
     if progress and is_main:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.train.steps, initial=start, unit="step", dynamic_ncols=True)
-    status, last, val_loss, losses = "ok", {}, None, []
+        bar = tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True)
+    status, val_loss = "ok", None
     try:
-        for step in range(start + 1, cfg.train.steps + 1):
+        for step in range(start + 1, t.steps + 1):
             if step > start + 1:
-                batch = shd.global_batch_from_local(mesh, next(it))
-            t = time.time()
-            state, metrics = step_fn(state, batch)
-            m = _host_metrics(metrics)  # blocks: step_time_s is the step's own time
-            dt = time.time() - t
-            if not all(math.isfinite(v) for v in (m["loss"], m["grad_norm"])):
-                status = "diverged"
-                good = _drop_suspect_checkpoint(ckpt, step, start)
-                raise TrainingDiverged(
-                    f"training diverged at step {step} (loss {m['loss']}, grad norm "
-                    f"{m['grad_norm']}); stopped. Last good checkpoint: step {good} in "
-                    f"{ckpt.directory}"
-                )
-            losses.append(m["loss"])
-            last = dict(step=step, **m, step_time_s=dt, tokens_per_s=tokens_per_step / dt)
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                log.write(last)
-            if cfg.train.eval_every and (
-                step % cfg.train.eval_every == 0 or step == cfg.train.steps
-            ):
-                val_loss = evaluate(eval_fn, state, val, mesh)
-                log.write(dict(step=step, val_loss=val_loss))
-            if cfg.train.checkpoint_every and (
-                step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps
-            ):
-                ckpt.save(step, state, it, cfg.to_dict())
+                batch, position = next(batches)
+            state, m = step_fn(state, batch)
+            metrics.add(step, m)
+            logged = _due(step, t.log_every, t.steps)
+            evaluated = _due(step, t.eval_every, t.steps)
+            saved = _due(step, t.checkpoint_every, t.steps)
+            if logged or evaluated or saved:
+                rec = metrics.sync()
+                if logged:
+                    log.write(rec)
+                if evaluated:
+                    val_loss = evaluate(eval_fn, state, val, mesh)
+                    log.write(dict(step=step, val_loss=val_loss))
+                if saved:
+                    ckpt.save(step, state, position, cfg.to_dict())
+                if bar is not None:
+                    bar.set_postfix(
+                        loss=f"{rec['loss']:.3f}",
+                        tok_s=f"{rec['tokens_per_s']:.0f}",
+                        val=f"{val_loss:.3f}" if val_loss is not None else "-",
+                    )
+                metrics.restart_clock()
             if bar is not None:
-                bar.set_postfix(
-                    loss=f"{m['loss']:.3f}",
-                    tok_s=f"{last['tokens_per_s']:.0f}",
-                    val=f"{val_loss:.3f}" if val_loss is not None else "-",
-                )
                 bar.update(1)
     except TrainingDiverged as e:
-        print(f"engram-jax train: error: {e}", file=sys.stderr, flush=True)
+        status = "diverged"
+        good = _drop_suspect_checkpoint(ckpt, e.step, start)
+        print(
+            f"engram-jax train: error: {e}. Last good checkpoint: step {good} in {ckpt.directory}",
+            file=sys.stderr,
+            flush=True,
+        )
     finally:
+        batches.close()
         if bar is not None:
             bar.close()
         ckpt.close()
         log.close()
 
+    last, losses = metrics.last, metrics.losses
     summary = dict(
         status=status,
-        workdir=os.path.abspath(workdir),
-        steps=cfg.train.steps,
+        workdir=str(wd.path),
+        steps=t.steps,
         resumed_from=start,
         final_step=last.get("step", start),
         train_loss=float(np.mean(losses[-10:])) if losses else None,
         val_loss=val_loss,
-        tokens=(last.get("step", start)) * tokens_per_step,
+        tokens=(last.get("step", start)) * metrics.tokens_per_step,
         compile_s=round(compile_s, 2),
         wall_s=round(time.time() - t_start, 2),
         data=data.stats,
     )
     if is_main:
-        with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1)
+        wd.write_summary(summary)
         print(
             f"{status}: {summary['final_step']} steps, train loss "
             f"{summary['train_loss']}, val loss {val_loss}; metrics: "
-            f"{os.path.join(workdir, 'metrics.jsonl')}, checkpoints: {ckpt.directory}, "
+            f"{wd.metrics_file}, checkpoints: {ckpt.directory}, "
             f"non-UTF-8 files replaced: {data.stats.get('non_utf8_documents', 0)}"
         )
     return summary
 
 
-def _publish_tokenizer(path, workdir: str) -> None:
-    """Copy the run's SentencePiece model to ``WORKDIR/tokenizer.model`` (where generation,
-    analysis and evaluation on other data look for it)."""
-    import shutil
+def _build_data(cfg: Config, wd: Workdir, is_main: bool):
+    """The run's data pipeline. Process 0 builds the tokenizer and token cache first (and
+    publishes them to a remote workdir); the others then reuse them."""
+    from engram_jax.data import build_data
 
-    dest = os.path.join(workdir, "tokenizer.model")
-    if os.path.abspath(str(path)) != os.path.abspath(dest):
-        tmp = dest + ".tmp"
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, dest)
+    if not is_main:
+        _barrier("engram_jax.train.data")
+    wd.pull_data()
+    data = build_data(
+        cfg, wd.data_root(), process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    if is_main:
+        wd.push_data()
+        wd.publish_tokenizer(data.tokenizer_path)
+        _barrier("engram_jax.train.data")
+    return data

@@ -22,12 +22,9 @@ from engram_jax.offload import (
     HotRowCache,
     NumpyStore,
     OffloadConfig,
-    TensorStoreRows,
-    find_table_key,
     make_store,
     most_frequent,
     simulate_hit_rate,
-    table_save_args,
 )
 from engram_jax.presets import get_preset
 from engram_jax.tokenizer import CompressionTable
@@ -217,36 +214,23 @@ def test_stores_gather_exact_rows():
         np.testing.assert_array_equal(np.asarray(store.take(ids)), table[ids])
 
 
-def test_tensorstore_rows_from_orbax_checkpoint(tmp_path, model):
-    import orbax.checkpoint as ocp
+def test_table_rows_from_a_checkpoint(tmp_path, model):
+    from engram_jax.checkpoint import Checkpointer, TableRows, array_keys, table_key
 
     _, tables, rest = nnx.split(model, TableParam, ...)
-    state = {"tables": nnx.to_pure_dict(tables), "rest": nnx.to_pure_dict(rest)}
-    mgr = ocp.CheckpointManager(tmp_path / "checkpoints")
-    mgr.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
-    mgr.save(
-        8,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(
-                state, save_args=table_save_args(state, chunk_byte_size=4096)
-            )
-        ),
-    )
-    mgr.wait_until_finished()
-    chunked = TensorStoreRows.for_layer(str(tmp_path / "checkpoints" / "8" / "state"), 1)
-    assert chunked.array.chunk_layout.read_chunk.shape[0] < chunked.shape[0]
-    state_dir = str(tmp_path / "checkpoints" / "7" / "state")
-    assert find_table_key(state_dir, 2) == "tables.blocks.2.engram.table.table"
+    ckpt = Checkpointer(tmp_path, table_chunk_bytes=4096)
+    ckpt.save(7, {"tables": tables, "rest": rest}, None, {})
+    ckpt.close()
+    state_dir = ckpt.state_dir(7)
+    assert table_key(2) in array_keys(state_dir)
     ids = np.array([7, 0, 123, 7, 599], np.int64)
     for layer in model.engram_layers:
         table = np.asarray(model.blocks[layer].engram.table.table[...])
-        for step in (7, 8):
-            store = TensorStoreRows.for_layer(
-                str(tmp_path / "checkpoints" / str(step) / "state"), layer
-            )
-            np.testing.assert_array_equal(store.take(ids), table[ids])
+        store = TableRows.open(state_dir, layer)
+        assert store.array.chunk_layout.read_chunk.shape[0] < store.shape[0]  # row chunks
+        np.testing.assert_array_equal(store.take(ids), table[ids])
     with pytest.raises(FileNotFoundError):
-        find_table_key(state_dir, 0)
+        TableRows.open(state_dir, 0)
     # and a Generator decoding straight from the checkpoint matches the resident one
     comp = compression()
     tokens = np.random.default_rng(2).integers(0, V, (B, 5)).astype(np.int32)

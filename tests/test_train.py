@@ -136,6 +136,38 @@ def test_eval_prints_val_loss(reference_run):
     assert out["step"] == 12 and 0 < out["val_loss"] < 10
 
 
+def test_workdir_loads_the_model_and_table_rows_from_the_trainers_checkpoint(reference_run):
+    import jax
+    import numpy as np
+
+    from engram_jax.generate import Generator, load_workdir
+    from engram_jax.offload import HostRows
+    from engram_jax.workdir import Workdir
+
+    wd = Workdir(reference_run)
+    loaded = wd.load()  # model only: no optimizer state is built or read
+    assert loaded.step == 12 and set(loaded.state) == {"params", "tables", "rest"}
+    full = wd.load(with_optimizer=True)
+    assert int(full.state["step"]) == 12 and "opt" in full.state
+    for k in loaded.state:
+        for a, b in zip(jax.tree.leaves(loaded.state[k]), jax.tree.leaves(full.state[k])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    cfg, model, sp, comp = load_workdir(reference_run)
+    ckpt = wd.checkpointer()
+    ids = np.array([0, 5, 4999, 5, 17], np.int64)
+    for layer in model.engram_layers:
+        table = np.asarray(model.blocks[layer].engram.table.table[...])
+        np.testing.assert_array_equal(ckpt.table_rows(12, layer).take(ids), table[ids])
+    # decoding with rows read from the checkpoint equals decoding with resident tables
+    prompt = np.asarray([sp.encode("def main(")], np.int32)
+    rows = HostRows.from_checkpoint(ckpt.state_dir(12), model.engram_layers)
+    ckpt.close()
+    a = Generator(model, comp, max_len=32, rows=rows).generate(prompt, 4).tokens
+    b = Generator(model, comp, max_len=32).generate(prompt, 4).tokens
+    np.testing.assert_array_equal(a, b)
+
+
 def test_workdir_of_another_config_is_refused(reference_run):
     before = open(os.path.join(reference_run, "config.json")).read()
     r = _cli(["train", *SMALL, "--set", "model.d_model=64", "--workdir", reference_run])
@@ -191,24 +223,36 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path):
     assert steps and max(steps) < max(losses)  # the state before the NaN step is dropped
 
 
-def test_extending_steps_warns_that_the_default_decay_boundaries_move(tmp_path, capsys):
+def test_extending_steps_keeps_the_decay_boundaries_the_run_was_created_with(tmp_path):
     from engram_jax.presets import get_preset
     from engram_jax.train import resolve_config
 
     tiny = get_preset("tiny")
-    saved = dataclasses.replace(
+    # default boundaries are 80% and 90% of train.steps (OptimConfig.decay_steps docs)
+    fresh = resolve_config(str(tmp_path), None, ["train.steps=100", "optim.decay_steps=[]"])
+    assert fresh.optim.decay_steps == (80, 90)
+    (tmp_path / "config.json").write_text(json.dumps(fresh.to_dict()))
+    assert resolve_config(str(tmp_path), None, ["train.steps=200"]).optim.decay_steps == (80, 90)
+    # a workdir written before boundaries were stored: derived from ITS train.steps
+    old = dataclasses.replace(
         tiny,
         train=dataclasses.replace(tiny.train, steps=100),
         optim=dataclasses.replace(tiny.optim, decay_steps=()),
     )
-    (tmp_path / "config.json").write_text(json.dumps(saved.to_dict()))
-    # default boundaries are 80% and 90% of train.steps (OptimConfig.decay_steps docs)
-    cfg = resolve_config(str(tmp_path), None, ["train.steps=200"])
-    assert cfg.train.steps == 200
-    err = capsys.readouterr().err
-    assert "[80, 90]" in err and "[160, 180]" in err and "optim.decay_steps=[80, 90]" in err
-    # explicit boundaries (the suggested fix, or any others) silence it; so does the same length
-    resolve_config(str(tmp_path), None, ["train.steps=200", "optim.decay_steps=[80,90]"])
-    resolve_config(str(tmp_path), None, ["train.steps=200", "optim.decay_steps=[150]"])
-    resolve_config(str(tmp_path), None, [])
-    assert capsys.readouterr().err == ""
+    (tmp_path / "config.json").write_text(json.dumps(old.to_dict()))
+    assert resolve_config(str(tmp_path), None, ["train.steps=200"]).optim.decay_steps == (80, 90)
+    # explicit boundaries win
+    cfg = resolve_config(str(tmp_path), None, ["train.steps=200", "optim.decay_steps=[150]"])
+    assert cfg.optim.decay_steps == (150,)
+
+
+def test_config_from_dict_refuses_unknown_keys():
+    from engram_jax.config import Config
+
+    d = Config().to_dict()
+    assert Config.from_dict(d) == Config()
+    d["optim"]["learning_rate"] = 1e-3  # e.g. a renamed field
+    with pytest.raises(ValueError, match="unknown config key 'optim.learning_rate'"):
+        Config.from_dict(d)
+    with pytest.raises(ValueError, match="unknown config key 'optimizer'"):
+        Config.from_dict({"optimizer": {}})

@@ -77,19 +77,19 @@ def _write_json(path: str, obj) -> None:
 
 
 def _load(workdir: str, step):
-    from engram_jax.runs import load_model
+    from engram_jax.workdir import Workdir
 
-    return load_model(workdir, step)
+    return Workdir(workdir).load_model(step)
 
 
 def _paired(args, cfg_a):
     """W's validation batches and the same tokens hashed for the --compare model."""
     from engram_jax import analysis as an
-    from engram_jax.generate import find_tokenizer
+    from engram_jax.workdir import Workdir
 
     cfg_b, model_b = _load(args.compare, None)
     batches, tok = an.validation_batches(cfg_a, args.workdir, args.batches)
-    tok_b = find_tokenizer(args.compare, cfg_b)
+    tok_b = Workdir(args.compare).tokenizer()
     if an.tokenizer_digest(tok) != an.tokenizer_digest(tok_b):
         raise ValueError(
             f"{args.workdir} and {args.compare} use different tokenizers; "
