@@ -1,8 +1,8 @@
 """Checkpoint bandwidth of a 2 GiB Engram table through the project's Checkpointer, vs dd,
 and the same checkpoint restored onto other meshes (8 -> 4 and 8 -> 1 CPU devices).
 
-The state holds one Engram table at the trainer's key (``checkpoint.table_key``, row-chunked) of
-table of ``--gib`` GiB (``[R, 64]`` fp32, rows sharded over every device as in training) and
+The state holds one Engram table at the trainer's key (``checkpoint.table_key``, row-chunked)
+of ``--gib`` GiB (``[R, 64]`` fp32, rows sharded over every device as in training) and
 the step. Steps, each in a fresh subprocess so the device count and ``MALLOC_ARENA_MAX`` can
 differ and the peak RSS is the step's own:
 

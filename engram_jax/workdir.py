@@ -47,6 +47,29 @@ def single_device_mesh():
     return shd.make_mesh(MeshConfig(data=1, fsdp=1, expert=1, tensor=1), jax.devices()[:1])
 
 
+_CATCH_UP_KEYS = ("table_mu", "table_nu", "table_last", "step")
+
+
+def exact_table_adam(cfg: Config) -> bool:
+    """Whether the stored tables lag dense Adam (sparse path, exact Adam: rows are caught up
+    when read, :mod:`engram_jax.catch_up`)."""
+    return cfg.engram.enabled and cfg.engram.sparse_update and not cfg.engram.lazy_adam
+
+
+def _caught_up(cfg: Config, state: dict) -> dict:
+    """The model entries of ``state`` with every table row caught up; moments dropped."""
+    from engram_jax.catch_up import catch_up_all
+    from engram_jax.optim import table_learning_rate_schedule
+    from engram_jax.state import set_tables, tables_by_layer
+
+    lr_fn, o = table_learning_rate_schedule(cfg, cfg.train.steps), cfg.optim
+    new = {}
+    for i, t in tables_by_layer(state["tables"]).items():
+        mu, nu, last = (state[k][i] for k in _CATCH_UP_KEYS[:3])
+        new[i] = catch_up_all(t, mu, nu, last, state["step"], lr_fn, o.b1, o.b2, o.eps)[0]
+    return dict(params=state["params"], tables=set_tables(state["tables"], new), rest=state["rest"])
+
+
 class Workdir:
     """``Workdir(path)``: the files of the run in ``path`` (see the module docstring)."""
 
@@ -151,10 +174,12 @@ class Workdir:
 
     def load(self, step: int | None = None, *, with_optimizer: bool = False, mesh=None) -> Loaded:
         """Restore checkpoint ``step`` (default: the latest complete one) onto ``mesh``
-        (default: one device). Without ``with_optimizer`` only the model (``params``,
-        ``tables``, ``rest``) is read: no optimizer state is built or restored."""
+        (default: one device). ``with_optimizer``: the whole training state. Else the model
+        (``params``, ``tables``, ``rest``) only, into the abstract state, nothing random built;
+        with exact table Adam, the table rows are caught up to what dense Adam holds at that
+        step (the values the trainer's eval reads), which also reads the table moments."""
         from engram_jax.optim import make_optimizer
-        from engram_jax.state import abstract_model_state, abstract_train_state
+        from engram_jax.state import MODEL_KEYS, abstract_train_state
 
         cfg = self.config
         mesh = mesh if mesh is not None else single_device_mesh()
@@ -163,15 +188,16 @@ class Workdir:
             step = ckpt.latest_step() if step is None else step
             if step is None:
                 raise FileNotFoundError(f"no complete checkpoint in {ckpt.directory}")
-            if with_optimizer:
-                graphdef, like = abstract_train_state(
-                    cfg, mesh, make_optimizer(cfg, cfg.train.steps)
-                )
-            else:
-                graphdef, like = abstract_model_state(cfg, mesh)
+            tx = make_optimizer(cfg, cfg.train.steps)
+            graphdef, like = abstract_train_state(cfg, mesh, tx)
+            if not with_optimizer:
+                keep = set(MODEL_KEYS) | (set(_CATCH_UP_KEYS) if exact_table_adam(cfg) else set())
+                like = {k: v for k, v in like.items() if k in keep}
             state = ckpt.restore(step, like, partial=not with_optimizer)
         finally:
             ckpt.close()
+        if not with_optimizer and exact_table_adam(cfg):
+            state = _caught_up(cfg, state)
         return Loaded(cfg, graphdef, state, step)
 
     def load_model(self, step: int | None = None):

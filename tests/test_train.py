@@ -139,32 +139,45 @@ def test_eval_prints_val_loss(reference_run):
 def test_workdir_loads_the_model_and_table_rows_from_the_trainers_checkpoint(reference_run):
     import jax
     import numpy as np
+    from test_train_hlo import synthetic_batch
 
     from engram_jax.generate import Generator, load_workdir
     from engram_jax.offload import HostRows
-    from engram_jax.workdir import Workdir
+    from engram_jax.state import merge_model
+    from engram_jax.step import make_eval_step
+    from engram_jax.workdir import Workdir, single_device_mesh
 
     wd = Workdir(reference_run)
-    loaded = wd.load()  # model only: no optimizer state is built or read
+    loaded = wd.load()  # the model only: no optimizer state built, tables caught up
     assert loaded.step == 12 and set(loaded.state) == {"params", "tables", "rest"}
-    full = wd.load(with_optimizer=True)
+    full = wd.load(with_optimizer=True)  # the training state as saved
     assert int(full.state["step"]) == 12 and "opt" in full.state
-    for k in loaded.state:
+    for k in ("params", "rest"):
         for a, b in zip(jax.tree.leaves(loaded.state[k]), jax.tree.leaves(full.state[k])):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # the loaded model evaluates as the trainer's eval step does (rows caught up on read)
+    cfg, mesh = loaded.cfg, single_device_mesh()
+    batch = synthetic_batch(cfg, mesh)
+    trainer_eval = jax.jit(make_eval_step(cfg, full.graphdef, mesh))(full.state, batch)
+    model_eval = jax.jit(make_eval_step(cfg, loaded.graphdef))(loaded.state, batch)
+    stale_eval = jax.jit(make_eval_step(cfg, full.graphdef))(full.state, batch)
+    np.testing.assert_allclose(model_eval, trainer_eval, rtol=1e-5)
+    assert stale_eval != trainer_eval  # so the check above can fail
 
-    cfg, model, sp, comp = load_workdir(reference_run)
+    # rows read straight from the checkpoint are the saved rows
+    raw = merge_model(full.graphdef, full.state)
     ckpt = wd.checkpointer()
     ids = np.array([0, 5, 4999, 5, 17], np.int64)
-    for layer in model.engram_layers:
-        table = np.asarray(model.blocks[layer].engram.table.table[...])
+    for layer in raw.engram_layers:
+        table = np.asarray(raw.blocks[layer].engram.table.table[...])
         np.testing.assert_array_equal(ckpt.table_rows(12, layer).take(ids), table[ids])
     # decoding with rows read from the checkpoint equals decoding with resident tables
+    _, _, sp, comp = load_workdir(reference_run)
     prompt = np.asarray([sp.encode("def main(")], np.int32)
-    rows = HostRows.from_checkpoint(ckpt.state_dir(12), model.engram_layers)
+    rows = HostRows.from_checkpoint(ckpt.state_dir(12), raw.engram_layers)
     ckpt.close()
-    a = Generator(model, comp, max_len=32, rows=rows).generate(prompt, 4).tokens
-    b = Generator(model, comp, max_len=32).generate(prompt, 4).tokens
+    a = Generator(raw, comp, max_len=32, rows=rows).generate(prompt, 4).tokens
+    b = Generator(raw, comp, max_len=32).generate(prompt, 4).tokens
     np.testing.assert_array_equal(a, b)
 
 
