@@ -3,6 +3,7 @@ the pieces every section's header shares: the command as run and the date."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -11,8 +12,21 @@ from pathlib import Path
 
 def command_line() -> str:
     """The command that produced a section, as a reader would re-run it from the repo root."""
-    script = Path(sys.argv[0]).name
-    return " ".join(["python", f"benchmarks/{script}", *sys.argv[1:]])
+    module = Path(sys.argv[0]).stem
+    return " ".join(["python", "-m", f"benchmarks.{module}", *sys.argv[1:]])
+
+
+def header(heading: str, load: float, machine: str) -> list[str]:
+    """A section's first lines: heading, the command as run, the date, and the machine (core
+    count, the load average at start, then ``machine``)."""
+    return [
+        heading,
+        "",
+        f"Command: `{command_line()}`  ",
+        f"Date: {date_utc()}  ",
+        f"Machine: {os.cpu_count()} CPU cores shared with other jobs (load average "
+        f"{load:.1f} at start), {machine}",
+    ]
 
 
 def date_utc() -> str:

@@ -22,8 +22,8 @@ differ and the peak RSS is the step's own:
    ``conv=fdatasync``; read ``iflag=direct`` and buffered after eviction. Ratios use the best
    dd figures.
 
-    python benchmarks/checkpoint_bandwidth.py
-    python benchmarks/checkpoint_bandwidth.py --update BENCHMARKS.md
+    python -m benchmarks.checkpoint_bandwidth
+    python -m benchmarks.checkpoint_bandwidth --update BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import time
 import zlib
 from pathlib import Path
 
+from benchmarks.common import cpu_seconds
 from engram_jax.checkpoint import table_key
 
 HEADING = "## Checkpoint bandwidth and cross-mesh restore of a 2 GiB table (CPU)"
@@ -95,11 +96,6 @@ def _rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
 
 
-def _cpu() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
 def zstd_ab(args, table, state) -> list[dict]:
     """Raw Orbax (PyTreeCheckpointHandler) with zstd on vs off, alternating, same process."""
     import orbax.checkpoint as ocp
@@ -113,10 +109,10 @@ def zstd_ab(args, table, state) -> list[dict]:
                 options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
                 item_handlers={"state": ocp.PyTreeCheckpointHandler(use_compression=comp)},
             )
-            t0, c0 = time.perf_counter(), _cpu()
+            t0, c0 = time.perf_counter(), cpu_seconds()
             mgr.save(1, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state)), force=True)
             mgr.wait_until_finished()
-            wall, cpu = time.perf_counter() - t0, _cpu() - c0
+            wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
             mgr.close()
             du = int(
                 subprocess.run(["du", "-sb", d], capture_output=True, text=True).stdout.split()[0]
@@ -163,7 +159,7 @@ def worker(args) -> None:
         ck = Checkpointer(args.dir, keep=1)
         out["saves"] = []
         for step in range(1, args.saves + 1):
-            t0, c0 = time.perf_counter(), _cpu()
+            t0, c0 = time.perf_counter(), cpu_seconds()
             ck.save(step, state, None, {"bench": "checkpoint_bandwidth", "gib": args.gib})
             t1 = time.perf_counter()
             ck.wait()
@@ -171,7 +167,7 @@ def worker(args) -> None:
             os.sync()
             t3 = time.perf_counter()
             out["saves"].append(
-                dict(returned=t1 - t0, finished=t2 - t0, synced=t3 - t0, cpu=_cpu() - c0)
+                dict(returned=t1 - t0, finished=t2 - t0, synced=t3 - t0, cpu=cpu_seconds() - c0)
             )
             print(
                 f"  save {step}: returned {t1 - t0:.2f} s, finished {t2 - t0:.2f} s, "
@@ -190,11 +186,11 @@ def worker(args) -> None:
             KEY_TABLE: SDS((rows, D), jnp.float32, sharding=tsh),
             KEY_STEP: SDS((), jnp.int32, sharding=rep),
         }
-        t0, c0 = time.perf_counter(), _cpu()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         restored = ck.restore(ck.latest_step(), target)
         jax.block_until_ready(restored)
         out["restore_s"] = time.perf_counter() - t0
-        out["restore_cpu_s"] = _cpu() - c0
+        out["restore_cpu_s"] = cpu_seconds() - c0
         ck.close()
         table = restored[KEY_TABLE]
         out["sharding"] = str(table.sharding.spec)
@@ -211,9 +207,9 @@ def worker(args) -> None:
 
         state_dir = ck.state_dir(ck.latest_step())
         _evict(str(state_dir))
-        t0, c0 = time.perf_counter(), _cpu()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         whole = TableRows.open(state_dir, 1).array.read().result()
-        out["ts_read_s"], out["ts_read_cpu_s"] = time.perf_counter() - t0, _cpu() - c0
+        out["ts_read_s"], out["ts_read_cpu_s"] = time.perf_counter() - t0, cpu_seconds() - c0
         out["ts_crc"] = zlib.crc32(memoryview(np.ascontiguousarray(whole)).cast("B"))
         del whole
     out.setdefault("peak_rss_gb", _rss_gb())
@@ -340,9 +336,7 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_markdown import command_line, date_utc, publish
+    from benchmarks.bench_markdown import header, publish
 
     os.makedirs(args.dir, exist_ok=True)
     free = shutil.disk_usage(args.dir).free / 2**30
@@ -390,16 +384,13 @@ def main() -> None:
     wref = max(ddb["write_direct"], ddb["write_fdatasync"])
     rref = max(ddb["read_direct"], ddb["read_evicted"])
 
-    command = command_line()
     lines = [
-        HEADING,
-        "",
-        f"Command: `{command}`  ",
-        f"Date: {date_utc()}  ",
-        f"Machine: {os.cpu_count()} CPU cores shared with other jobs (load average "
-        f"{load:.1f} at start), {args.dir} on `{df.splitlines()[-1].split()[0]}`; "
-        "page cache evicted with `posix_fadvise(DONTNEED)` before every read (no "
-        "privilege to drop caches).",
+        *header(
+            HEADING,
+            load,
+            f"{args.dir} on `{df.splitlines()[-1].split()[0]}`; page cache evicted with "
+            "`posix_fadvise(DONTNEED)` before every read (no privilege to drop caches).",
+        ),
         "",
         f"State: one Engram table `[{save['rows']:,}, {D}]` fp32 = {mb:,.0f} MB "
         f"({nbytes / 2**30:.2f} GiB; {int(du) / 1e6:,.0f} MB on disk) + the step, saved "

@@ -3,8 +3,8 @@
 Nothing is allocated: the model is traced with ShapeDtypeStructs. The counts printed are
 the real ``nnx.Param`` sizes and equal the analytic ``count_params`` (asserted).
 
-    python benchmarks/eval_shape_presets.py
-    python benchmarks/eval_shape_presets.py --update BENCHMARKS.md
+    python -m benchmarks.eval_shape_presets
+    python -m benchmarks.eval_shape_presets --update BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import jax
-from bench_markdown import command_line, date_utc, publish
 from flax import nnx
 
+from benchmarks.bench_markdown import command_line, date_utc, publish
 from engram_jax.model import EngramLM
 from engram_jax.params import count_module_params, count_params, human
 from engram_jax.presets import get_preset

@@ -4,8 +4,8 @@ The baseline is the reference demo's arithmetic written plainly: ``np.pad`` per 
 ``%`` per head, ``np.stack``. Both see the same ids; outputs are asserted equal. Each figure is
 the best of ``--repeats`` runs (the machine is shared, so the best run is the least disturbed).
 
-    python benchmarks/hashing_throughput.py                      # print a markdown table
-    python benchmarks/hashing_throughput.py --update BENCHMARKS.md
+    python -m benchmarks.hashing_throughput                      # print a markdown table
+    python -m benchmarks.hashing_throughput --update BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_markdown import command_line, publish  # noqa: E402
 
+from benchmarks.bench_markdown import command_line, publish
 from engram_jax.config import EngramConfig
 from engram_jax.hashing import NgramHasher
 

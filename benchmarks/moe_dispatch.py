@@ -6,8 +6,8 @@ reference is a dense SwiGLU of width ``top_k * expert_hidden`` over the same tok
 routed FLOPs with no dispatch at all. Each time is the best of ``--repeats`` runs (the machine
 is shared). XLA's own FLOP estimate (``cost_analysis``) is load-independent.
 
-    python benchmarks/moe_dispatch.py
-    python benchmarks/moe_dispatch.py --update BENCHMARKS.md
+    python -m benchmarks.moe_dispatch
+    python -m benchmarks.moe_dispatch --update BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from bench_markdown import command_line, date_utc, publish
 from flax import nnx
 
+from benchmarks.bench_markdown import command_line, date_utc, publish
 from engram_jax.config import MoEConfig
 from engram_jax.moe import MoE, SwiGLU
 from engram_jax.presets import get_preset

@@ -1,7 +1,7 @@
 """Decode throughput with Engram tables resident, in host memory, and on disk (fits in RAM and
 larger than RAM), at batch sizes 1, 4 and 16, on real text.
 
-    python benchmarks/offload_throughput.py --big-gb 40 --update BENCHMARKS.md
+    python -m benchmarks.offload_throughput --big-gb 40 --update BENCHMARKS.md
 
 One process, one backbone (preset ``tiny``, random init), the modes measured side by side in
 interleaved rounds (the 2-core VM is shared; each round runs every mode once):
@@ -40,13 +40,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_markdown import command_line, date_utc, publish  # noqa: E402
 from flax import nnx
 
+from benchmarks.bench_markdown import command_line, date_utc, publish
 from engram_jax import disk_tier
 from engram_jax.batch_generate import BatchGenerator
 from engram_jax.config import override
-from engram_jax.hashing import NgramHasher
 from engram_jax.model import EngramLM
 from engram_jax.offload import HostRows, make_store, most_frequent, simulate_hit_rate
 from engram_jax.presets import get_preset
@@ -198,7 +197,7 @@ def time_modes(modes, comp, tokens, args) -> tuple[dict, dict]:
 
 def replay_hit_rates(model, comp, tokens, args) -> tuple[list[dict], dict]:
     cfg = model.cfg
-    hasher = NgramHasher(cfg.engram, comp.num_compressed, int(comp.lookup[cfg.engram.pad_id]))
+    hasher = comp.hasher(cfg.engram)
     layer = model.engram_layers[0]
     offsets = np.asarray(model.blocks[layer].engram.table.offsets, np.int64)
     ids_TxH = hasher(comp(tokens[: args.stream_tokens])[None])[layer][0] + offsets[None, :]

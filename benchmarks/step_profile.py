@@ -21,8 +21,8 @@ without the profiler. The host input pipeline (tokenize, pack, hash) is measured
 separately as the time to produce one batch of the preset, since the benchmark reuses a fixed
 batch.
 
-    python benchmarks/step_profile.py --preset toy --with-dense --preset tiny
-    python benchmarks/step_profile.py --preset toy --with-dense --preset tiny --update BENCHMARKS.md
+    python -m benchmarks.step_profile --preset toy --with-dense --preset tiny
+    python -m benchmarks.step_profile --preset toy --with-dense --preset tiny --update BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from bench_markdown import command_line, date_utc, publish
-from train_throughput import Variant, enable_compile_cache
+
+from benchmarks.bench_markdown import command_line, date_utc, publish
+from benchmarks.common import enable_compile_cache
+from benchmarks.train_throughput import Variant
 
 HEADING = "## Train-step profile by component (CPU)"
 ORDER = [
@@ -235,7 +237,7 @@ def main() -> None:
         "warm-up steps; XLA thunk time summed over threads per step (each thunk's duration: on a "
         "loaded machine it includes time its thread waited for a core, so read the shares), "
         "attributed by the Python call stack recorded in each HLO instruction "
-        "(`benchmarks/step_profile.py` docstring).",
+        "(`benchmarks.step_profile` docstring).",
         "",
     ]
     for name, sets in runs:

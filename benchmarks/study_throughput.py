@@ -14,8 +14,8 @@ Prints, in one run:
   fresh subprocess with an empty persistent compilation cache (cold, goal <= 20 s), then in
   another one with the cache that run filled (warm, goal <= 5 s).
 
-    python benchmarks/study_throughput.py
-    python benchmarks/study_throughput.py --update BENCHMARKS.md
+    python -m benchmarks.study_throughput
+    python -m benchmarks.study_throughput --update BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from bench_markdown import command_line, date_utc, publish
-from train_throughput import Variant, interleave, matmul_peak
+
+from benchmarks.bench_markdown import command_line, date_utc, publish
+from benchmarks.train_throughput import Variant, interleave, matmul_peak
 
 HEADING = "## Study loop: the study preset vs a plain dense model (CPU)"
 GOAL_TOKENS, GOAL_RATIO, GOAL_COLD, GOAL_WARM = 12_000, 1.3, 20.0, 5.0
@@ -51,11 +52,11 @@ def dense_overrides(cfg) -> list[str]:
 def compile_seconds(preset: str, sets: list[str], cache_dir: str) -> float:
     """Train-step compile time in a new process (its own jax, the given persistent cache)."""
     code = (
-        "import json, sys, time; sys.path.insert(0, 'benchmarks');"
+        "import json, sys, time;"
         "import jax;"
         f"jax.config.update('jax_compilation_cache_dir', {cache_dir!r});"
         "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0);"
-        "from study_throughput import _compile_once;"
+        "from benchmarks.study_throughput import _compile_once;"
         f"print(json.dumps(_compile_once({preset!r}, {sets!r})))"
     )
     root = Path(__file__).resolve().parent.parent
@@ -66,8 +67,7 @@ def compile_seconds(preset: str, sets: list[str], cache_dir: str) -> float:
 
 
 def _compile_once(preset: str, sets: list[str]) -> float:
-    from train_throughput import synthetic_batch
-
+    from benchmarks.train_throughput import synthetic_batch
     from engram_jax import sharding as shd
     from engram_jax.config import override
     from engram_jax.optim import make_optimizer

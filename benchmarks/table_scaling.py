@@ -12,8 +12,8 @@ gather (a table-sized gradient) and runs Adam over the whole table.
 outside check would (``engram-jax train --preset tiny --set ...``, checkpoints and eval off)
 and reports the median ``step_time_s`` of its ``metrics.jsonl``.
 
-    python benchmarks/table_scaling.py
-    python benchmarks/table_scaling.py --outside-bar --update BENCHMARKS.md
+    python -m benchmarks.table_scaling
+    python -m benchmarks.table_scaling --outside-bar --update BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_markdown import command_line, date_utc, publish  # noqa: E402
-from train_throughput import Variant, enable_compile_cache, interleave  # noqa: E402
+from benchmarks.bench_markdown import header, publish
+from benchmarks.common import add_cache_dir_arg, enable_compile_cache
+from benchmarks.train_throughput import Variant, interleave
 
 HEADING = "## Train step vs table size: sparse vs dense table updates (CPU)"
 BASE = ["engram.layer_ids=[1]", "engram.n_head_per_ngram=4"]
@@ -81,11 +81,7 @@ def main() -> None:
         help="also run `engram-jax train` for the smallest and largest N",
     )
     ap.add_argument("--bar-steps", type=int, default=30)
-    ap.add_argument(
-        "--cache-dir",
-        default="/tmp/engram_jax_bench_cache",
-        help="JAX persistent compilation cache ('' to disable)",
-    )
+    add_cache_dir_arg(ap)
     ap.add_argument("--update", type=Path, help="replace this section of a markdown file")
     args = ap.parse_args()
     enable_compile_cache(args.cache_dir)
@@ -110,15 +106,13 @@ def main() -> None:
         for n in (sizes[0], sizes[-1]):
             bar.append((n, *outside_bar(n, args.bar_steps)))
 
-    command = command_line()
     lines = [
-        HEADING,
-        "",
-        f"Command: `{command}`  ",
-        f"Date: {date_utc()}  ",
-        f"Machine: {os.cpu_count()} CPU cores shared with other jobs (load average "
-        f"{load:.1f} at start), jax {jax.__version__}. All variants compiled first, then "
-        f"{args.repeats} interleaved rounds of {args.steps} steps each; medians.",
+        *header(
+            HEADING,
+            load,
+            f"jax {jax.__version__}. All variants compiled first, then {args.repeats} "
+            f"interleaved rounds of {args.steps} steps each; medians.",
+        ),
         "",
         "`tiny` with `"
         + " ".join(f"--set {s}" for s in BASE)

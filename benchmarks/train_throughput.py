@@ -18,8 +18,8 @@ layer), V*d the LM head, L layers, H heads of width Dh, T the sequence length (t
 term counts the full T x T score and value products, forward + backward). XLA's own FLOP count
 of the compiled step (``cost_analysis``; it includes the blocked MoE's padding) is printed too.
 
-    python benchmarks/train_throughput.py
-    python benchmarks/train_throughput.py --update BENCHMARKS.md
+    python -m benchmarks.train_throughput
+    python -m benchmarks.train_throughput --update BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_markdown import command_line, date_utc, publish  # noqa: E402
 
+from benchmarks.bench_markdown import command_line, date_utc, publish
+from benchmarks.common import cpu_seconds, enable_compile_cache
 from engram_jax import sharding as shd
 from engram_jax.config import override
 from engram_jax.hashing import NgramHasher
@@ -67,19 +68,6 @@ def synthetic_batch(cfg, seed: int = 0) -> dict:
     else:
         batch["engram_ids"] = {}
     return batch
-
-
-def _cpu() -> float:
-    """CPU seconds (user + system, all threads) of this process: on a machine shared with
-    other jobs this measures the step's work, where wall time also measures the queue."""
-    t = os.times()
-    return t.user + t.system
-
-
-def enable_compile_cache(path: str) -> None:
-    if path:
-        jax.config.update("jax_compilation_cache_dir", path)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 class Variant:
@@ -115,11 +103,11 @@ class Variant:
 
     def run(self, n: int) -> None:
         for _ in range(n):
-            c, t = _cpu(), time.perf_counter()
+            c, t = cpu_seconds(), time.perf_counter()
             self.state, m = self.fn(self.state, self.batch)
             jax.block_until_ready(m)
             self.times.append(time.perf_counter() - t)
-            self.cpu.append(_cpu() - c)
+            self.cpu.append(cpu_seconds() - c)
         self.last_loss = float(m["loss"])
 
     @property

@@ -240,13 +240,10 @@ def validation_batches(cfg, workdir, num_batches: int, *, data: str | None = Non
 
 def rehash(batches, cfg, tokenizer_path: str) -> list[dict]:
     """The same token batches with the hash ids of another model's Engram config."""
-    from engram_jax.hashing import NgramHasher
     from engram_jax.tokenizer import build_compression, load_tokenizer
 
     if not cfg.engram.enabled:
         return [dict(b, engram_ids={}) for b in batches]
     comp = build_compression(load_tokenizer(tokenizer_path), enabled=cfg.engram.compress_tokenizer)
-    hasher = NgramHasher(
-        cfg.engram, comp.num_compressed, int(comp.lookup[cfg.engram.pad_id]), out_dtype=np.int32
-    )
+    hasher = comp.hasher(cfg.engram, out_dtype=np.int32)
     return [dict(b, engram_ids=hasher(comp.lookup[np.asarray(b["inputs"])])) for b in batches]

@@ -5,8 +5,8 @@ saves, the last ``keep`` kept. Each checkpoint holds three items:
 
 - ``state``: the training-state pytree (model params, optimizer state, table moments, step),
   saved with ``PyTreeSave`` so arrays are written sharded, each host writing its shards,
-  WITHOUT zstd compression (Orbax's default): on float tables it saved ~8% of the bytes and
-  made saves CPU-bound, 5x slower on 2 cores (BENCHMARKS.md, checkpoint bandwidth).
+  WITHOUT zstd compression (Orbax's default): on float tables it saves few bytes and makes
+  saves CPU-bound (measured in BENCHMARKS.md, checkpoint bandwidth).
   Checkpoints written compressed still restore;
 - ``data``: the Grain iterator state (``grain.checkpoint.CheckpointSave``), so a resumed run
   sees exactly the batches the uninterrupted run would;

@@ -26,13 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"engram_jax.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"engram_jax.commands.{name}":
-                continue  # subcommand not built yet
-            raise
-        module.add_parser(sub)
+        importlib.import_module(f"engram_jax.commands.{name}").add_parser(sub)
     return parser
 
 

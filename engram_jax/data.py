@@ -21,8 +21,8 @@ int32[b, T, H]}}``; engram ids are per-head rows without the head offsets (the t
 N-grams run across document boundaries (EOS included), as in the reference demo.
 
 Checkpointing: ``it.get_state()`` / ``it.set_state(state)`` on the iterator from
-:meth:`DataBundle.train_iter`; with Orbax use ``checkpoint_save(it)`` / ``checkpoint_restore(it)``
-inside ``ocp.args.Composite``.
+:meth:`DataBundle.train_iter`; :class:`engram_jax.checkpoint.Checkpointer` saves and restores it
+with the model.
 """
 
 from __future__ import annotations
@@ -154,16 +154,6 @@ def _mark_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def checkpoint_save(it: grain.DatasetIterator):
-    """Orbax argument saving the iterator state (``ocp.args.Composite(data=...)``)."""
-    return grain.checkpoint.CheckpointSave(it)
-
-
-def checkpoint_restore(it: grain.DatasetIterator):
-    """Orbax argument restoring the iterator state in place."""
-    return grain.checkpoint.CheckpointRestore(it)
-
-
 def _tokenizer_for(
     cfg: Config, train_docs, data_dir: Path
 ) -> tuple[spm.SentencePieceProcessor, Path, bool]:
@@ -255,6 +245,21 @@ def _token_streams(sp, tok_path: Path, splits: dict, data_dir: Path, seq_len: in
     return windows, n_tokens
 
 
+def synthetic_batch(cfg: Config, seed: int = 0) -> dict:
+    """A global batch of random tokens with their Engram hash ids (no vocabulary compression):
+    a real batch's shapes and dtypes, to compile, test or time the step without a corpus."""
+    from engram_jax.tokenizer import identity_compression
+
+    rng = np.random.default_rng(seed)
+    B, T, V = cfg.train.batch_size, cfg.train.seq_len, cfg.model.vocab_size
+    tokens = rng.integers(0, V, (B, T + 1), dtype=np.int32)
+    inputs = tokens[:, :-1]
+    ids = {}
+    if cfg.engram.enabled:
+        ids = identity_compression(V).hasher(cfg.engram, out_dtype=np.int32)(inputs)
+    return dict(inputs=inputs, targets=tokens[:, 1:], engram_ids=ids)
+
+
 def build_data(
     cfg: Config, workdir: str | os.PathLike, *, process_index: int = 0, process_count: int = 1
 ) -> DataBundle:
@@ -291,12 +296,7 @@ def build_data(
         )
     hasher = None
     if cfg.engram.enabled:
-        hasher = NgramHasher(
-            cfg.engram,
-            compression.num_compressed,
-            pad_id=int(compression.lookup[cfg.engram.pad_id]),
-            out_dtype=np.int32,
-        )
+        hasher = compression.hasher(cfg.engram, out_dtype=np.int32)
 
     windows, n_tokens = _token_streams(
         sp, tok_path, {"train": train_docs, "val": val_docs}, data_dir, seq_len

@@ -41,7 +41,6 @@ import numpy as np
 from flax import nnx
 
 from engram_jax.engram import TableParam
-from engram_jax.hashing import NgramHasher
 from engram_jax.tokenizer import CompressionTable
 
 
@@ -176,9 +175,7 @@ class Generator:
         self.n_hist = cfg.engram.max_ngram_size - 1
         self.hasher = None
         if self.layers:
-            self.hasher = NgramHasher(
-                cfg.engram, compression.num_compressed, int(compression([cfg.engram.pad_id])[0])
-            )
+            self.hasher = compression.hasher(cfg.engram)
         self.rows = rows if rows is not None else (DeviceRows(model) if self.layers else None)
         graphdef, tables, rest = nnx.split(model, TableParam, ...)
         self._state = (_placeholder_tables(tables), rest)

@@ -50,6 +50,7 @@ from flax import nnx
 from optax.contrib import MuonDimensionNumbers
 
 from engram_jax.config import Config, OptimConfig, default_decay_steps
+from engram_jax.engram import TableParam
 from engram_jax.tables import clip_scale
 
 LABELS = ("muon", "adamw", "table")
@@ -133,9 +134,6 @@ def _names(path) -> list[str]:
 
 
 def _is_table(v) -> bool:
-    # lazy import: engram.py may import the table helpers
-    from engram_jax.engram import TableParam
-
     return isinstance(v, TableParam)
 
 

@@ -30,6 +30,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from engram_jax.config import MeshConfig
+from engram_jax.engram import TableParam
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 AXES_KEY = "logical_axes"  # Variable metadata key, as in engram_jax.layers
@@ -231,9 +232,6 @@ def variable_logical_axes(variable: nnx.Variable) -> tuple[str | None, ...]:
 
 
 def _is_table(variable: nnx.Variable) -> bool:
-    # lazy import: engram.py may import the table helpers
-    from engram_jax.engram import TableParam
-
     return isinstance(variable, TableParam)
 
 
@@ -249,13 +247,6 @@ def state_shardings(mesh: Mesh, state: Any) -> Any:
         return v.replace(NamedSharding(mesh, spec))
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def shard_model(mesh: Mesh, model: nnx.Module) -> nnx.Module:
-    """Move an existing model's state onto the mesh in place (and return it)."""
-    state = nnx.state(model)
-    nnx.update(model, jax.device_put(state, state_shardings(mesh, state)))
-    return model
 
 
 def sharded_init(mesh: Mesh, make_model) -> nnx.Module:

@@ -186,6 +186,14 @@ class CompressionTable:
 
     __call__ = compress
 
+    def hasher(self, engram_cfg, out_dtype=np.int64):
+        """The :class:`~engram_jax.hashing.NgramHasher` of compressed ids from this table: the
+        compressed vocabulary size, and the pad id compressed like every other id."""
+        from engram_jax.hashing import NgramHasher
+
+        pad = int(self.lookup[engram_cfg.pad_id])
+        return NgramHasher(engram_cfg, self.num_compressed, pad, out_dtype=out_dtype)
+
 
 def identity_compression(vocab_size: int) -> CompressionTable:
     """The table used when ``EngramConfig.compress_tokenizer`` is False."""

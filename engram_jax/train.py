@@ -222,70 +222,25 @@ def train(cfg: Config, workdir, *, progress: bool = True) -> dict:
     tx = make_optimizer(cfg, cfg.train.steps)
     ckpt = Checkpointer(wd.path, keep=cfg.train.keep_checkpoints)
     it = data.train_iter()
-    start = ckpt.latest_step() or 0
-    if start:
-        # The iterator state is per process (Grain writes process_<i>-of-<n>.json). Resuming
-        # with another process count restores the model only and seeks the iterator to the
-        # step: batch i of the pipeline is the same global batch for any process count.
-        same_processes = ckpt.has_data_state(start)
-        graphdef, like = abstract_train_state(cfg, mesh, tx)
-        state = ckpt.restore(start, like, it if same_processes else None)
-        if not same_processes:
-            _seek(it, start)
-    else:
-        graphdef, state = init_state(cfg, mesh, tx)
+    graphdef, state, start = _restore_or_init(cfg, mesh, tx, ckpt, it)
     if is_main:
         wd.write_config(cfg)
     log = MetricsLog(wd.path, start, enabled=is_main)
-
     batches = _Prefetch(it, mesh)
-    batch, position = next(batches)
+    first = next(batches)
     t0 = time.time()
-    step_fn = compile_train_step(cfg, graphdef, tx, mesh, state, batch)
+    step_fn = compile_train_step(cfg, graphdef, tx, mesh, state, first[0])
     eval_fn = jax.jit(make_eval_step(cfg, graphdef, mesh))
     compile_s = time.time() - t0
     # Gloo gives a peer 30 s to join the first collective; compile times differ by more on a
     # loaded host, so all processes start the first step together.
     _barrier("engram_jax.train.compiled")
     val = data.val_batches(cfg.train.eval_batches) if cfg.train.eval_every else []
-    t = cfg.train
-    metrics = _Metrics(t.batch_size * t.seq_len)
-
-    bar = None
-    if progress and is_main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True)
-    status, val_loss = "ok", None
+    run = _Run(cfg, mesh, step_fn, eval_fn, val, ckpt, log, start, progress and is_main)
     try:
-        for step in range(start + 1, t.steps + 1):
-            if step > start + 1:
-                batch, position = next(batches)
-            state, m = step_fn(state, batch)
-            metrics.add(step, m)
-            logged = _due(step, t.log_every, t.steps)
-            evaluated = _due(step, t.eval_every, t.steps)
-            saved = _due(step, t.checkpoint_every, t.steps)
-            if logged or evaluated or saved:
-                rec = metrics.sync()
-                if logged:
-                    log.write(rec)
-                if evaluated:
-                    val_loss = evaluate(eval_fn, state, val, mesh)
-                    log.write(dict(step=step, val_loss=val_loss))
-                if saved:
-                    ckpt.save(step, state, position, cfg.to_dict())
-                if bar is not None:
-                    bar.set_postfix(
-                        loss=f"{rec['loss']:.3f}",
-                        tok_s=f"{rec['tokens_per_s']:.0f}",
-                        val=f"{val_loss:.3f}" if val_loss is not None else "-",
-                    )
-                metrics.restart_clock()
-            if bar is not None:
-                bar.update(1)
+        run.steps(state, first, batches)
     except TrainingDiverged as e:
-        status = "diverged"
+        run.status = "diverged"
         good = _drop_suspect_checkpoint(ckpt, e.step, start)
         print(
             f"engram-jax train: error: {e}. Last good checkpoint: step {good} in {ckpt.directory}",
@@ -294,21 +249,17 @@ def train(cfg: Config, workdir, *, progress: bool = True) -> dict:
         )
     finally:
         batches.close()
-        if bar is not None:
-            bar.close()
-        ckpt.close()
-        log.close()
-
-    last, losses = metrics.last, metrics.losses
+        run.close()
+    last, losses = run.metrics.last, run.metrics.losses
     summary = dict(
-        status=status,
+        status=run.status,
         workdir=str(wd.path),
-        steps=t.steps,
+        steps=cfg.train.steps,
         resumed_from=start,
         final_step=last.get("step", start),
         train_loss=float(np.mean(losses[-10:])) if losses else None,
-        val_loss=val_loss,
-        tokens=(last.get("step", start)) * metrics.tokens_per_step,
+        val_loss=run.val_loss,
+        tokens=(last.get("step", start)) * run.metrics.tokens_per_step,
         compile_s=round(compile_s, 2),
         wall_s=round(time.time() - t_start, 2),
         data=data.stats,
@@ -316,12 +267,81 @@ def train(cfg: Config, workdir, *, progress: bool = True) -> dict:
     if is_main:
         wd.write_summary(summary)
         print(
-            f"{status}: {summary['final_step']} steps, train loss "
-            f"{summary['train_loss']}, val loss {val_loss}; metrics: "
-            f"{wd.metrics_file}, checkpoints: {ckpt.directory}, "
-            f"non-UTF-8 files replaced: {data.stats.get('non_utf8_documents', 0)}"
+            f"{run.status}: {summary['final_step']} steps, train loss {summary['train_loss']}, "
+            f"val loss {run.val_loss}; metrics: {wd.metrics_file}, checkpoints: "
+            f"{ckpt.directory}, non-UTF-8 files replaced: "
+            f"{data.stats.get('non_utf8_documents', 0)}"
         )
     return summary
+
+
+def _restore_or_init(cfg: Config, mesh, tx, ckpt: Checkpointer, it):
+    """``(graphdef, state, start step)``: the latest checkpoint restored onto the abstract
+    state (nothing initialized first), else a fresh state."""
+    start = ckpt.latest_step() or 0
+    if not start:
+        return (*init_state(cfg, mesh, tx), 0)
+    # The iterator state is per process (Grain writes process_<i>-of-<n>.json). Resuming
+    # with another process count restores the model only and seeks the iterator to the
+    # step: batch i of the pipeline is the same global batch for any process count.
+    same_processes = ckpt.has_data_state(start)
+    graphdef, like = abstract_train_state(cfg, mesh, tx)
+    state = ckpt.restore(start, like, it if same_processes else None)
+    if not same_processes:
+        _seek(it, start)
+    return graphdef, state, start
+
+
+class _Run:
+    """The steps of a run, with their logging, evaluation, checkpoints and progress bar."""
+
+    def __init__(self, cfg, mesh, step_fn, eval_fn, val, ckpt, log, start, bar: bool):
+        self.cfg, self.mesh, self.step_fn, self.eval_fn, self.val = cfg, mesh, step_fn, eval_fn, val
+        self.ckpt, self.log, self.start = ckpt, log, start
+        self.metrics = _Metrics(cfg.train.batch_size * cfg.train.seq_len)
+        self.status, self.val_loss, self.bar = "ok", None, None
+        if bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.train.steps, initial=start, unit="step", dynamic_ncols=True)
+
+    def steps(self, state, first, batches) -> None:
+        t = self.cfg.train
+        batch, position = first
+        for step in range(self.start + 1, t.steps + 1):
+            if step > self.start + 1:
+                batch, position = next(batches)
+            state, m = self.step_fn(state, batch)
+            self.metrics.add(step, m)
+            logged = _due(step, t.log_every, t.steps)
+            evaluated = _due(step, t.eval_every, t.steps)
+            saved = _due(step, t.checkpoint_every, t.steps)
+            if logged or evaluated or saved:
+                rec = self.metrics.sync()  # raises TrainingDiverged before anything is saved
+                if logged:
+                    self.log.write(rec)
+                if evaluated:
+                    self.val_loss = evaluate(self.eval_fn, state, self.val, self.mesh)
+                    self.log.write(dict(step=step, val_loss=self.val_loss))
+                if saved:
+                    self.ckpt.save(step, state, position, self.cfg.to_dict())
+                self._postfix(rec)
+                self.metrics.restart_clock()
+            if self.bar is not None:
+                self.bar.update(1)
+
+    def _postfix(self, rec: dict) -> None:
+        if self.bar is not None:
+            val = f"{self.val_loss:.3f}" if self.val_loss is not None else "-"
+            self.bar.set_postfix(
+                loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", val=val
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.ckpt.close()
+        self.log.close()
 
 
 def _build_data(cfg: Config, wd: Workdir, is_main: bool):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from engram_jax.config import Config, DataConfig, EngramConfig, ModelConfig, TrainConfig
-from engram_jax.data import build_data, checkpoint_restore, checkpoint_save
+from engram_jax.data import build_data
 from engram_jax.hashing import NgramHasher
 from engram_jax.tokenizer import train_tokenizer
 
@@ -150,17 +150,19 @@ def test_resume_from_state(bundle):
     _assert_batches_equal(_take(bundle.train_iter(), 3), _take(bundle.train_iter(), 3))
 
 
-def test_orbax_round_trip(bundle, tmp_path):
-    ocp = pytest.importorskip("orbax.checkpoint")
+def test_checkpoint_round_trip(bundle, tmp_path):
+    from engram_jax.checkpoint import Checkpointer
+
     it = bundle.train_iter()
     _take(it, 3)
-    with ocp.CheckpointManager(tmp_path / "ckpt") as mgr:
-        mgr.save(3, args=ocp.args.Composite(data=checkpoint_save(it)))
-        mgr.wait_until_finished()
+    state = {"step": np.int32(3)}
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save(3, state, it, {})
+    ckpt.wait()
     want = _take(it, 2)
     fresh = bundle.train_iter()
-    with ocp.CheckpointManager(tmp_path / "ckpt") as mgr:
-        mgr.restore(3, args=ocp.args.Composite(data=checkpoint_restore(fresh)))
+    assert int(ckpt.restore(3, state, fresh)["step"]) == 3
+    ckpt.close()
     _assert_batches_equal(_take(fresh, 2), want)
 
 

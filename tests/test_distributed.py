@@ -18,32 +18,38 @@ import time
 import jax
 import numpy as np
 import pytest
-from test_train_hlo import synthetic_batch, tiny_cfg
+from conftest import STEP8_SETS, cli_config_args, global_batch, tiny_cfg
 
 from engram_jax import sharding as shd
 from engram_jax.config import MeshConfig
 from engram_jax.optim import make_optimizer
-from engram_jax.state import init_state
+from engram_jax.state import abstract_train_state, init_state
 from engram_jax.step import make_train_step
 
 
-def _losses_on(mesh_cfg, n_devices, steps=3):
-    cfg = tiny_cfg("engram.engram_vocab_size=[500,500]", "train.seq_len=16")
-    mesh = shd.make_mesh(mesh_cfg, jax.devices()[:n_devices])
+def _step_losses(step_fn, cfg, mesh, steps=3):
     tx = make_optimizer(cfg, cfg.train.steps)
-    graphdef, state = init_state(cfg, mesh, tx)
-    step = jax.jit(make_train_step(cfg, graphdef, tx, mesh), donate_argnums=0)
+    _, state = init_state(cfg, mesh, tx)
     out = []
     for i in range(steps):
-        state, metrics = step(state, synthetic_batch(cfg, mesh, seed=i))
+        state, metrics = step_fn(state, global_batch(cfg, mesh, seed=i))
         out.append((float(metrics["loss"]), float(metrics["grad_norm"])))
     return np.array(out)
 
 
-def test_train_step_same_losses_on_1_and_8_devices():
-    one = _losses_on(MeshConfig(data=1), 1)
-    data8 = _losses_on(MeshConfig(data=8), 8)
-    mixed = _losses_on(MeshConfig(data=2, fsdp=2, expert=2), 8)
+def _losses_on(cfg, mesh_cfg, n_devices):
+    mesh = shd.make_mesh(mesh_cfg, jax.devices()[:n_devices])
+    tx = make_optimizer(cfg, cfg.train.steps)
+    graphdef, _ = abstract_train_state(cfg, mesh, tx)
+    step = jax.jit(make_train_step(cfg, graphdef, tx, mesh), donate_argnums=0)
+    return _step_losses(step, cfg, mesh)
+
+
+def test_train_step_same_losses_on_1_and_8_devices(step8):
+    cfg = tiny_cfg(*STEP8_SETS)
+    one = _losses_on(cfg, MeshConfig(data=1), 1)
+    data8 = _step_losses(step8.compiled, cfg, step8.mesh)  # the shared compiled 8-device step
+    mixed = _losses_on(cfg, MeshConfig(data=2, fsdp=2, expert=2), 8)
     assert np.all(np.isfinite(one))
     assert one[-1, 0] != one[0, 0]  # the model trains: losses move
     np.testing.assert_allclose(data8, one, rtol=1e-4)
@@ -54,49 +60,15 @@ def test_train_step_same_losses_on_1_and_8_devices():
 # Multi-host on localhost
 
 SMALL = [
-    "--preset",
-    "tiny",
-    "--set",
-    "model.d_model=32",
-    "--set",
-    "model.head_dim=16",
-    "--set",
-    "model.n_heads=2",
-    "--set",
-    "model.n_kv_heads=1",
-    "--set",
-    "model.n_layers=2",
-    "--set",
-    "model.vocab_size=512",
-    "--set",
-    "model.dense_hidden=64",
-    "--set",
-    "moe.expert_hidden=32",
-    "--set",
-    "moe.n_routed_experts=4",
-    "--set",
-    "engram.engram_vocab_size=[500,500]",
-    "--set",
-    "engram.n_embed_per_ngram=16",
-    "--set",
-    "data.max_bytes=400000",
-    "--set",
-    "train.batch_size=8",
-    "--set",
-    "train.seq_len=32",
-    "--set",
-    "train.log_every=1",
-    "--set",
-    "train.eval_every=0",
-    "--set",
-    "optim.warmup_steps=2",
-    "--set",
-    "train.checkpoint_every=2",
+    *cli_config_args(
+        "train.seq_len=32",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "train.checkpoint_every=2",
+        # an extended run keeps its boundaries, but the reference is created with other steps
+        "optim.decay_steps=[100]",
+    ),
     "--no-progress",
-    # lr decay at fixed steps: the default (80%/90% of train.steps) changes when a resumed
-    # run extends --steps, and the uninterrupted reference would then see another schedule
-    "--set",
-    "optim.decay_steps=[100]",
 ]
 
 
@@ -182,6 +154,7 @@ def _losses(workdir):
     return {r["step"]: r["loss"] for r in recs if "loss" in r}
 
 
+@pytest.mark.slow
 def test_two_processes_train_checkpoint_resume_match_one_process(tmp_path):
     multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
     # 2 processes x 4 devices, one data=8 mesh; checkpoints at steps 2 and 4 from both; a Grain

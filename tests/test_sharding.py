@@ -85,9 +85,10 @@ def test_state_shardings_and_sharded_init():
         _assert_spec(mesh, model.__dict__[name][...], spec)
     _assert_spec(mesh, model.proj.kernel[...], P("fsdp", "tensor"))
     np.testing.assert_array_equal(model.table[...], np.arange(64.0).reshape(16, 4))
-    # shard_model moves an existing model the same way
-    eager = shd.shard_model(mesh, _Toy(nnx.Rngs(0)))
-    _assert_spec(mesh, eager.table[...], P(shd.MESH_AXES))
+    # an existing model's state placed by the same rule
+    eager = nnx.state(_Toy(nnx.Rngs(0)))
+    eager = jax.device_put(eager, shd.state_shardings(mesh, eager))
+    _assert_spec(mesh, eager["table"][...], P(shd.MESH_AXES))
 
 
 def test_optimizer_state_is_sharded_like_its_params():
@@ -95,8 +96,9 @@ def test_optimizer_state_is_sharded_like_its_params():
 
     mesh = shd.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     model = shd.sharded_init(mesh, lambda: _Toy(nnx.Rngs(0)))
-    opt = shd.shard_model(mesh, nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param))
-    adam_state = opt.opt_state[0]
+    opt = nnx.state(nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param))
+    opt = jax.device_put(opt, shd.state_shardings(mesh, opt))
+    adam_state = opt["opt_state"][0]
     _assert_spec(mesh, adam_state.mu["table"][...], P(shd.MESH_AXES))
     _assert_spec(mesh, adam_state.nu["embed"][...], P("tensor", "fsdp"))
     _assert_spec(mesh, adam_state.count[...], P())

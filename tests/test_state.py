@@ -3,7 +3,7 @@ allocating, on one device and on meshes of 8 fake devices, sparse and dense path
 
 import jax
 import pytest
-from test_train_hlo import tiny_cfg
+from conftest import tiny_cfg
 
 from engram_jax import sharding as shd
 from engram_jax.config import MeshConfig

@@ -9,48 +9,16 @@ import sys
 import time
 
 import pytest
+from conftest import cli_config_args
 
 # A very small model on a slice of the default corpus: seconds per step on 2 cores.
-SMALL = [
-    "--preset",
-    "tiny",
-    "--set",
-    "model.d_model=32",
-    "--set",
-    "model.head_dim=16",
-    "--set",
-    "model.n_heads=2",
-    "--set",
-    "model.n_kv_heads=1",
-    "--set",
-    "model.n_layers=2",
-    "--set",
-    "model.vocab_size=512",
-    "--set",
-    "model.dense_hidden=64",
-    "--set",
-    "moe.expert_hidden=32",
-    "--set",
-    "moe.n_routed_experts=4",
-    "--set",
-    "engram.engram_vocab_size=[500,500]",
-    "--set",
-    "engram.n_embed_per_ngram=16",
-    "--set",
-    "data.max_bytes=400000",
-    "--set",
+SMALL = cli_config_args(
     "train.batch_size=4",
-    "--set",
     "train.seq_len=32",
-    "--set",
     "mesh.data=1",
-    "--set",
     "train.log_every=1",
-    "--set",
     "train.eval_every=0",
-    "--set",
-    "optim.warmup_steps=2",
-]
+)
 
 
 def _cli(args, **kw):
@@ -92,6 +60,7 @@ def reference_run(tmp_path_factory):
     return wd
 
 
+@pytest.mark.slow
 def test_kill9_resume_is_bit_identical(reference_run, tmp_path):
     wd = str(tmp_path / "killed")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -129,6 +98,7 @@ def test_kill9_resume_is_bit_identical(reference_run, tmp_path):
     assert got == ref  # exact float equality, every step
 
 
+@pytest.mark.slow
 def test_eval_prints_val_loss(reference_run):
     r = _cli(["eval", "--workdir", reference_run, "--batches", "2"])
     assert r.returncode == 0, r.stderr[-2000:]
@@ -136,10 +106,11 @@ def test_eval_prints_val_loss(reference_run):
     assert out["step"] == 12 and 0 < out["val_loss"] < 10
 
 
+@pytest.mark.slow
 def test_workdir_loads_the_model_and_table_rows_from_the_trainers_checkpoint(reference_run):
     import jax
     import numpy as np
-    from test_train_hlo import synthetic_batch
+    from conftest import global_batch
 
     from engram_jax.generate import Generator, load_workdir
     from engram_jax.offload import HostRows
@@ -157,7 +128,7 @@ def test_workdir_loads_the_model_and_table_rows_from_the_trainers_checkpoint(ref
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # the loaded model evaluates as the trainer's eval step does (rows caught up on read)
     cfg, mesh = loaded.cfg, single_device_mesh()
-    batch = synthetic_batch(cfg, mesh)
+    batch = global_batch(cfg, mesh)
     trainer_eval = jax.jit(make_eval_step(cfg, full.graphdef, mesh))(full.state, batch)
     model_eval = jax.jit(make_eval_step(cfg, loaded.graphdef))(loaded.state, batch)
     stale_eval = jax.jit(make_eval_step(cfg, full.graphdef))(full.state, batch)
@@ -181,6 +152,7 @@ def test_workdir_loads_the_model_and_table_rows_from_the_trainers_checkpoint(ref
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_workdir_of_another_config_is_refused(reference_run):
     before = open(os.path.join(reference_run, "config.json")).read()
     r = _cli(["train", *SMALL, "--set", "model.d_model=64", "--workdir", reference_run])
@@ -190,6 +162,7 @@ def test_workdir_of_another_config_is_refused(reference_run):
     assert open(os.path.join(reference_run, "config.json")).read() == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "data, message", [("missing/path.txt", "not found"), ("EMPTY", "no non-empty documents")]
 )
@@ -205,6 +178,7 @@ def test_bad_data_is_one_line_error(tmp_path, data, message):
     assert not (wd / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_last_good_checkpoint(tmp_path):
     wd = str(tmp_path / "nan")
     r = _cli(

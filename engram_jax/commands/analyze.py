@@ -159,9 +159,7 @@ def run_gates(args) -> dict:
     ids = sp.encode(args.text)[: args.max_tokens]
     if len(ids) < 1:
         raise ValueError("--text encodes to no tokens")
-    from engram_jax.hashing import NgramHasher
-
-    hasher = NgramHasher(cfg.engram, comp.num_compressed, int(comp.lookup[cfg.engram.pad_id]))
+    hasher = comp.hasher(cfg.engram)
     tokens = np.asarray([ids], np.int32)
     g = an.gates(model, tokens, hasher(comp(tokens)))
     labels = [token_label(sp.decode([i])) for i in ids]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from engram_jax.commands import add_set_arg
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -20,14 +22,7 @@ def add_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--preset", default="tiny", help="config whose Engram/backbone sizes to use")
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set engram.max_ngram_size=4",
-    )
+    add_set_arg(p, "engram.max_ngram_size=4")
     p.add_argument("--kb", type=float, default=8.0, help="KB of stdlib source to run on")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
     p.add_argument("--tokenizer", default=None, help="SentencePiece .model to use")

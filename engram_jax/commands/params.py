@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from engram_jax.commands import add_set_arg
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -12,14 +14,7 @@ def add_parser(subparsers) -> None:
         description="Analytic parameter counts from the config alone (ENGRAM_SPEC section 6).",
     )
     p.add_argument("--preset", required=True, help="preset name, e.g. engram-27b")
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set moe.n_routed_experts=64",
-    )
+    add_set_arg(p, "moe.n_routed_experts=64")
     p.add_argument("--json", action="store_true", help="print one JSON object (raw counts)")
     p.set_defaults(func=run)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from engram_jax.commands import add_set_arg
+
 
 def add_common_config_args(p: argparse.ArgumentParser, *, preset_default: str | None) -> None:
     p.add_argument(
@@ -11,15 +13,7 @@ def add_common_config_args(p: argparse.ArgumentParser, *, preset_default: str | 
         default=preset_default,
         help="named config (tiny, small, ...; see `engram-jax params --help`)",
     )
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set train.steps=100 "
-        "--set engram.layer_ids=[1]; values are JSON or Python literals",
-    )
+    add_set_arg(p)
 
 
 def add_distributed_args(p: argparse.ArgumentParser) -> None:

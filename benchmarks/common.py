@@ -1,0 +1,30 @@
+"""Helpers every benchmark shares (markdown sections: :mod:`benchmarks.bench_markdown`)."""
+
+from __future__ import annotations
+
+import os
+
+
+def cpu_seconds() -> float:
+    """CPU seconds (user + system, all threads) of this process: on a machine shared with
+    other jobs this measures the work, where wall time also measures the queue."""
+    t = os.times()
+    return t.user + t.system
+
+
+def add_cache_dir_arg(ap) -> None:
+    ap.add_argument(
+        "--cache-dir",
+        default="/tmp/engram_jax_bench_cache",
+        help="JAX persistent compilation cache ('' to disable)",
+    )
+
+
+def enable_compile_cache(path: str) -> None:
+    """JAX's persistent compilation cache in ``path`` ('' leaves it off): reruns of the same
+    shapes skip compilation."""
+    if path:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
