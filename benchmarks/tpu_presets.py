@@ -9,9 +9,9 @@ of the expert-parallel MoE against the analytic volume.
 Each compile of a 27B-40B preset takes minutes and several GB of RAM: the raw reports are kept
 in ``benchmarks/tpu_presets.json`` and ``--only NAME`` recompiles one entry.
 
-    python benchmarks/tpu_presets.py --only engram-27b
-    python benchmarks/tpu_presets.py --update BENCHMARKS.md     # every entry, then the table
-    python benchmarks/tpu_presets.py --table-only --update BENCHMARKS.md
+    python -m benchmarks.tpu_presets --only engram-27b
+    python -m benchmarks.tpu_presets --update BENCHMARKS.md     # every entry, then the table
+    python -m benchmarks.tpu_presets --table-only --update BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ import os
 import time
 from pathlib import Path
 
-from bench_markdown import command_line, date_utc, publish
-
+from benchmarks.bench_markdown import command_line, date_utc, publish
 from engram_jax.config import override
 from engram_jax.presets import get_preset
 from engram_jax.tpu_compile import compile_in_subprocess

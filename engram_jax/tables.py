@@ -39,8 +39,9 @@ In place: the update reads and writes K = N rows of three tables. Call it inside
 DONATES the table, mu and nu (``donate_argnums``); without donation XLA copies all three
 tables every step (10-50x slower on big tables).
 
-The train step (:mod:`engram_jax.train`) calls :func:`sharded_catch_up` on the batch's ids,
-gathers the rows, differentiates the loss w.r.t. them and calls :func:`sparse_tables_step`.
+The train step (:func:`engram_jax.step.make_train_step`) calls :func:`sharded_catch_up` on the
+batch's ids, gathers the rows, differentiates the loss w.r.t. them and calls
+:func:`sparse_tables_step`.
 
 Limits: every device all-gathers all N ids and row gradients and sorts N ids, so per-device
 work and traffic are O(N d) in the GLOBAL lookup count. That is the right order for this

@@ -198,15 +198,13 @@ def test_remat_train_step_equals_the_plain_one():
     model, merged inside the jit) must trace with it and give the same loss and update."""
     import jax
     import numpy as np
+    from conftest import global_batch, tiny_cfg
 
     from engram_jax import sharding as shd
     from engram_jax.config import MeshConfig
     from engram_jax.optim import make_optimizer
     from engram_jax.state import init_state
     from engram_jax.step import make_train_step
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_train_hlo import synthetic_batch, tiny_cfg
 
     mesh = shd.make_mesh(MeshConfig(data=2), jax.devices()[:2])
     out = []
@@ -215,7 +213,7 @@ def test_remat_train_step_equals_the_plain_one():
         tx = make_optimizer(cfg, cfg.train.steps)
         graphdef, state = init_state(cfg, mesh, tx)
         _, metrics = jax.jit(make_train_step(cfg, graphdef, tx, mesh))(
-            state, synthetic_batch(cfg, mesh)
+            state, global_batch(cfg, mesh)
         )
         out.append(jax.device_get(metrics))
     # the gradient norm covers every gradient (backbone and table rows); parameters after the
