@@ -153,6 +153,7 @@ def test_disk_host_rows_writes_on_first_use_and_releases(tmp_path):
         disk_host_rows(model, comp, path, source="checkpoint step 4")
 
 
+@pytest.mark.slow
 def test_cli_disk_tier_and_prompts_file(tmp_path):
     from test_train import SMALL, _cli
 
