@@ -218,8 +218,7 @@ def main() -> None:
     load = os.getloadavg()[0]
     runs = [(name, args.sets) for name in (args.preset or ["toy"])]
     if args.with_dense:
-        from study_throughput import dense_overrides
-
+        from benchmarks.study_throughput import dense_overrides
         from engram_jax.config import override
         from engram_jax.presets import get_preset
 
