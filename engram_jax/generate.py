@@ -51,15 +51,21 @@ def init_cache(model, batch: int, max_len: int) -> dict:
 
 def sample(logits_BxV, key, temperature, top_k):
     """Greedy argmax when ``temperature <= 0``, else top-k (``top_k <= 0``: all) sampling at
-    ``temperature``: -> int32 [B]. Every argument may be traced (no recompilation)."""
+    ``temperature``: -> int32 [B]. Every argument may be traced (no recompilation); a greedy
+    step skips the sort and the random draws (``lax.cond``: on CPU they cost more than the
+    rest of a small model's step)."""
+    greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    draw = functools.partial(_draw, logits_BxV, key, temperature, top_k)
+    return jax.lax.cond(temperature > 0, draw, lambda: greedy_B)
+
+
+def _draw(logits_BxV, key, temperature, top_k):
     v = logits_BxV.shape[-1]
     k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
     kth_Bx1 = jnp.take(jnp.sort(logits_BxV, axis=-1), v - k, axis=-1)[:, None]
     scaled_BxV = logits_BxV / jnp.maximum(temperature, 1e-6)
     scaled_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, scaled_BxV)
-    sampled_B = jax.random.categorical(key, scaled_BxV, axis=-1)
-    greedy_B = jnp.argmax(logits_BxV, axis=-1)
-    return jnp.where(temperature > 0, sampled_B, greedy_B).astype(jnp.int32)
+    return jax.random.categorical(key, scaled_BxV, axis=-1).astype(jnp.int32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,10 +101,11 @@ def sample_at(logits_BxV, key, pos, temperature, top_k):
     if jnp.ndim(pos) == 0:
         return sample(logits_BxV, jax.random.fold_in(key, pos), temperature, top_k)
 
-    def one(logits_V, pos_b):
-        return sample(logits_V[None], jax.random.fold_in(key, pos_b), temperature, top_k)[0]
+    def one(logits_V, pos_b):  # under vmap a cond runs both branches: keep it outside
+        return _draw(logits_V[None], jax.random.fold_in(key, pos_b), temperature, top_k)[0]
 
-    return jax.vmap(one)(logits_BxV, pos)
+    greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    return jax.lax.cond(temperature > 0, lambda: jax.vmap(one)(logits_BxV, pos), lambda: greedy_B)
 
 
 @functools.lru_cache(maxsize=32)
