@@ -90,6 +90,7 @@ def report(libtpu_dir):
     return compile_json(libtpu_dir)
 
 
+@pytest.mark.slow
 def test_report_keys_and_fit(report):
     for key in (
         "topology",
@@ -111,6 +112,7 @@ def test_report_keys_and_fit(report):
     assert report["decode"]["fits"] is True and report["decode"]["hbm_bytes_per_chip"] > 0
 
 
+@pytest.mark.slow
 def test_bytes_per_chip_match_the_parameter_count(report):
     cfg = override(get_preset("tiny"), SMALL)
     counts = count_params(cfg)
@@ -128,6 +130,7 @@ def test_bytes_per_chip_match_the_parameter_count(report):
     assert report["hbm_bytes_per_chip"] > kept + report["table_bytes_per_chip"]
 
 
+@pytest.mark.slow
 def test_flops_and_estimates(report):
     assert report["flops_per_chip"] >= report["model_flops_per_chip"] > 0
     assert report["est_step_s"] > 0
@@ -138,6 +141,7 @@ def test_flops_and_estimates(report):
     assert report["collective_bytes"].get("all-reduce", 0) > 0
 
 
+@pytest.mark.slow
 def test_table_traffic_does_not_grow_with_the_table(libtpu_dir):
     one = compile_json(libtpu_dir, "engram.engram_vocab_size=[3000,3000]", extra=["--no-decode"])
     four = compile_json(libtpu_dir, "engram.engram_vocab_size=[12000,12000]", extra=["--no-decode"])
@@ -145,6 +149,7 @@ def test_table_traffic_does_not_grow_with_the_table(libtpu_dir):
     assert one["collective_bytes"] == four["collective_bytes"]
 
 
+@pytest.mark.slow
 def test_human_report(libtpu_dir):
     args = ["--preset", "tiny", "--topology", TOPOLOGY, "--no-decode"]
     for s in SMALL:
@@ -154,6 +159,7 @@ def test_human_report(libtpu_dir):
     assert "fits" in r.stdout and "MFU" in r.stdout and "all-reduce" in r.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args,needs_libtpu,message",
     [
@@ -170,6 +176,7 @@ def test_bad_input_is_one_line_exit_2(args, needs_libtpu, message, request):
     assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_missing_libtpu_is_one_line_exit_2(tmp_path):
     """A Python without libtpu (a venv of its own with engram-jax's path, no libtpu)."""
     venv = tmp_path / "venv"
@@ -223,6 +230,7 @@ def test_remat_train_step_equals_the_plain_one():
         np.testing.assert_allclose(out[1][key], out[0][key], rtol=1e-5, err_msg=key)
 
 
+@pytest.mark.slow
 def test_expert_parallel_all_to_all_volume_on_tpu(libtpu_dir):
     """moe.dispatch=ep with 4 experts over a 4-chip expert axis: the compiled TPU step's
     all-to-all bytes equal the analytic volume (per MoE layer: tokens there and back,
