@@ -15,8 +15,8 @@ Ctrl-C leaves any existing store untouched and no half-written one behind.
 
 :class:`DiskRows` serves ``take(ids_N) -> rows [N, d]`` like the host stores of
 ``engram_jax.offload``, behind the same hot-row cache (``HostRows``), and adds
-``prefetch(ids)``: tensorstore starts the read on its own I/O thread pool and returns at
-once; a later ``take`` collects it. ``Generator`` prefetches the next prompt chunk's rows while
+``prefetch(ids)``: the reads start on a thread pool and the call returns at once; a later
+``take`` collects them. ``Generator`` prefetches the next prompt chunk's rows while
 the current chunk runs, and a decode step's rows as soon as its token is sampled.
 
 Shape legend: R rows of a layer's table, d row width, N ids, U unique ids.
@@ -73,7 +73,10 @@ def model_tables(model) -> dict:
 
 def default_store_path(workdir: str, step: int) -> str:
     """Where ``engram-jax generate --offload disk`` keeps a run's store: ``W/table_store/<step>``
-    (beside ``W/checkpoints``, not inside it, so checkpoint managers never see it)."""
+    (beside ``W/checkpoints``, not inside it, so checkpoint managers never see it). A store is
+    read with random accesses: a remote workdir needs an explicit local ``--table-store``."""
+    if "://" in str(workdir):
+        raise StoreError(f"workdir {workdir} is remote: pass --table-store with a local path")
     return os.path.join(workdir, "table_store", str(int(step)))
 
 
@@ -266,45 +269,101 @@ def check_store(path: str, signature: dict, shapes: dict) -> dict:
 
 
 class DiskRows:
-    """One layer's table in a store: ``take(ids_N) -> rows [N, d]`` (NumPy, float32) reads the
-    inner chunks holding the rows; ``prefetch(ids)`` starts that read in the background.
-    ``cache_bytes``: tensorstore's own cache (shard indexes and recently read chunks)."""
+    """One layer's table in a store: ``take(ids_N) -> rows [N, d]`` (NumPy, float32);
+    ``prefetch(ids)`` starts reading rows on a thread pool and returns at once.
 
-    def __init__(self, path: str, layer: int, *, cache_bytes: int = 64 << 20, keep: int = 4):
+    tensorstore opens (validates) the array; rows are then ``os.pread`` from the zarr3 shard
+    files (the layout written here: raw little-endian inner chunks, the shard index of
+    (offset, length) uint64 pairs at the end, loaded once per shard): one small read per row,
+    where tensorstore's read path spends tens of microseconds of CPU per chunk. ``threads``:
+    reads in flight (a disk serves concurrent random reads much faster than serial ones)."""
+
+    _NONE = np.uint64(2**64 - 1)  # index entry of an inner chunk never written (fill value)
+
+    def __init__(self, path: str, layer: int, *, threads: int = 16, keep: int = 4):
+        import concurrent.futures
+        import threading
+
         import tensorstore as ts
 
-        spec = {
-            "driver": "zarr3",
-            "kvstore": {"driver": "file", "path": os.path.join(path, f"layer_{layer}")},
-            "recheck_cached_data": False,  # the store is immutable once written
-            "recheck_cached_metadata": False,
-            "context": {"cache_pool": {"total_bytes_limit": int(cache_bytes)}},
-        }
-        self.array = ts.open(spec, open=True, read=True).result()
-        self.shape = tuple(int(s) for s in self.array.shape)
-        self._pending: list = []  # (sorted unique ids, tensorstore future), newest last
+        root = os.path.join(path, f"layer_{layer}")
+        spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": root}}
+        meta = ts.open(spec, open=True, read=True).result().spec().to_json()["metadata"]
+        self.shape = tuple(int(s) for s in meta["shape"])
+        self.shard_rows = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
+        (codec,) = meta["codecs"]
+        self.chunk_rows = int(codec["configuration"]["chunk_shape"][0])
+        self.n_inner = -(-self.shard_rows // self.chunk_rows)
+        self.row_bytes = 4 * self.shape[1]
+        self.root = root
+        self._shards: dict = {}  # shard -> (fd, offsets of its inner chunks)
+        self._lock = threading.Lock()
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=int(threads))
+        self._threads = int(threads)
+        self._pending: list = []  # (sorted unique ids, future of their rows), newest last
         self.keep = int(keep)
+
+    def _shard(self, s: int):
+        got = self._shards.get(s)
+        if got is not None:
+            return got
+        with self._lock:  # pool threads may meet a new shard together
+            if s in self._shards:
+                return self._shards[s]
+            fd = os.open(os.path.join(self.root, "c", str(s), "0"), os.O_RDONLY)
+            size = os.fstat(fd).st_size
+            index = os.pread(fd, 16 * self.n_inner, size - 16 * self.n_inner - 4)
+            got = self._shards[s] = fd, np.frombuffer(index, "<u8").reshape(-1, 2)[:, 0]
+            return got
+
+    def _read(self, ids_U: np.ndarray) -> np.ndarray:
+        rows = bytearray(len(ids_U) * self.row_bytes)
+        n, view = self.row_bytes, memoryview(rows)
+        for j, g in enumerate(ids_U.tolist()):
+            s, r = divmod(g, self.shard_rows)
+            fd, offsets = self._shard(s)
+            c, k = divmod(r, self.chunk_rows)
+            if offsets[c] != self._NONE:
+                view[j * n : (j + 1) * n] = os.pread(fd, n, int(offsets[c]) + k * n)
+        return np.frombuffer(rows, np.float32).reshape(len(ids_U), self.shape[1])
+
+    def _submit(self, uniq_U: np.ndarray):
+        """Split the reads over the pool: -> a callable returning rows in ``uniq_U`` order."""
+        parts = np.array_split(uniq_U, min(self._threads, max(1, len(uniq_U) // 4)))
+        futures = [self._pool.submit(self._read, p) for p in parts if len(p)]
+        return lambda: np.concatenate([f.result() for f in futures])
 
     def prefetch(self, ids_N) -> None:
         uniq_U = np.unique(np.asarray(ids_N, np.int64).reshape(-1))
         if uniq_U.size:
-            self._pending.append((uniq_U, self.array[uniq_U].read()))
+            self._pending.append([uniq_U, self._submit(uniq_U), None])
             del self._pending[: -self.keep]
 
     def take(self, ids_N) -> np.ndarray:
         ids_N = np.asarray(ids_N, np.int64).reshape(-1)
+        if ids_N.size and (ids_N.min() < 0 or ids_N.max() >= self.shape[0]):
+            raise IndexError(f"row ids outside [0, {self.shape[0]})")
         uniq_U, inv_N = np.unique(ids_N, return_inverse=True)
         rows_UxD = np.empty((len(uniq_U), self.shape[1]), np.float32)
         todo_U = np.ones(len(uniq_U), bool)
-        for got_ids, future in reversed(self._pending):
+        for entry in reversed(self._pending):
+            got_ids = entry[0]
             at_U = np.minimum(np.searchsorted(got_ids, uniq_U), len(got_ids) - 1)
             found_U = todo_U & (got_ids[at_U] == uniq_U)
             if found_U.any():
-                rows_UxD[found_U] = future.result()[at_U[found_U]]
+                if entry[2] is None:
+                    entry[2] = entry[1]()  # wait for the prefetched rows
+                rows_UxD[found_U] = entry[2][at_U[found_U]]
                 todo_U &= ~found_U
-        if todo_U.any():  # tensorstore reads each distinct chunk once
-            rows_UxD[todo_U] = self.array[uniq_U[todo_U]].read().result()
+        if todo_U.any():
+            rows_UxD[todo_U] = self._submit(uniq_U[todo_U])()
         return rows_UxD[inv_N]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for fd, _ in self._shards.values():
+            os.close(fd)
+        self._shards.clear()
 
 
 def open_store(path: str, signature: dict, shapes: dict, **kw) -> dict:

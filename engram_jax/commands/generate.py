@@ -118,14 +118,10 @@ def _rows(args, model, compression):
         cfg = OffloadConfig(memory_kind=args.memory_kind, hot_rows=args.hot_rows)
         return HostRows.from_model(model, cfg, release=True)
     if args.offload == "disk" and model.engram_layers:
-        from engram_jax.checkpoint import Checkpointer
         from engram_jax.disk_tier import default_store_path, disk_host_rows
+        from engram_jax.workdir import Workdir
 
-        step = args.step
-        if step is None:
-            ckpt = Checkpointer(args.workdir)
-            step = ckpt.latest_step()
-            ckpt.close()
+        step = Workdir(args.workdir).latest_step() if args.step is None else args.step
         path = args.table_store or default_store_path(args.workdir, step)
         return disk_host_rows(
             model,
