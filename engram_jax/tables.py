@@ -214,9 +214,10 @@ def sharded_lookup(
     return fn(table, *extra, ids)
 
 
-def sharded_catch_up(mesh: Mesh, table, mu, nu, last, ids, step, lr_fn, b1, b2, eps):
+def sharded_catch_up(mesh: Mesh, table, mu, nu, last, ids, step, lr_fn, b1, b2, eps, **chunk):
     """:func:`catch_up_touched` on a row-sharded table from batch-sharded ids (all-gathered
-    over the batch axes: O(N) traffic). Returns ``(table, mu, nu, last)``; donate them."""
+    over the batch axes: O(N) traffic). Returns ``(table, mu, nu, last)``; donate them.
+    ``chunk=``: rows replayed together (:func:`engram_jax.catch_up.catch_up_rows`)."""
     batch, taxes, _ = _axes(mesh)
     horizon = catch_up_horizon(b1, b2)
 
@@ -225,7 +226,7 @@ def sharded_catch_up(mesh: Mesh, table, mu, nu, last, ids, step, lr_fn, b1, b2, 
         if batch:
             ids_N = jax.lax.all_gather(ids_N, batch, tiled=True)
         local_N = _owned(ids_N, t.shape[0], taxes)
-        return catch_up_touched(t, m, v, lst, local_N, step, lr_fn, b1, b2, eps, horizon)
+        return catch_up_touched(t, m, v, lst, local_N, step, lr_fn, b1, b2, eps, horizon, **chunk)
 
     row, vec = P(taxes, None), P(taxes)
     fn = jax.shard_map(

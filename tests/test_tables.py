@@ -307,6 +307,30 @@ def _random_interval_ids(rng, steps, R, N):
     return out
 
 
+def test_chunked_catch_up_is_bit_identical_to_the_unchunked_replay():
+    # touched rows with gaps 0, 1-3, tens, beyond the horizon, never updated (last -1), and
+    # duplicate and out-of-range ids; K = 50 slots is no multiple of the chunk sizes
+    R, D, N, step = 300, 5, 50, 400
+    rng = np.random.default_rng(3)
+    last = rng.choice([step - 1, step - 2, step - 4, step - 40, step - 150, 5, -1], size=R)
+    ids = jnp.asarray(np.r_[rng.integers(0, R, N - 6), [7, 7, R, R + 9, -1, 0]], jnp.int32)
+    t, mu = (jnp.asarray(rng.normal(size=(R, D)), jnp.float32) for _ in range(2))
+    nu = jnp.asarray(rng.random((R, D)), jnp.float32) * 1e-2
+    mu, nu = (jnp.where(jnp.asarray(last)[:, None] < 0, 0, x) for x in (mu, nu))
+    h = catch_up.catch_up_horizon(B1, B2)
+    run = jax.jit(
+        lambda c: catch_up.catch_up_touched(
+            t, mu, nu, jnp.asarray(last, jnp.int32), ids, step, _schedule, B1, B2, EPS, h, c
+        ),
+        static_argnums=0,
+    )
+    ref = run(None)
+    assert not np.array_equal(ref[0], t)  # the replay moved rows
+    for chunk in (1, 4, 7, 16, 49):
+        for a, b in zip(run(chunk), ref):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_catch_up_horizon_bounds_the_tail():
     h = catch_up.catch_up_horizon(B1, B2)
     assert 200 < h < 300
@@ -317,6 +341,15 @@ def test_catch_up_horizon_bounds_the_tail():
 
 @pytest.mark.parametrize("mesh_cfg", [None, MeshConfig(data=8)], ids=["1dev", "data8"])
 def test_exact_adam_equals_dense_adam_with_rows_touched_at_random_intervals(mesh_cfg):
+    # chunks of 3 of the 8 touched slots: the chunked replay, its overlapping last chunk
+    _exact_adam_vs_dense(mesh_cfg, chunk=3)
+
+
+def test_exact_adam_unchunked_equals_dense_adam():
+    _exact_adam_vs_dense(None, chunk=None)
+
+
+def _exact_adam_vs_dense(mesh_cfg, chunk):
     R, D, N, steps = 64, 3, 8, 700
     rng = np.random.default_rng(7)
     table0 = jnp.asarray(rng.normal(size=(R, D)), jnp.float32)
@@ -334,7 +367,7 @@ def test_exact_adam_equals_dense_adam_with_rows_touched_at_random_intervals(mesh
     @jax.jit
     def sparse_step(t, mu, nu, last, ids, g, step):
         t, mu, nu, last = tables.sharded_catch_up(
-            mesh, t, mu, nu, last, ids, step, _schedule, B1, B2, EPS
+            mesh, t, mu, nu, last, ids, step, _schedule, B1, B2, EPS, chunk=chunk
         )
         read = tables.sharded_lookup(mesh, t, ids)  # what the forward sees
         merged = tables.sharded_merge_row_grads(mesh, ids, g, R)
