@@ -280,7 +280,7 @@ class DiskRows:
 
     _NONE = np.uint64(2**64 - 1)  # index entry of an inner chunk never written (fill value)
 
-    def __init__(self, path: str, layer: int, *, threads: int = 16, keep: int = 4):
+    def __init__(self, path: str, layer: int, *, threads: int = 8, keep: int = 4):
         import concurrent.futures
         import threading
 
@@ -329,7 +329,7 @@ class DiskRows:
 
     def _submit(self, uniq_U: np.ndarray):
         """Split the reads over the pool: -> a callable returning rows in ``uniq_U`` order."""
-        parts = np.array_split(uniq_U, min(self._threads, max(1, len(uniq_U) // 4)))
+        parts = np.array_split(uniq_U, min(self._threads, -(-len(uniq_U) // 16)))
         futures = [self._pool.submit(self._read, p) for p in parts if len(p)]
         return lambda: np.concatenate([f.result() for f in futures])
 

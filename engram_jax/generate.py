@@ -134,7 +134,7 @@ class DeviceRows:
         self._take = jax.jit(lambda t, g: {i: jnp.take(t[i], g[i], axis=0) for i in g})
 
     def __call__(self, gids: dict) -> dict:
-        return self._take(self.tables, {i: jnp.asarray(g, jnp.int32) for i, g in gids.items()})
+        return self._take(self.tables, {i: np.asarray(g, np.int32) for i, g in gids.items()})
 
 
 @dataclasses.dataclass

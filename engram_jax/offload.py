@@ -319,9 +319,11 @@ class HostRows:
                 ids_U = ids_U[np.fromiter((g not in cached for g in ids_U.tolist()), bool)]
             start(ids_U)
 
-    def _direct(self, store, ids_N):
-        rows = store.take(ids_N)
-        return rows if isinstance(rows, jax.Array) else jax.device_put(rows, self.device)
+    def _direct(self, store, ids, lead):
+        rows = store.take(ids.reshape(-1))
+        if isinstance(rows, jax.Array):
+            return rows.reshape(lead + (store.shape[1],))
+        return jax.device_put(rows.reshape(lead + (store.shape[1],)), self.device)
 
     def __call__(self, gids: dict) -> dict:
         out = {}
@@ -330,26 +332,23 @@ class HostRows:
             lead, store = ids.shape, self.stores[i]
             plan = self.caches[i].plan(ids) if i in self.caches else None
             if plan is None:
-                rows_NxD = self._direct(store, ids.reshape(-1))
-            else:
-                slots_N, miss_ids, miss_slots = plan
-                u = _pad_len(ids.size)  # fixed per step shape: no recompilation as misses vary
-                # padding repeats a miss (no extra row read); padding slots are dropped
-                ids_U = np.full(u, miss_ids[0] if len(miss_ids) else 0, np.int64)
-                ids_U[: len(miss_ids)] = miss_ids
-                slots_U = np.full(u, self.caches[i].size, np.int64)
-                slots_U[: len(miss_slots)] = miss_slots
-                if len(miss_ids):
-                    rows_UxD = self._direct(store, ids_U)
-                else:  # every row cached: nothing to read
-                    rows_UxD = jnp.zeros((u, store.shape[1]), jnp.float32)
-                self._dev[i], rows_NxD = _assemble_donated(
-                    self._dev[i],
-                    jnp.asarray(slots_U, jnp.int32),
-                    rows_UxD,
-                    jnp.asarray(slots_N, jnp.int32),
-                )
-            out[i] = rows_NxD.reshape(lead + (store.shape[1],))
+                out[i] = self._direct(store, ids, lead)
+                continue
+            slots_N, miss_ids, miss_slots = plan
+            u = _pad_len(ids.size)  # fixed per step shape: no recompilation as misses vary
+            # padding repeats a miss (no extra row read); padding slots are dropped
+            ids_U = np.full(u, miss_ids[0] if len(miss_ids) else 0, np.int64)
+            ids_U[: len(miss_ids)] = miss_ids
+            slots_U = np.full(u, self.caches[i].size, np.int32)
+            slots_U[: len(miss_slots)] = miss_slots
+            if len(miss_ids):
+                rows_UxD = store.take(ids_U)
+            else:  # every row cached: nothing to read
+                rows_UxD = np.zeros((u, store.shape[1]), np.float32)
+            # NumPy arguments go to the jitted call as they are (its fast transfer path)
+            self._dev[i], out[i] = _assemble_donated(
+                self._dev[i], slots_U, rows_UxD, slots_N.reshape(lead).astype(np.int32)
+            )
         return out
 
 
