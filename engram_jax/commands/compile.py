@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+from engram_jax.commands import add_set_arg
+
 GiB = 1024**3
 
 
@@ -29,14 +31,7 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--mesh", default="", help="mesh axis sizes, e.g. fsdp=64,tensor=2 (default: the preset's)"
     )
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set train.batch_size=256",
-    )
+    add_set_arg(p, "train.batch_size=256")
     p.add_argument("--no-decode", action="store_true", help="compile the train step only")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)

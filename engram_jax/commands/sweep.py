@@ -5,6 +5,8 @@ finished runs (resumable); a failed run is a row with an error."""
 
 from __future__ import annotations
 
+from engram_jax.commands import add_set_arg
+
 
 def _add_common(p, study: str) -> None:
     p.add_argument("--preset", default="toy", help="base config: any preset (default: toy)")
@@ -19,14 +21,7 @@ def _add_common(p, study: str) -> None:
         default=65_536,
         help="held-out tokens of the one evaluation at the last step (>= this many)",
     )
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a base config field before the sweep is built",
-    )
+    add_set_arg(p, "data.max_bytes=0")
     p.add_argument("--out", default=f"experiments/results/{study}", help="output directory")
 
 
