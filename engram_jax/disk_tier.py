@@ -329,9 +329,13 @@ class DiskRows:
 
     def _submit(self, uniq_U: np.ndarray):
         """Split the reads over the pool: -> a callable returning rows in ``uniq_U`` order."""
-        parts = np.array_split(uniq_U, min(self._threads, -(-len(uniq_U) // 16)))
-        futures = [self._pool.submit(self._read, p) for p in parts if len(p)]
-        return lambda: np.concatenate([f.result() for f in futures])
+        parts = [p for p in np.array_split(uniq_U, min(self._threads, -(-len(uniq_U) // 16)))]
+        futures = [self._pool.submit(self._read, p) for p in parts]
+        # a part no pool thread has started yet is read here instead: on a busy machine a
+        # thread's wake-up can take longer than its reads
+        return lambda: np.concatenate(
+            [self._read(p) if f.cancel() else f.result() for p, f in zip(parts, futures)]
+        )
 
     def prefetch(self, ids_N) -> None:
         uniq_U = np.unique(np.asarray(ids_N, np.int64).reshape(-1))
