@@ -292,9 +292,22 @@ def markdown(cfg, model, big, speeds, hits, replay, info, args, command, evicted
         )
     b0, b1 = min(args.batches), max(args.batches)
     scale = speeds["resident", b1]["median"] / speeds["resident", b0]["median"]
+
+    def ratio(name, b):
+        return speeds[name, b]["median"] / speeds["resident", b]["median"]
+
+    host = ", ".join(f"{100 * ratio('host', b):.0f}% at batch {b}" for b in args.batches)
+    goals = [f"batched decode (resident): batch {b1} = {scale:.1f}x batch {b0} (goal >= 6x)"]
+    goals.append(f"host vs resident (median tokens/s): {host} (goal: within 10%)")
+    if big is not None:
+        goals.append(
+            f"disk with the {big_gb:.0f} GB table vs resident: "
+            f"{100 * ratio('disk, large', b0):.0f}% at batch {b0} (goal >= 50%), "
+            f"{100 * ratio('disk, large', b1):.0f}% at batch {b1} (goal >= 80%)"
+        )
     lines += [
         "",
-        f"Batched decode, resident: batch {b1} reaches {scale:.1f}x the tokens/s of batch {b0}.",
+        "Against the goals (computed from the medians above): " + "; ".join(goals) + ".",
         "",
         (
             f"Hot-row cache replay on the same text ({info['measured']:,} tokens after "
