@@ -136,7 +136,9 @@ def warm_caches(gens, modes, tokens, args) -> None:
 
 
 def evict(path: str) -> None:
-    """Drop a store's pages from the page cache (no privilege needed)."""
+    """Drop a store's pages from the page cache (no privilege needed; dirty pages are written
+    first, as DONTNEED keeps them)."""
+    os.sync()
     for folder, _, names in os.walk(path):
         for name in names:
             fd = os.open(os.path.join(folder, name), os.O_RDONLY)

@@ -280,7 +280,7 @@ class DiskRows:
 
     _NONE = np.uint64(2**64 - 1)  # index entry of an inner chunk never written (fill value)
 
-    def __init__(self, path: str, layer: int, *, threads: int = 8, keep: int = 4):
+    def __init__(self, path: str, layer: int, *, threads: int = 32, keep: int = 4):
         import concurrent.futures
         import threading
 
@@ -329,7 +329,7 @@ class DiskRows:
 
     def _submit(self, uniq_U: np.ndarray):
         """Split the reads over the pool: -> a callable returning rows in ``uniq_U`` order."""
-        parts = [p for p in np.array_split(uniq_U, min(self._threads, -(-len(uniq_U) // 16)))]
+        parts = [p for p in np.array_split(uniq_U, min(self._threads, -(-len(uniq_U) // 4)))]
         futures = [self._pool.submit(self._read, p) for p in parts]
         # a part no pool thread has started yet is read here instead: on a busy machine a
         # thread's wake-up can take longer than its reads
