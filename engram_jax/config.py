@@ -2,48 +2,25 @@
 
 Every config is a ``@dataclass(frozen=True)`` holding only ints, floats, strings, bools and
 tuples, so a whole ``Config`` can be a static ``jax.jit`` argument. Changes go through
-``dataclasses.replace`` or :func:`override` (dotted keys such as ``engram.layer_ids``).
-Validation runs in ``__post_init__`` and raises ``ValueError`` naming the field and what is
-allowed. Presets live in :mod:`engram_jax.presets`.
+``dataclasses.replace`` or :func:`override` (dotted keys such as ``engram.layer_ids``, parsed in
+:mod:`engram_jax.config_io` and re-exported here). Validation runs in ``__post_init__`` and raises
+``ValueError`` naming the field and what is allowed (:mod:`engram_jax.validate`). Presets live
+in :mod:`engram_jax.presets`.
 
 Field names of :class:`EngramConfig` follow the reference demo (ENGRAM_SPEC sections 2-4).
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import difflib
 import json
 from dataclasses import dataclass, field
-from typing import Any
 
-
-def _check(cond: bool, name: str, allowed: str, value: Any) -> None:
-    if not cond:
-        raise ValueError(f"{name}={value!r} is invalid: must be {allowed}")
-
-
-def _pos_int(obj: Any, name: str, *, allow_zero: bool = False) -> None:
-    value = getattr(obj, name)
-    lo = 0 if allow_zero else 1
-    _check(
-        isinstance(value, int) and not isinstance(value, bool) and value >= lo,
-        f"{type(obj).__name__}.{name}",
-        f"an integer >= {lo}",
-        value,
-    )
-
-
-def _choice(obj: Any, name: str, choices: tuple) -> None:
-    value = getattr(obj, name)
-    _check(value in choices, f"{type(obj).__name__}.{name}", f"one of {choices}", value)
-
-
-def _bools(obj: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        _check(isinstance(value, bool), f"{type(obj).__name__}.{name}", "True or False", value)
+from engram_jax.config_io import from_dict
+from engram_jax.config_io import override as override  # re-exported: the public path
+from engram_jax.config_io import parse_value as parse_value
+from engram_jax.config_io import valid_keys as valid_keys
+from engram_jax.validate import bools, check, choice, pos_int
 
 
 @dataclass(frozen=True)
@@ -80,14 +57,14 @@ class EngramConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "engram_vocab_size", tuple(self.engram_vocab_size))
         object.__setattr__(self, "layer_ids", tuple(self.layer_ids))
-        _pos_int(self, "max_ngram_size")
-        _check(
+        pos_int(self, "max_ngram_size")
+        check(
             self.max_ngram_size >= 2,
             "EngramConfig.max_ngram_size",
             "an integer >= 2",
             self.max_ngram_size,
         )
-        _check(
+        check(
             len(self.engram_vocab_size) == self.max_ngram_size - 1
             and all(
                 isinstance(v, int) and not isinstance(v, bool) and v >= 2
@@ -98,35 +75,35 @@ class EngramConfig:
             self.engram_vocab_size,
         )
         for name in ("n_embed_per_ngram", "n_head_per_ngram", "kernel_size"):
-            _pos_int(self, name)
-        _check(
+            pos_int(self, name)
+        check(
             self.n_embed_per_ngram % self.n_head_per_ngram == 0,
             "EngramConfig.n_embed_per_ngram",
             f"divisible by n_head_per_ngram={self.n_head_per_ngram}",
             self.n_embed_per_ngram,
         )
-        _check(
+        check(
             all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layer_ids)
             and len(set(self.layer_ids)) == len(self.layer_ids),
             "EngramConfig.layer_ids",
             "a list of distinct 0-based block indices",
             self.layer_ids,
         )
-        _check(
+        check(
             isinstance(self.seed, int) and self.seed >= 0,
             "EngramConfig.seed",
             "an integer >= 0",
             self.seed,
         )
-        _check(isinstance(self.pad_id, int), "EngramConfig.pad_id", "an integer", self.pad_id)
-        _check(self.norm_eps > 0, "EngramConfig.norm_eps", "> 0", self.norm_eps)
-        _check(
+        check(isinstance(self.pad_id, int), "EngramConfig.pad_id", "an integer", self.pad_id)
+        check(self.norm_eps > 0, "EngramConfig.norm_eps", "> 0", self.norm_eps)
+        check(
             self.table_lr_multiplier > 0,
             "EngramConfig.table_lr_multiplier",
             "> 0",
             self.table_lr_multiplier,
         )
-        _bools(
+        bools(
             self,
             "use_gating",
             "use_short_conv",
@@ -181,24 +158,24 @@ class MoEConfig:
     capacity_factor: float = 2.0
 
     def __post_init__(self) -> None:
-        _pos_int(self, "n_routed_experts")
-        _pos_int(self, "n_shared_experts", allow_zero=True)
-        _pos_int(self, "top_k")
-        _check(
+        pos_int(self, "n_routed_experts")
+        pos_int(self, "n_shared_experts", allow_zero=True)
+        pos_int(self, "top_k")
+        check(
             self.top_k <= self.n_routed_experts,
             "MoEConfig.top_k",
             f"<= n_routed_experts={self.n_routed_experts}",
             self.top_k,
         )
-        _pos_int(self, "expert_hidden")
-        _choice(self, "score_func", ("sigmoid", "softmax"))
-        _check(self.route_scale > 0, "MoEConfig.route_scale", "> 0", self.route_scale)
-        _check(
+        pos_int(self, "expert_hidden")
+        choice(self, "score_func", ("sigmoid", "softmax"))
+        check(self.route_scale > 0, "MoEConfig.route_scale", "> 0", self.route_scale)
+        check(
             self.bias_update_rate >= 0, "MoEConfig.bias_update_rate", ">= 0", self.bias_update_rate
         )
-        _bools(self, "norm_topk_prob")
-        _choice(self, "dispatch", ("ragged", "blocked", "capacity", "ep"))
-        _check(self.capacity_factor > 0, "MoEConfig.capacity_factor", "> 0", self.capacity_factor)
+        bools(self, "norm_topk_prob")
+        choice(self, "dispatch", ("ragged", "blocked", "capacity", "ep"))
+        check(self.capacity_factor > 0, "MoEConfig.capacity_factor", "> 0", self.capacity_factor)
 
 
 @dataclass(frozen=True)
@@ -246,28 +223,28 @@ class ModelConfig:
             "kv_lora_rank",
             "qk_rope_head_dim",
         ):
-            _pos_int(self, name)
-        _pos_int(self, "q_lora_rank", allow_zero=True)
-        _pos_int(self, "sinkhorn_iters", allow_zero=True)
-        _pos_int(self, "n_dense_layers", allow_zero=True)
-        _check(
+            pos_int(self, name)
+        pos_int(self, "q_lora_rank", allow_zero=True)
+        pos_int(self, "sinkhorn_iters", allow_zero=True)
+        pos_int(self, "n_dense_layers", allow_zero=True)
+        check(
             self.n_dense_layers <= self.n_layers,
             "ModelConfig.n_dense_layers",
             f"<= n_layers={self.n_layers}",
             self.n_dense_layers,
         )
-        _check(
+        check(
             self.n_heads % self.n_kv_heads == 0,
             "ModelConfig.n_kv_heads",
             f"a divisor of n_heads={self.n_heads}",
             self.n_kv_heads,
         )
-        _choice(self, "attention", ("gqa", "mla"))
-        _check(self.head_dim % 2 == 0, "ModelConfig.head_dim", "even (RoPE)", self.head_dim)
-        _check(self.rope_theta > 0, "ModelConfig.rope_theta", "> 0", self.rope_theta)
-        _check(self.norm_eps > 0, "ModelConfig.norm_eps", "> 0", self.norm_eps)
-        _choice(self, "dtype", ("float32", "bfloat16"))
-        _bools(self, "tie_embeddings", "remat", "hc_dynamic")
+        choice(self, "attention", ("gqa", "mla"))
+        check(self.head_dim % 2 == 0, "ModelConfig.head_dim", "even (RoPE)", self.head_dim)
+        check(self.rope_theta > 0, "ModelConfig.rope_theta", "> 0", self.rope_theta)
+        check(self.norm_eps > 0, "ModelConfig.norm_eps", "> 0", self.norm_eps)
+        choice(self, "dtype", ("float32", "bfloat16"))
+        bools(self, "tie_embeddings", "remat", "hc_dynamic")
 
 
 @dataclass(frozen=True)
@@ -293,23 +270,23 @@ class OptimConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "decay_steps", tuple(self.decay_steps))
         for name in ("lr", "muon_lr", "decay_factor", "eps"):
-            _check(getattr(self, name) > 0, f"OptimConfig.{name}", "> 0", getattr(self, name))
-        _pos_int(self, "warmup_steps", allow_zero=True)
-        _check(
+            check(getattr(self, name) > 0, f"OptimConfig.{name}", "> 0", getattr(self, name))
+        pos_int(self, "warmup_steps", allow_zero=True)
+        check(
             0 <= self.b1 < 1 and 0 <= self.b2 < 1,
             "OptimConfig.b1/b2",
             "in [0, 1)",
             (self.b1, self.b2),
         )
-        _check(self.weight_decay >= 0, "OptimConfig.weight_decay", ">= 0", self.weight_decay)
-        _check(self.grad_clip >= 0, "OptimConfig.grad_clip", ">= 0 (0 disables)", self.grad_clip)
-        _check(
+        check(self.weight_decay >= 0, "OptimConfig.weight_decay", ">= 0", self.weight_decay)
+        check(self.grad_clip >= 0, "OptimConfig.grad_clip", ">= 0 (0 disables)", self.grad_clip)
+        check(
             self.muon_consistent_rms >= 0,
             "OptimConfig.muon_consistent_rms",
             ">= 0 (0: width scaling)",
             self.muon_consistent_rms,
         )
-        _bools(self, "use_muon")
+        bools(self, "use_muon")
 
 
 @dataclass(frozen=True)
@@ -327,10 +304,10 @@ class DataConfig:
     worker_count: int = 0  # Grain multiprocessing workers (0: in-process)
 
     def __post_init__(self) -> None:
-        _check(0 < self.val_fraction < 1, "DataConfig.val_fraction", "in (0, 1)", self.val_fraction)
-        _choice(self, "tokenizer_type", ("bpe", "unigram"))
+        check(0 < self.val_fraction < 1, "DataConfig.val_fraction", "in (0, 1)", self.val_fraction)
+        choice(self, "tokenizer_type", ("bpe", "unigram"))
         for name in ("max_files", "max_bytes", "prefetch", "worker_count"):
-            _pos_int(self, name, allow_zero=True)
+            pos_int(self, name, allow_zero=True)
 
 
 @dataclass(frozen=True)
@@ -354,9 +331,9 @@ class TrainConfig:
             "eval_batches",
             "keep_checkpoints",
         ):
-            _pos_int(self, name)
+            pos_int(self, name)
         for name in ("seed", "eval_every", "checkpoint_every"):
-            _pos_int(self, name, allow_zero=True)
+            pos_int(self, name, allow_zero=True)
 
 
 @dataclass(frozen=True)
@@ -370,7 +347,7 @@ class MeshConfig:
 
     def __post_init__(self) -> None:
         sizes = (self.data, self.fsdp, self.expert, self.tensor)
-        _check(
+        check(
             all(isinstance(s, int) and (s >= 1 or s == -1) for s in sizes) and sizes.count(-1) <= 1,
             "MeshConfig",
             "positive sizes with at most one -1",
@@ -396,13 +373,13 @@ class Config:
 
     def __post_init__(self) -> None:
         bad = [i for i in self.engram.layer_ids if i >= self.model.n_layers]
-        _check(
+        check(
             not bad,
             "engram.layer_ids",
             f"block indices < model.n_layers={self.model.n_layers}",
             self.engram.layer_ids,
         )
-        _check(
+        check(
             self.train.seq_len <= self.model.max_seq_len,
             "train.seq_len",
             f"<= model.max_seq_len={self.model.max_seq_len}",
@@ -419,23 +396,7 @@ class Config:
     def from_dict(cls, d: dict) -> Config:
         """The inverse of :meth:`to_dict`. Missing keys take their defaults; an unknown key
         (e.g. a renamed field) is an error naming it, never silently dropped."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        kwargs = {}
-        for name, sub in d.items():
-            if name not in fields:
-                raise ValueError(f"unknown config key {name!r} (valid: {', '.join(fields)})")
-            default = getattr(cls(), name)
-            if dataclasses.is_dataclass(default):
-                known = [g.name for g in dataclasses.fields(default)]
-                bad = sorted(set(sub) - set(known)) if isinstance(sub, dict) else [""]
-                if bad:
-                    raise ValueError(
-                        f"unknown config key '{name}.{bad[0]}' (valid {name} keys: "
-                        f"{', '.join(known)})"
-                    )
-                sub = type(default)(**sub)
-            kwargs[name] = sub
-        return cls(**kwargs)
+        return from_dict(cls, d)
 
     def with_derived(self) -> Config:
         """The config with the values derived from others written in (the lr decay
@@ -445,70 +406,3 @@ class Config:
             return self
         bounds = default_decay_steps(self.train.steps)
         return dataclasses.replace(self, optim=dataclasses.replace(self.optim, decay_steps=bounds))
-
-
-# ---------------------------------------------------------------------------------------------
-# Dotted-key overrides: ``--set engram.layer_ids=[1] --set train.steps=50``
-
-
-def valid_keys(cfg: Config) -> list[str]:
-    keys = []
-    for f in dataclasses.fields(cfg):
-        sub = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(sub):
-            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(sub)]
-        else:
-            keys.append(f.name)
-    return keys
-
-
-def parse_value(text: str) -> Any:
-    """JSON or a Python literal, never evaluated as code; anything else stays a string."""
-    for parse in (json.loads, ast.literal_eval):
-        try:
-            value = parse(text)
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-            continue
-        return tuple(value) if isinstance(value, list) else value
-    return text
-
-
-def _coerce(value: Any, current: Any, key: str) -> Any:
-    if isinstance(current, bool):
-        _check(isinstance(value, bool), key, "true or false", value)
-    elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    elif isinstance(current, tuple) and isinstance(value, (int, str)):
-        raise ValueError(f"{key}={value!r} is invalid: must be a list, e.g. {key}=[...]")
-    elif isinstance(current, str) and not isinstance(value, str):
-        value = str(value)
-    return value
-
-
-def override(cfg: Config, assignments: list[str] | tuple[str, ...]) -> Config:
-    """Apply ``key=value`` strings with dotted keys; unknown keys list the nearest valid ones."""
-    keys = valid_keys(cfg)
-    changes: dict[str, dict[str, Any]] = {}
-    top: dict[str, Any] = {}
-    for item in assignments:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected dotted.key=value")
-        key, text = item.split("=", 1)
-        key = key.strip()
-        if key not in keys:
-            near = difflib.get_close_matches(key, keys, n=5, cutoff=0.4)
-            prefix = key.split(".")[0] + "."
-            near = near or [k for k in keys if k.startswith(prefix)][:8] or keys[:8]
-            raise ValueError(f"unknown config key {key!r}; valid keys nearby: {', '.join(near)}")
-        value = parse_value(text)
-        if "." in key:
-            section, name = key.split(".", 1)
-            current = getattr(getattr(cfg, section), name)
-            changes.setdefault(section, {})[name] = _coerce(value, current, key)
-        else:
-            top[key] = _coerce(value, getattr(cfg, key), key)
-    try:
-        new = {s: dataclasses.replace(getattr(cfg, s), **kv) for s, kv in changes.items()}
-        return dataclasses.replace(cfg, **new, **top)
-    except TypeError as e:  # e.g. a tuple given where an int belongs
-        raise ValueError(f"bad --set value: {e}") from None
