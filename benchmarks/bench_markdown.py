@@ -29,6 +29,26 @@ def header(heading: str, load: float, machine: str) -> list[str]:
     ]
 
 
+def interleaved_header(
+    heading: str, load0, load1, repeats: int, steps: int, rest: str
+) -> list[str]:
+    """The header of a section timing variants in interleaved rounds: heading, command, date and
+    the machine (load averages at start and end as ``os.getloadavg()`` gives them, jax version,
+    rounds and steps); ``rest`` continues the machine line (how the steps were timed)."""
+    import jax
+
+    return [
+        heading,
+        "",
+        f"Command: `{command_line()}`  ",
+        f"Date: {date_utc()}  ",
+        f"Machine: {os.cpu_count()} CPU cores shared with other jobs; load average (1, 5, 15 "
+        f"min) {load0[0]:.1f} / {load0[1]:.1f} / {load0[2]:.1f} at start, {load1[0]:.1f} / "
+        f"{load1[1]:.1f} / {load1[2]:.1f} at the end; jax {jax.__version__}. "
+        f"{repeats} interleaved rounds of {steps} steps per variant{rest}",
+    ]
+
+
 def date_utc() -> str:
     return subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip()
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from benchmarks.bench_markdown import command_line, date_utc, publish
+from benchmarks.bench_markdown import interleaved_header, publish
 from benchmarks.common import cpu_seconds
 from benchmarks.train_throughput import Variant, interleave
 from engram_jax import catch_up, tables
@@ -143,15 +143,15 @@ def main() -> None:
     g = gap_profile(cfg, variants[0].last)
     tokens = cfg.train.batch_size * cfg.train.seq_len
     lines = [
-        HEADING,
-        "",
-        f"Command: `{command_line()}`  ",
-        f"Date: {date_utc()}  ",
-        f"Machine: {os.cpu_count()} CPU cores shared with other jobs; load average (1, 5, 15 "
-        f"min) {load0[0]:.1f} / {load0[1]:.1f} / {load0[2]:.1f} at start, {load1[0]:.1f} / "
-        f"{load1[1]:.1f} / {load1[2]:.1f} at the end; jax {jax.__version__}. "
-        f"{args.repeats} interleaved rounds of {args.steps} steps per variant, a new Zipf batch "
-        f"every step, medians of all step times; state as after {h} steps of Zipf text.",
+        *interleaved_header(
+            HEADING,
+            load0,
+            load1,
+            args.repeats,
+            args.steps,
+            f", a new Zipf batch every step, medians of all step times; state as after {h} "
+            "steps of Zipf text.",
+        ),
         "",
         f"Preset `{args.preset}`{' ' + ' '.join(args.sets) if args.sets else ''}: batch "
         f"{cfg.train.batch_size} x {cfg.train.seq_len} = {tokens:,} tokens per step. First "

@@ -32,7 +32,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from benchmarks.bench_markdown import command_line, date_utc, publish
+from benchmarks.bench_markdown import interleaved_header, publish
 from benchmarks.train_throughput import Variant, interleave, matmul_peak
 
 HEADING = "## Study loop: the study preset vs a plain dense model (CPU)"
@@ -120,17 +120,16 @@ def main() -> None:
         return "met" if ok else "missed"
 
     lines = [
-        HEADING,
-        "",
-        f"Command: `{command_line()}`  ",
-        f"Date: {date_utc()}  ",
-        f"Machine: {os.cpu_count()} CPU cores shared with other jobs; load average (1, 5, 15 "
-        f"min) {load0[0]:.1f} / {load0[1]:.1f} / {load0[2]:.1f} at start, {load1[0]:.1f} / "
-        f"{load1[1]:.1f} / {load1[2]:.1f} at the end; jax {jax.__version__}. "
-        f"{args.repeats} interleaved rounds of {args.steps} steps per variant, medians of all "
-        f"step times. Peak: best fp32 `jax.jit(a @ a)` in this run, "
-        + ", ".join(f"{n}^2: {r / 1e9:.0f} GFLOP/s" for n, r in per.items())
-        + ".",
+        *interleaved_header(
+            HEADING,
+            load0,
+            load1,
+            args.repeats,
+            args.steps,
+            ", medians of all step times. Peak: best fp32 `jax.jit(a @ a)` in this run, "
+            + ", ".join(f"{n}^2: {r / 1e9:.0f} GFLOP/s" for n, r in per.items())
+            + ".",
+        ),
         "",
         f"Preset `{args.preset}`{' ' + ' '.join(args.sets) if args.sets else ''}: batch "
         f"{cfg.train.batch_size} x {cfg.train.seq_len} = {tokens:,} tokens per step. Plain dense: "

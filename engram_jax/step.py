@@ -55,34 +55,59 @@ def table_row_offsets(cfg: Config) -> dict[int, np.ndarray]:
     }
 
 
+def _catch_up(mesh, o, table_lr, tarr, new, gids):
+    """Rows of this batch brought to dense Adam's values after step - 1 (in place): the caught-up
+    tables, and ``new`` with the rows' moments and last-update steps written."""
+    out = {
+        i: sharded_catch_up(
+            mesh,
+            t,
+            new["table_mu"][i],
+            new["table_nu"][i],
+            new["table_last"][i],
+            gids[i],
+            new["step"],
+            table_lr,
+            o.b1,
+            o.b2,
+            o.eps,
+        )  # fmt: skip
+        for i, t in tarr.items()
+    }
+    for j, name in enumerate(("table_mu", "table_nu", "table_last"), 1):
+        new[name] = {i: c[j] for i, c in out.items()}
+    return {i: c[0] for i, c in out.items()}, new
+
+
+def _update_tables(mesh, o, table_lr, state, new, tarr, gids, g_rows, p_sq):
+    """Row-wise Adam on the touched rows, clipped by the global norm over the backbone's
+    (``p_sq``) and the rows' gradients; writes the tables and moments into ``new`` and returns
+    the rows' squared gradient norm."""
+    new_t, new["table_mu"], new["table_nu"], t_sq = sparse_tables_step(
+        mesh,
+        tarr,
+        new["table_mu"],
+        new["table_nu"],
+        gids,
+        g_rows,
+        state["step"],
+        table_lr(state["step"]),
+        b1=o.b1,
+        b2=o.b2,
+        eps=o.eps,
+        clip_norm=o.grad_clip,
+        other_sq_norm=p_sq,
+    )
+    new["tables"] = set_tables(state["tables"], new_t)
+    return t_sq
+
+
 def make_train_step(cfg: Config, graphdef, tx, mesh):
     """``step(state, batch) -> (state, metrics)``; jit with ``donate_argnums=0``."""
     sparse = cfg.engram.sparse_update and cfg.engram.enabled
     table_lr = table_learning_rate_schedule(cfg, cfg.train.steps)
     offsets = table_row_offsets(cfg)
     o = cfg.optim
-
-    def _catch_up(tarr, new, gids):
-        """Rows of this batch brought to dense Adam's values after step - 1 (in place)."""
-        out = {
-            i: sharded_catch_up(
-                mesh,
-                t,
-                new["table_mu"][i],
-                new["table_nu"][i],
-                new["table_last"][i],
-                gids[i],
-                new["step"],
-                table_lr,
-                o.b1,
-                o.b2,
-                o.eps,
-            )  # fmt: skip
-            for i, t in tarr.items()
-        }
-        for j, name in enumerate(("table_mu", "table_nu", "table_last"), 1):
-            new[name] = {i: c[j] for i, c in out.items()}
-        return {i: c[0] for i, c in out.items()}, new
 
     def loss_fn(params, tables, rest, rows, batch):
         model = nnx.merge(graphdef, params, tables, rest)
@@ -97,29 +122,14 @@ def make_train_step(cfg: Config, graphdef, tx, mesh):
             tarr = tables_by_layer(tables)
             gids = {i: ids.astype(jnp.int32) + offsets[i] for i, ids in batch["engram_ids"].items()}
             if not cfg.engram.lazy_adam:
-                tarr, new = _catch_up(tarr, new, gids)
+                tarr, new = _catch_up(mesh, o, table_lr, tarr, new, gids)
             rows = {i: jnp.take(t, gids[i], axis=0) for i, t in tarr.items()}
         grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 3), has_aux=True)
         (loss, aux), (g_params, g_rows) = grad_fn(params, tables, rest, rows, batch)
         p_sq = optax.tree.norm(g_params, squared=True)
         metrics = dict(loss=loss, **_aux_metrics(aux))
         if sparse:
-            new_t, new["table_mu"], new["table_nu"], t_sq = sparse_tables_step(
-                mesh,
-                tarr,
-                new["table_mu"],
-                new["table_nu"],
-                gids,
-                g_rows,
-                state["step"],
-                table_lr(state["step"]),
-                b1=o.b1,
-                b2=o.b2,
-                eps=o.eps,
-                clip_norm=o.grad_clip,
-                other_sq_norm=p_sq,
-            )
-            new["tables"] = set_tables(tables, new_t)
+            t_sq = _update_tables(mesh, o, table_lr, state, new, tarr, gids, g_rows, p_sq)
         else:
             t_sq = jnp.zeros((), jnp.float32)
         updates, new["opt"] = tx.update(g_params, state["opt"], params, table_sq_norm=t_sq)

@@ -39,10 +39,9 @@ import traceback
 from engram_jax.config import Config
 from engram_jax.params import count_params
 
-COLUMNS = (
-    "name",
-    "study",
-    "point",
+# The labels a study gives its points, and the parameter counts the runner adds: one row each in
+# the CSV, and what experiments.stats groups by.
+POINT_LABELS = (
     "rho",
     "rho_actual",
     "kind",
@@ -53,11 +52,16 @@ COLUMNS = (
     "layer",
     "experts",
     "dense_hidden",
+)
+PARAM_COLUMNS = ("total_params", "activated_params", "engram_params")
+COLUMNS = (
+    "name",
+    "study",
+    "point",
+    *POINT_LABELS,
     "p_act_vs_moe",
     "seed",
-    "total_params",
-    "activated_params",
-    "engram_params",
+    *PARAM_COLUMNS,
     "train_loss",
     "val_loss",
     "gate_mean",

@@ -13,6 +13,8 @@ import os
 
 import numpy as np
 
+from engram_jax.sweep import PARAM_COLUMNS, POINT_LABELS
+
 
 def ok_rows(rows) -> list[dict]:
     return [r for r in rows if r.get("status") == "ok" and r.get("val_loss") not in ("", None)]
@@ -39,21 +41,7 @@ def paired(rows, a: str, b: str) -> dict:
     return {"mean": float(d.mean()), "se": se, "n": int(len(d))}
 
 
-LABELS = (
-    "rho",
-    "rho_actual",
-    "kind",
-    "slots",
-    "slots_dmem",
-    "reads_per_row",
-    "variant",
-    "layer",
-    "experts",
-    "dense_hidden",
-    "total_params",
-    "activated_params",
-    "engram_params",
-)
+LABELS = (*POINT_LABELS, *PARAM_COLUMNS)
 
 
 def group(rows) -> list[dict]:
