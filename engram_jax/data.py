@@ -260,19 +260,9 @@ def synthetic_batch(cfg: Config, seed: int = 0) -> dict:
     return dict(inputs=inputs, targets=tokens[:, 1:], engram_ids=ids)
 
 
-def build_data(
-    cfg: Config, workdir: str | os.PathLike, *, process_index: int = 0, process_count: int = 1
-) -> DataBundle:
-    """Read, split, tokenize and pack the corpus; return the Grain pipeline and its stats."""
-    batch, seq_len = cfg.train.batch_size, cfg.train.seq_len
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
-    if batch % process_count:
-        raise ValueError(
-            f"train.batch_size={batch} must be divisible by the process count {process_count}"
-        )
-    data_dir = Path(workdir) / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
+def _read_corpus(cfg: Config, data_dir: Path) -> tuple[list, list, dict]:
+    """The corpus's training and validation documents, and its stats: the source (for the
+    default corpus, the manifest of the files read) and the reader's counts."""
     source: dict = {"path": cfg.data.path or "<python stdlib>"}
     if cfg.data.path:
         docs, src_stats = corpus.iter_documents(cfg.data)
@@ -286,29 +276,56 @@ def build_data(
         )
         docs, src_stats = corpus.iter_documents(cfg.data, files, root)
     train_docs, val_docs = corpus.split_documents(docs, cfg.data.val_fraction)
+    return train_docs, val_docs, {**source, **asdict(src_stats)}
 
-    sp, tok_path, trained = _tokenizer_for(cfg, train_docs, data_dir)
-    compression = build_compression(sp, enabled=cfg.engram.compress_tokenizer)
+
+def _hasher_for(cfg: Config, compression):
+    """The pipeline's n-gram hasher (None without Engram); the pad id must be a token id."""
     if not 0 <= cfg.engram.pad_id < compression.vocab_size:
         raise ValueError(
             f"engram.pad_id={cfg.engram.pad_id} is not a token id of the "
             f"{compression.vocab_size}-token tokenizer"
         )
-    hasher = None
-    if cfg.engram.enabled:
-        hasher = compression.hasher(cfg.engram, out_dtype=np.int32)
+    return compression.hasher(cfg.engram, out_dtype=np.int32) if cfg.engram.enabled else None
 
-    windows, n_tokens = _token_streams(
-        sp, tok_path, {"train": train_docs, "val": val_docs}, data_dir, seq_len
-    )
-    train_w, val_w = windows["train"], windows["val"]
-    for name, label, w in (("train", "training", train_w), ("val", "validation", val_w)):
-        if w.num_windows == 0:
+
+def _check_processes(batch: int, process_index: int, process_count: int) -> None:
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
+    if batch % process_count:
+        raise ValueError(
+            f"train.batch_size={batch} must be divisible by the process count {process_count}"
+        )
+
+
+def _check_windows(windows: dict, n_tokens: dict, seq_len: int) -> None:
+    for name, label in (("train", "training"), ("val", "validation")):
+        if windows[name].num_windows == 0:
             raise ValueError(
                 f"the {label} split has {n_tokens[name]} tokens, fewer than "
                 f"train.seq_len+1={seq_len + 1}; use more data or a shorter "
                 "seq_len"
             )
+
+
+def build_data(
+    cfg: Config, workdir: str | os.PathLike, *, process_index: int = 0, process_count: int = 1
+) -> DataBundle:
+    """Read, split, tokenize and pack the corpus; return the Grain pipeline and its stats."""
+    batch, seq_len = cfg.train.batch_size, cfg.train.seq_len
+    _check_processes(batch, process_index, process_count)
+    data_dir = Path(workdir) / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    train_docs, val_docs, source = _read_corpus(cfg, data_dir)
+    sp, tok_path, trained = _tokenizer_for(cfg, train_docs, data_dir)
+    compression = build_compression(sp, enabled=cfg.engram.compress_tokenizer)
+    hasher = _hasher_for(cfg, compression)
+
+    windows, n_tokens = _token_streams(
+        sp, tok_path, {"train": train_docs, "val": val_docs}, data_dir, seq_len
+    )
+    train_w, val_w = windows["train"], windows["val"]
+    _check_windows(windows, n_tokens, seq_len)
 
     local = batch // process_count
     make_train = _MakeBatch(train_w, compression.lookup, hasher, process_index, local)
@@ -321,7 +338,6 @@ def build_data(
     )
     stats = {
         **source,
-        **asdict(src_stats),
         "train_documents": len(train_docs),
         "val_documents": len(val_docs),
         "train_tokens": n_tokens["train"],

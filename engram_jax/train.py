@@ -250,20 +250,7 @@ def train(cfg: Config, workdir, *, progress: bool = True) -> dict:
     finally:
         batches.close()
         run.close()
-    last, losses = run.metrics.last, run.metrics.losses
-    summary = dict(
-        status=run.status,
-        workdir=str(wd.path),
-        steps=cfg.train.steps,
-        resumed_from=start,
-        final_step=last.get("step", start),
-        train_loss=float(np.mean(losses[-10:])) if losses else None,
-        val_loss=run.val_loss,
-        tokens=(last.get("step", start)) * run.metrics.tokens_per_step,
-        compile_s=round(compile_s, 2),
-        wall_s=round(time.time() - t_start, 2),
-        data=data.stats,
-    )
+    summary = _summary(cfg, wd, run, start, data.stats, compile_s, time.time() - t_start)
     if is_main:
         wd.write_summary(summary)
         print(
@@ -273,6 +260,24 @@ def train(cfg: Config, workdir, *, progress: bool = True) -> dict:
             f"{data.stats.get('non_utf8_documents', 0)}"
         )
     return summary
+
+
+def _summary(cfg: Config, wd: Workdir, run, start: int, stats: dict, compile_s, wall_s) -> dict:
+    """What ``summary.json`` records of a finished (or diverged) run."""
+    last, losses = run.metrics.last, run.metrics.losses
+    return dict(
+        status=run.status,
+        workdir=str(wd.path),
+        steps=cfg.train.steps,
+        resumed_from=start,
+        final_step=last.get("step", start),
+        train_loss=float(np.mean(losses[-10:])) if losses else None,
+        val_loss=run.val_loss,
+        tokens=(last.get("step", start)) * run.metrics.tokens_per_step,
+        compile_s=round(compile_s, 2),
+        wall_s=round(wall_s, 2),
+        data=stats,
+    )
 
 
 def _restore_or_init(cfg: Config, mesh, tx, ckpt: Checkpointer, it):

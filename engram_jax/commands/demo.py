@@ -93,42 +93,41 @@ def _tokenize(args, text: str):
     return np.asarray(sp.encode(text), np.int64), build_compression(sp), what
 
 
-def run(args) -> int:
-    import time
-
-    import jax
-    import jax.numpy as jnp
+def _hashed_text(args, ecfg, layer):
+    """The demo text tokenized into ``--seq-len`` rows and hashed for ``layer``: ``(raw_BxT,
+    compression table, hasher, ids_BxTxH, tokenizer description, chars, files)``."""
     import numpy as np
-    from flax import nnx
 
-    from engram_jax.config import override
-    from engram_jax.engram import Engram
-    from engram_jax.hashing import NgramHasher
-    from engram_jax.presets import get_preset
+    from engram_jax.tokenizer import identity_compression
 
-    cfg = override(get_preset(args.preset), args.sets)
-    ecfg, m = cfg.engram, cfg.model
-    if not ecfg.enabled:
-        raise ValueError("engram.layer_ids is empty: nothing to demo")
-    layer = ecfg.layer_ids[0]
     text, n_files = _stdlib_text(int(args.kb * 1024))
-    t0 = time.perf_counter()
     raw, table, tok_what = _tokenize(args, text)
     n_seq = len(raw) // args.seq_len
     if n_seq < 1:
         raise ValueError(f"{len(raw)} tokens < --seq-len {args.seq_len}: use more --kb")
     raw_BxT = raw[: n_seq * args.seq_len].reshape(n_seq, args.seq_len)
-    x_BxT = table.compress(raw_BxT) if ecfg.compress_tokenizer else raw_BxT
-    v_prime = table.num_compressed if ecfg.compress_tokenizer else table.vocab_size
-    pad = int(table.compress([ecfg.pad_id])[0]) if ecfg.compress_tokenizer else ecfg.pad_id
-    hasher = NgramHasher(ecfg, compressed_vocab_size=v_prime, pad_id=pad, out_dtype=np.int32)
-    ids_BxTxH = hasher(x_BxT)[layer]
-    t_prep = time.perf_counter() - t0
+    if not ecfg.compress_tokenizer:
+        table = identity_compression(table.vocab_size)
+    hasher = table.hasher(ecfg, out_dtype=np.int32)
+    ids_BxTxH = hasher(table.compress(raw_BxT))[layer]
+    return raw_BxT, table, hasher, ids_BxTxH, tok_what, len(text), n_files
 
-    sizes = hasher.table_sizes[layer]
+
+def _run_layer(cfg, layer, sizes, vocab_size, raw_BxT, ids_BxTxH):
+    """One Engram layer (random init) on random embeddings of ``raw_BxT``, compiled then timed:
+    ``(engram, h_BxTxMxD, y_BxTxMxD, gates_BxTxM, compile s, forward s)``."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from engram_jax.engram import Engram
+
+    ecfg, m = cfg.engram, cfg.model
     rngs = nnx.Rngs(cfg.train.seed)
     engram = Engram(ecfg, layer, m.d_model, m.hc_mult, table_sizes=sizes, rngs=rngs, dtype=m.dtype)
-    embed_VxD = jax.random.normal(rngs.params(), (table.vocab_size, m.d_model))
+    embed_VxD = jax.random.normal(rngs.params(), (vocab_size, m.d_model))
     h_BxTxMxD = jnp.repeat(embed_VxD[raw_BxT][:, :, None, :], m.hc_mult, axis=2)
 
     forward = nnx.jit(lambda mod, h, ids: mod(h, ids=ids, return_gates=True))
@@ -137,15 +136,37 @@ def run(args) -> int:
     t_compile = time.perf_counter() - t0
     t0 = time.perf_counter()
     y_BxTxMxD, gates_BxTxM = jax.block_until_ready(forward(engram, h_BxTxMxD, ids_BxTxH))
-    t_run = time.perf_counter() - t0
+    return engram, h_BxTxMxD, y_BxTxMxD, gates_BxTxM, t_compile, time.perf_counter() - t0
 
+
+def run(args) -> int:
+    import time
+
+    import numpy as np
+
+    from engram_jax.config import override
+    from engram_jax.presets import get_preset
+
+    cfg = override(get_preset(args.preset), args.sets)
+    ecfg, m = cfg.engram, cfg.model
+    if not ecfg.enabled:
+        raise ValueError("engram.layer_ids is empty: nothing to demo")
+    layer = ecfg.layer_ids[0]
+    t0 = time.perf_counter()
+    raw_BxT, table, hasher, ids_BxTxH, tok_what, chars, n_files = _hashed_text(args, ecfg, layer)
+    t_prep = time.perf_counter() - t0
+
+    sizes = hasher.table_sizes[layer]
+    engram, h_BxTxMxD, y_BxTxMxD, gates_BxTxM, t_compile, t_run = _run_layer(
+        cfg, layer, sizes, table.vocab_size, raw_BxT, ids_BxTxH
+    )
     rows = engram.table.global_ids(ids_BxTxH)
     g = np.asarray(gates_BxTxM, np.float32)
-    n_tok = raw_BxT.size
-    print(f"text      {len(text):,} chars from {n_files} stdlib files")
+    n_tok, (n_seq, seq_len) = raw_BxT.size, raw_BxT.shape
+    v_prime, pad = table.num_compressed, hasher.pad_id
+    print(f"text      {chars:,} chars from {n_files} stdlib files")
     print(
-        f"tokens    {n_tok:,} ({tok_what}) as {n_seq} x {args.seq_len}; "
-        f"first: {raw_BxT[0, :8].tolist()}"
+        f"tokens    {n_tok:,} ({tok_what}) as {n_seq} x {seq_len}; first: {raw_BxT[0, :8].tolist()}"
     )
     print(
         f"compress  V={table.vocab_size:,} -> V'={v_prime:,} "
