@@ -75,6 +75,13 @@ class SwiGLU(nnx.Module):
         return self.w_down(jax.nn.silu(self.w_gate(x)) * self.w_up(x))
 
 
+def gate_scores(logits_SxE: jax.Array, cfg: MoEConfig) -> jax.Array:
+    """Router scores ``s``: sigmoid (DeepSeek-V3) or softmax of the router logits."""
+    if cfg.score_func == "sigmoid":
+        return jax.nn.sigmoid(logits_SxE)
+    return jax.nn.softmax(logits_SxE, axis=-1)
+
+
 def route(scores_SxE: jax.Array, bias_E: jax.Array, cfg: MoEConfig):
     """Top-k on biased scores; combine weights from the unbiased scores. -> (idx, weights)."""
     _, idx_SxK = jax.lax.top_k(scores_SxE + bias_E[None, :], cfg.top_k)
@@ -118,12 +125,7 @@ class MoE(nnx.Module):
             if self.shared is not None:
                 y_SxD = y_SxD + self.shared(x_SxD)
             return y_SxD.reshape(b, t, d), load_E
-        logits_SxE = x_SxD.astype(jnp.float32) @ self.router[...]
-        scores_SxE = (
-            jax.nn.sigmoid(logits_SxE)
-            if cfg.score_func == "sigmoid"
-            else jax.nn.softmax(logits_SxE, axis=-1)
-        )
+        scores_SxE = gate_scores(x_SxD.astype(jnp.float32) @ self.router[...], cfg)
         idx_SxK, w_SxK = route(scores_SxE, jax.lax.stop_gradient(self.router_bias[...]), cfg)
         # 1. each assignment's row within its expert, in token order (a stable sort by expert)
         expert_R = idx_SxK.reshape(-1)

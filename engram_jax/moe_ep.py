@@ -77,21 +77,40 @@ def _local_experts(x_QxD, expert_Q, valid_Q, wg_LxDxF, wu_LxDxF, wd_LxFxD):
     return jnp.zeros_like(ys_QxD).at[order_Q].set(ys_QxD)
 
 
+def _split(mesh, n_experts: int, n_tokens: int) -> tuple[tuple[str, ...], int]:
+    """The batch axes the tokens are sharded over, and ``s``: tokens per device (each batch
+    shard's tokens are cut again over the ``expert`` axis)."""
+    n = mesh.shape[AXIS]
+    if n_experts % n:
+        raise ValueError(
+            f"moe.n_routed_experts={n_experts} must be a multiple of the expert axis ({n})"
+        )
+    batch = tuple(a for a in shd.batch_axes() if mesh.shape[a] > 1)
+    shards = math.prod(mesh.shape[a] for a in batch)
+    if n_tokens % (shards * n):
+        raise ValueError(
+            f"{n_tokens} tokens per MoE layer do not split over {shards} batch shards "
+            f"x {n} expert devices"
+        )
+    return batch, n_tokens // (shards * n)
+
+
+def _send_buffers(x_sxD, token_A, dest_A, slot_A, local_A, n: int, cap: int):
+    """Each assignment's token row and local expert id at its (destination device, slot); slots
+    past ``cap`` are dropped (the local expert id of an empty slot is -1)."""
+    put = dict(mode="drop")
+    send_nxCxD = jnp.zeros((n, cap, x_sxD.shape[1]), x_sxD.dtype)
+    send_nxCxD = send_nxCxD.at[dest_A, slot_A].set(x_sxD[token_A], **put)
+    meta_nxC = jnp.full((n, cap), -1, jnp.int32).at[dest_A, slot_A].set(local_A, **put)
+    return send_nxCxD, meta_nxC
+
+
 def ep_routed(moe, x_SxD: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Routed-expert output ``y [S, D]`` and expert load ``[E]`` of :class:`engram_jax.moe.MoE`
     ``moe`` for global tokens ``x_SxD`` (batch-sharded), experts split over ``expert``."""
     cfg, mesh = moe.cfg, _mesh()
     n, e, k = mesh.shape[AXIS], cfg.n_routed_experts, cfg.top_k
-    if e % n:
-        raise ValueError(f"moe.n_routed_experts={e} must be a multiple of the expert axis ({n})")
-    batch = tuple(a for a in shd.batch_axes() if mesh.shape[a] > 1)
-    shards = math.prod(mesh.shape[a] for a in batch)
-    if x_SxD.shape[0] % (shards * n):
-        raise ValueError(
-            f"{x_SxD.shape[0]} tokens per MoE layer do not split over {shards} batch shards "
-            f"x {n} expert devices"
-        )
-    s = x_SxD.shape[0] // (shards * n)
+    batch, s = _split(mesh, e, x_SxD.shape[0])
     cap = max(1, math.ceil(cfg.capacity_factor * s * k / n))
     wg, wu, wd = moe._weights()
     router = moe.router[...]
@@ -99,25 +118,17 @@ def ep_routed(moe, x_SxD: jax.Array) -> tuple[jax.Array, jax.Array]:
     spec_w = P(AXIS, None, None)
 
     def local(x_nsxD, router_DxE, bias_E, wg_LxDxF, wu_LxDxF, wd_LxFxD):
-        from engram_jax.moe import route
+        from engram_jax.moe import gate_scores, route
 
         i = jax.lax.axis_index(AXIS)
         x_sxD = jax.lax.dynamic_slice_in_dim(x_nsxD, i * s, s)
-        logits_sxE = x_sxD.astype(jnp.float32) @ router_DxE
-        scores_sxE = (
-            jax.nn.sigmoid(logits_sxE)
-            if cfg.score_func == "sigmoid"
-            else jax.nn.softmax(logits_sxE, axis=-1)
-        )
+        scores_sxE = gate_scores(x_sxD.astype(jnp.float32) @ router_DxE, cfg)
         idx_sxK, w_sxK = route(scores_sxE, bias_E, cfg)
         expert_A = idx_sxK.reshape(-1)
         dest_A, local_A = expert_A // (e // n), expert_A % (e // n)
         slot_A = _pack(dest_A, n, cap)
         token_A = jnp.arange(s * k) // k
-        put = dict(mode="drop")
-        send_nxCxD = jnp.zeros((n, cap, x_sxD.shape[1]), x_sxD.dtype)
-        send_nxCxD = send_nxCxD.at[dest_A, slot_A].set(x_sxD[token_A], **put)
-        meta_nxC = jnp.full((n, cap), -1, jnp.int32).at[dest_A, slot_A].set(local_A, **put)
+        send_nxCxD, meta_nxC = _send_buffers(x_sxD, token_A, dest_A, slot_A, local_A, n, cap)
         recv_nxCxD = jax.lax.all_to_all(send_nxCxD, AXIS, 0, 0, tiled=True)
         rmeta_nxC = jax.lax.all_to_all(meta_nxC, AXIS, 0, 0, tiled=True)
         out_QxD = _local_experts(
