@@ -1,15 +1,18 @@
 """Test setup and shared fixtures.
 
-- 8 fake CPU devices for sharding tests, strict rank promotion, and a persistent XLA
-  compilation cache for the session (subprocess runs of the CLI share compiled steps), deleted
-  when the session ends unless the caller set JAX_COMPILATION_CACHE_DIR;
+- 8 fake CPU devices for sharding tests, XLA's backend at optimization level 0 (faster compiles),
+  strict rank promotion, and a persistent XLA compilation cache for the session (subprocess runs
+  of the CLI share compiled steps), deleted when the session ends unless the caller set
+  JAX_COMPILATION_CACHE_DIR;
 - :func:`tiny_cfg`: THE tiny config of the step-level tests (2 layers, d=32, 4 experts);
 - :func:`global_batch`: a synthetic batch placed on a mesh;
 - ``step8``: the train step compiled once per session on 8 devices (tables row-sharded over
-  all of them) exactly as the trainer compiles it, shared by the HLO and distributed tests.
+  all of them) exactly as the trainer compiles it, shared by the HLO, distributed and CLI
+  training tests (the CLI runs train its config: :func:`cli_config_args`);
+- ``cli_tokenizer``: the CLI runs' SentencePiece model, trained once per session.
 
-Tiers: tests marked ``slow`` (pytest.ini) run the CLI in subprocesses; ``-m "not slow"`` skips
-them.
+Tiers: tests marked ``slow`` (pytest.ini) run the CLI in subprocesses or repeat, on other
+configs, compiles that the fast tier already makes; ``-m "not slow"`` skips them.
 """
 
 import atexit
@@ -18,7 +21,11 @@ import shutil
 import tempfile
 import types
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Tests compile many small programs and run each briefly: XLA's backend at optimization level 0
+# compiles them faster on CPU. Subprocesses inherit it, except the TPU compiles of
+# test_tpu_compile, which must compile as a real run does.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="engram-jax-test-xla-cache-")
@@ -56,13 +63,32 @@ def tiny_cfg(*sets):
     return override(get_preset("tiny"), [*TINY, *sets])
 
 
+# The config of the shared 8-device step (``step8``): tables of 3000 rows per head, row-sharded
+# 8 ways, 12 steps. The CLI training runs (cli_config_args) train this same config, so the
+# persistent compilation cache gives them the program ``step8`` compiled.
+STEP8_SETS = ("engram.engram_vocab_size=[3000,3000]", "train.steps=12")
+# The CLI runs' corpus: a slice of the default corpus (Python's stdlib source).
+CLI_DATA = ("data.max_bytes=400000",)
+
+
 def cli_config_args(*sets) -> list[str]:
-    """``engram-jax train`` arguments for :func:`tiny_cfg`'s config on a slice of the default
+    """``engram-jax train`` arguments for ``tiny_cfg(*STEP8_SETS)`` on a slice of the default
     corpus (seconds per step on 2 cores), then ``sets``."""
     args = ["--preset", "tiny"]
-    for s in (*TINY, "engram.engram_vocab_size=[500,500]", "data.max_bytes=400000", *sets):
+    for s in (*TINY, *STEP8_SETS, *CLI_DATA, *sets):
         args += ["--set", s]
     return args
+
+
+@pytest.fixture(scope="session")
+def cli_tokenizer(tmp_path_factory) -> str:
+    """The SentencePiece model ``engram-jax train`` trains for :func:`cli_config_args`'s corpus,
+    trained once per test run (by the data pipeline itself); CLI runs take it with
+    ``--set data.tokenizer=PATH`` instead of each training the same one again."""
+    from engram_jax.data import build_data
+
+    cfg = tiny_cfg(*STEP8_SETS, *CLI_DATA)
+    return str(build_data(cfg, tmp_path_factory.mktemp("cli-tokenizer")).tokenizer_path)
 
 
 def global_batch(cfg, mesh, seed=0):
@@ -71,10 +97,6 @@ def global_batch(cfg, mesh, seed=0):
     from engram_jax.data import synthetic_batch
 
     return shd.global_batch_from_local(mesh, synthetic_batch(cfg, seed))
-
-
-# The config of the shared 8-device step: tables of 3000 rows per head, row-sharded 8 ways.
-STEP8_SETS = ("engram.engram_vocab_size=[3000,3000]",)
 
 
 @pytest.fixture(scope="session")
@@ -102,3 +124,25 @@ def step8(mesh8):
     return types.SimpleNamespace(
         cfg=cfg, mesh=mesh8, tx=tx, graphdef=graphdef, state=state, batch=batch, compiled=compiled
     )
+
+
+# What the CLI training runs log and save: every step logged, no evaluation, a checkpoint every 4.
+CLI_RUN = ("train.log_every=1", "train.eval_every=0", "train.checkpoint_every=4")
+
+
+@pytest.fixture(scope="session")
+def cli_train_args(cli_tokenizer) -> list[str]:
+    """``engram-jax train`` config arguments of the CLI runs: ``step8``'s config, ``CLI_RUN``,
+    the session's tokenizer."""
+    return cli_config_args(*CLI_RUN, f"data.tokenizer={cli_tokenizer}")
+
+
+@pytest.fixture(scope="session")
+def trained_run(cli_train_args, tmp_path_factory) -> str:
+    """A workdir ``engram-jax train`` trained for 12 steps in this process (checkpoints at 4, 8
+    and 12). Tests that write into a run copy it first."""
+    from engram_jax.cli import main
+
+    wd = str(tmp_path_factory.mktemp("trained-run") / "run")
+    assert main(["train", *cli_train_args, "--steps", "12", "--workdir", wd, "--no-progress"]) == 0
+    return wd

@@ -268,7 +268,7 @@ def fresh(model):
     return nnx.merge(*nnx.split(model))  # a copy whose variables can be changed freely
 
 
-@pytest.mark.parametrize("attention", ["gqa", "mla"])
+@pytest.mark.parametrize("attention", ["gqa", pytest.param("mla", marks=pytest.mark.slow)])
 def test_lm_is_causal(attention, lm):
     cfg, model = lm
     if attention == "mla":
@@ -360,6 +360,7 @@ def test_bfloat16_compute_float32_params_and_logits(lm):
     np.testing.assert_allclose(low, high, atol=0.1 * float(jnp.std(high)))
 
 
+@pytest.mark.slow
 def test_tiny_preset_trains_one_step_under_jit():
     cfg = get_preset("tiny")
     model = EngramLM(cfg, rngs=nnx.Rngs(0))

@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import STEP8_SETS, cli_config_args, global_batch, tiny_cfg
+from conftest import STEP8_SETS, TEST_XLA_FLAGS, cli_config_args, global_batch, tiny_cfg
 
 from engram_jax import sharding as shd
 from engram_jax.config import MeshConfig
@@ -45,15 +45,23 @@ def _losses_on(cfg, mesh_cfg, n_devices):
     return _step_losses(step, cfg, mesh)
 
 
-def test_train_step_same_losses_on_1_and_8_devices(step8):
-    cfg = tiny_cfg(*STEP8_SETS)
-    one = _losses_on(cfg, MeshConfig(data=1), 1)
-    data8 = _step_losses(step8.compiled, cfg, step8.mesh)  # the shared compiled 8-device step
-    mixed = _losses_on(cfg, MeshConfig(data=2, fsdp=2, expert=2), 8)
+@pytest.fixture(scope="module")
+def one_device_losses():
+    return _losses_on(tiny_cfg(*STEP8_SETS), MeshConfig(data=1), 1)
+
+
+def test_train_step_same_losses_on_1_and_8_devices(step8, one_device_losses):
+    one = one_device_losses
+    data8 = _step_losses(step8.compiled, step8.cfg, step8.mesh)  # the shared 8-device step
     assert np.all(np.isfinite(one))
     assert one[-1, 0] != one[0, 0]  # the model trains: losses move
     np.testing.assert_allclose(data8, one, rtol=1e-4)
-    np.testing.assert_allclose(mixed, one, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_train_step_same_losses_on_a_mixed_mesh(one_device_losses):
+    mixed = _losses_on(tiny_cfg(*STEP8_SETS), MeshConfig(data=2, fsdp=2, expert=2), 8)
+    np.testing.assert_allclose(mixed, one_device_losses, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,22 +80,9 @@ SMALL = [
 ]
 
 
-_CACHE = {}
-
-
-@pytest.fixture(autouse=True)
-def _compile_cache(tmp_path):
-    """The resumed 2-process run reuses the first run's compiled step."""
-    _CACHE["dir"] = str(tmp_path / "jax_cache")
-    yield
-    _CACHE.clear()
-
-
 def _env():
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # --cpu-devices sets the device count
-    if "dir" in _CACHE:
-        env["JAX_COMPILATION_CACHE_DIR"] = _CACHE["dir"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")  # the session's compilation cache included
+    env["XLA_FLAGS"] = TEST_XLA_FLAGS  # --cpu-devices sets the device count
     return env
 
 
@@ -155,11 +150,14 @@ def _losses(workdir):
 
 
 @pytest.mark.slow
-def test_two_processes_train_checkpoint_resume_match_one_process(tmp_path):
+def test_two_processes_train_checkpoint_resume_match_one_process(cli_tokenizer, tmp_path):
+    from engram_jax.cli import main
+
     multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
     # 2 processes x 4 devices, one data=8 mesh; checkpoints at steps 2 and 4 from both; a Grain
     # worker process per host, and evaluation every 2 steps (neither may change the losses)
-    workers = ("--set", "data.worker_count=1")
+    tok = ("--set", f"data.tokenizer={cli_tokenizer}")  # trained once per session
+    workers = (*tok, "--set", "data.worker_count=1")
     outs = _run_two_processes(
         multi,
         "--set",
@@ -185,8 +183,11 @@ def test_two_processes_train_checkpoint_resume_match_one_process(tmp_path):
     with open(os.path.join(multi, "summary.json"), encoding="utf-8") as f:
         assert json.load(f)["resumed_from"] == 4
 
-    # reference: one process with 8 devices
-    _run_one_process(single, "--set", "mesh.data=8", "--steps", "6", "--cpu-devices", "8")
+    # reference: one process with 8 devices (this one)
+    assert (
+        main(["train", *SMALL, *tok, "--workdir", single, "--set", "mesh.data=8", "--steps", "6"])
+        == 0
+    )
     got, ref = _losses(multi), _losses(single)
     assert sorted(got) == list(range(1, 7)) == sorted(ref)
     np.testing.assert_allclose(
@@ -194,7 +195,7 @@ def test_two_processes_train_checkpoint_resume_match_one_process(tmp_path):
     )
 
     # the 2-process checkpoint resumes in ONE process on 2 devices
-    r = _run_one_process(multi, "--set", "mesh.data=2", "--steps", "8", "--cpu-devices", "2")
+    r = _run_one_process(multi, *tok, "--set", "mesh.data=2", "--steps", "8", "--cpu-devices", "2")
     resumed = _losses(multi)
     assert sorted(resumed) == list(range(1, 9))
     assert all(np.isfinite(resumed[s]) for s in (7, 8))

@@ -244,7 +244,7 @@ def test_table_rows_from_a_checkpoint(tmp_path, model):
 # Batched generation: prompts of different lengths together equal each decoded alone
 
 
-@pytest.mark.parametrize("attention", ["gqa", "mla"])
+@pytest.mark.parametrize("attention", ["gqa", pytest.param("mla", marks=pytest.mark.slow)])
 def test_batched_generation_equals_each_prompt_alone(attention):
     from engram_jax.batch_generate import BatchGenerator
 

@@ -4,6 +4,7 @@ generation as resident tables; bad stores and a full disk fail in one line, dama
 import errno
 import json
 import os
+import shutil
 import subprocess
 
 import numpy as np
@@ -154,31 +155,35 @@ def test_disk_host_rows_writes_on_first_use_and_releases(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_disk_tier_and_prompts_file(tmp_path):
-    from test_train import SMALL, _cli
+def test_cli_disk_tier_and_prompts_file(trained_run, tmp_path, capsys):
+    from engram_jax.cli import main
+
+    def cli(*args):  # in this process: (exit status, stdout, stderr)
+        capsys.readouterr()
+        code = main(list(args))
+        return (code, *capsys.readouterr())
 
     wd = str(tmp_path / "run")
-    r = _cli(["train", *SMALL, "--steps", "2", "--workdir", wd, "--no-progress"])
-    assert r.returncode == 0, r.stderr[-2000:]
+    shutil.copytree(trained_run, wd)  # generate writes the table store into the run
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "def main():"}\n\n{"prompt": "import os"}\nclass A\n')
     base = ["generate", "--workdir", wd, "--prompts-file", str(prompts), "--max-new-tokens", "5"]
-    resident = _cli([*base, "--batch-size", "1"])
-    assert resident.returncode == 0, resident.stderr[-2000:]
+    code, resident, err = cli(*base, "--batch-size", "1")
+    assert code == 0, err[-2000:]
     out = tmp_path / "out.jsonl"
-    disk = _cli([*base, "--offload", "disk", "--cache-rows", "64", "--out", str(out)])
-    assert disk.returncode == 0, disk.stderr[-2000:]
-    assert "writing the Engram table store" in disk.stderr  # first use: W/table_store/2
+    code, _, err = cli(*base, "--offload", "disk", "--cache-rows", "64", "--out", str(out))
+    assert code == 0, err[-2000:]
+    assert "writing the Engram table store" in err  # first use: W/table_store/12
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in records] == ["def main():", "import os", "class A"]
-    assert out.read_text() == resident.stdout  # batched + disk = one by one + resident
-    store = os.path.join(wd, "table_store", "2")
+    assert out.read_text() == resident  # batched + disk = one by one + resident
+    store = os.path.join(wd, "table_store", "12")
     shard = next(p for p in sorted(_tree(store)) if "/c/" in p)
     with open(os.path.join(store, shard), "r+b") as f:
         f.truncate(10)
-    bad = _cli([*base, "--offload", "disk", "--out", str(out)])
-    assert bad.returncode == 2 and "is truncated" in bad.stderr
-    assert len(bad.stderr.strip().splitlines()) == 1
-    assert out.read_text() == resident.stdout  # the earlier output is intact
-    missing = _cli([*base, "--offload", "disk", "--table-store", str(tmp_path / "none")])
-    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    code, _, err = cli(*base, "--offload", "disk", "--out", str(out))
+    assert code == 2 and "is truncated" in err
+    assert len(err.strip().splitlines()) == 1
+    assert out.read_text() == resident  # the earlier output is intact
+    code, _, err = cli(*base, "--offload", "disk", "--table-store", str(tmp_path / "none"))
+    assert code == 2 and "does not exist" in err

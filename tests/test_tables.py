@@ -402,6 +402,7 @@ def _exact_adam_vs_dense(mesh_cfg, chunk):
     np.testing.assert_array_equal(flushed[R - 4 :], table0[R - 4 :])  # never touched
 
 
+@pytest.mark.slow
 def test_train_step_exact_table_adam_equals_the_dense_path():
     """The real train step, sparse path with exact table Adam, against the dense path
     (optax.adam on the whole table): same losses, and every table row equal (the idle rows

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TEST_XLA_FLAGS
 
 from engram_jax.config import override
 from engram_jax.params import count_params, engram_table_rows
@@ -64,6 +65,7 @@ def libtpu_dir() -> str:
 
 def cli(*args, libtpu: str | None, timeout=900):
     env = {k: v for k, v in os.environ.items() if k != "ENGRAM_JAX_LIBTPU_DIR"}
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(TEST_XLA_FLAGS, "")  # as a real run
     if libtpu is not None:
         env["ENGRAM_JAX_LIBTPU_DIR"] = libtpu
     return subprocess.run(
@@ -200,6 +202,7 @@ def test_missing_libtpu_is_one_line_exit_2(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_remat_train_step_equals_the_plain_one():
     """The paper presets set model.remat=True: the REAL train step (tables split out of the
     model, merged inside the jit) must trace with it and give the same loss and update."""

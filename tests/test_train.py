@@ -1,4 +1,10 @@
-"""End-to-end training through the CLI: kill -9 and resume bit-identically, eval, bad inputs."""
+"""End-to-end training through the CLI: kill -9 and resume bit-identically, eval, bad inputs.
+
+The CLI runs in this process (``engram_jax.cli.main``) except in the kill -9 test, where the
+process boundary is the point. The reference run is conftest's ``trained_run``: ``step8``'s
+config on 8 devices, so the persistent compilation cache serves it the step that fixture
+compiled.
+"""
 
 import dataclasses
 import json
@@ -9,29 +15,16 @@ import sys
 import time
 
 import pytest
-from conftest import cli_config_args
 
-# A very small model on a slice of the default corpus: seconds per step on 2 cores.
-SMALL = cli_config_args(
-    "train.batch_size=4",
-    "train.seq_len=32",
-    "mesh.data=1",
-    "train.log_every=1",
-    "train.eval_every=0",
-)
+from engram_jax.cli import main
 
 
-def _cli(args, **kw):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    return subprocess.run(
-        [sys.executable, "-m", "engram_jax.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        **kw,
-    )
+def _cli(args, capsys):
+    """``engram-jax ARGS`` in this process: ``(exit status, stdout, stderr)``."""
+    capsys.readouterr()
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def _losses(workdir):
@@ -40,46 +33,13 @@ def _losses(workdir):
     return {r["step"]: r["loss"] for r in recs if "loss" in r}
 
 
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    wd = str(tmp_path_factory.mktemp("ref"))
-    r = _cli(
-        [
-            "train",
-            *SMALL,
-            "--steps",
-            "12",
-            "--set",
-            "train.checkpoint_every=4",
-            "--workdir",
-            wd,
-            "--no-progress",
-        ]
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    return wd
-
-
 @pytest.mark.slow
-def test_kill9_resume_is_bit_identical(reference_run, tmp_path):
+def test_kill9_resume_is_bit_identical(cli_train_args, trained_run, tmp_path):
     wd = str(tmp_path / "killed")
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "engram_jax.cli",
-        "train",
-        *SMALL,
-        "--steps",
-        "12",
-        "--set",
-        "train.checkpoint_every=4",
-        "--workdir",
-        wd,
-        "--no-progress",
-    ]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # this process's environment: the same 8 fake devices and compilation cache
+    cmd = [sys.executable, "-m", "engram_jax.cli", "train", *cli_train_args, "--steps", "12"]
+    cmd += ["--workdir", wd, "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = os.path.join(wd, "metrics.jsonl")
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
@@ -91,23 +51,26 @@ def test_kill9_resume_is_bit_identical(reference_run, tmp_path):
     proc.wait()
     killed_at = max(_losses(wd))
     assert killed_at < 12
-    r = _cli(["train", "--workdir", wd, "--no-progress"])  # resumes with the saved config
-    assert r.returncode == 0, r.stderr[-2000:]
-    ref, got = _losses(reference_run), _losses(wd)
+    resumed = subprocess.run(  # resumes with the saved config
+        [sys.executable, "-m", "engram_jax.cli", "train", "--workdir", wd, "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    ref, got = _losses(trained_run), _losses(wd)
     assert sorted(got) == list(range(1, 13))
     assert got == ref  # exact float equality, every step
 
 
-@pytest.mark.slow
-def test_eval_prints_val_loss(reference_run):
-    r = _cli(["eval", "--workdir", reference_run, "--batches", "2"])
-    assert r.returncode == 0, r.stderr[-2000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+def test_eval_prints_val_loss(trained_run, capsys):
+    code, stdout, stderr = _cli(["eval", "--workdir", trained_run, "--batches", "2"], capsys)
+    assert code == 0, stderr[-2000:]
+    out = json.loads(stdout.strip().splitlines()[-1])
     assert out["step"] == 12 and 0 < out["val_loss"] < 10
 
 
-@pytest.mark.slow
-def test_workdir_loads_the_model_and_table_rows_from_the_trainers_checkpoint(reference_run):
+def test_workdir_loads_the_model_and_table_rows_from_the_trainers_checkpoint(trained_run):
     import jax
     import numpy as np
     from conftest import global_batch
@@ -118,7 +81,7 @@ def test_workdir_loads_the_model_and_table_rows_from_the_trainers_checkpoint(ref
     from engram_jax.step import make_eval_step
     from engram_jax.workdir import Workdir, single_device_mesh
 
-    wd = Workdir(reference_run)
+    wd = Workdir(trained_run)
     loaded = wd.load()  # the model only: no optimizer state built, tables caught up
     assert loaded.step == 12 and set(loaded.state) == {"params", "tables", "rest"}
     full = wd.load(with_optimizer=True)  # the training state as saved
@@ -143,7 +106,7 @@ def test_workdir_loads_the_model_and_table_rows_from_the_trainers_checkpoint(ref
         table = np.asarray(raw.blocks[layer].engram.table.table[...])
         np.testing.assert_array_equal(ckpt.table_rows(12, layer).take(ids), table[ids])
     # decoding with rows read from the checkpoint equals decoding with resident tables
-    _, _, sp, comp = load_workdir(reference_run)
+    _, _, sp, comp = load_workdir(trained_run)
     prompt = np.asarray([sp.encode("def main(")], np.int32)
     rows = HostRows.from_checkpoint(ckpt.state_dir(12), raw.engram_layers)
     ckpt.close()
@@ -152,39 +115,38 @@ def test_workdir_loads_the_model_and_table_rows_from_the_trainers_checkpoint(ref
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.slow
-def test_workdir_of_another_config_is_refused(reference_run):
-    before = open(os.path.join(reference_run, "config.json")).read()
-    r = _cli(["train", *SMALL, "--set", "model.d_model=64", "--workdir", reference_run])
-    assert r.returncode == 2
-    assert "different config" in r.stderr and "model.d_model" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
-    assert open(os.path.join(reference_run, "config.json")).read() == before
+def test_workdir_of_another_config_is_refused(cli_train_args, trained_run, capsys):
+    before = open(os.path.join(trained_run, "config.json")).read()
+    args = ["train", *cli_train_args, "--set", "model.d_model=64", "--workdir", trained_run]
+    code, _, stderr = _cli(args, capsys)
+    assert code == 2
+    assert "different config" in stderr and "model.d_model" in stderr
+    assert len(stderr.strip().splitlines()) == 1
+    assert open(os.path.join(trained_run, "config.json")).read() == before
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "data, message", [("missing/path.txt", "not found"), ("EMPTY", "no non-empty documents")]
 )
-def test_bad_data_is_one_line_error(tmp_path, data, message):
+def test_bad_data_is_one_line_error(cli_train_args, tmp_path, data, message, capsys):
     if data == "EMPTY":
         data = str(tmp_path / "empty")
         os.makedirs(data)
     wd = tmp_path / "wd"
-    r = _cli(["train", *SMALL, "--data", data, "--workdir", str(wd)])
-    assert r.returncode == 2
-    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert message in r.stderr.lower()
+    code, _, stderr = _cli(["train", *cli_train_args, "--data", data, "--workdir", str(wd)], capsys)
+    assert code == 2
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert message in stderr.lower()
     assert not (wd / "checkpoints").exists()
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_with_last_good_checkpoint(tmp_path):
+def test_nan_loss_stops_with_last_good_checkpoint(cli_train_args, tmp_path, capsys):
     wd = str(tmp_path / "nan")
-    r = _cli(
+    code, _, stderr = _cli(
         [
             "train",
-            *SMALL,
+            *cli_train_args,
             "--steps",
             "30",
             "--set",
@@ -200,10 +162,11 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path):
             "--workdir",
             wd,
             "--no-progress",
-        ]
+        ],
+        capsys,
     )
-    assert r.returncode != 0
-    assert "training diverged" in r.stderr
+    assert code != 0
+    assert "training diverged" in stderr
     steps = sorted(int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit())
     losses = _losses(wd)
     assert all(v == v and abs(v) != float("inf") for v in losses.values())

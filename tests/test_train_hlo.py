@@ -9,6 +9,7 @@ dense path (optax Adam on the table) has no table-sized collective either (see i
 """
 
 import jax
+import pytest
 from conftest import global_batch, tiny_cfg
 
 from engram_jax import hlo
@@ -74,6 +75,7 @@ def test_a_table_moving_program_is_detected(step8):
     assert _table_sized(hlo.collectives(text), rows)
 
 
+@pytest.mark.slow
 def test_dense_train_step_collectives_are_not_table_sized_either(step8):
     cfg = tiny_cfg("engram.engram_vocab_size=[3000,3000]", "engram.sparse_update=False")
     colls, rows = _compile(cfg, step8.mesh)
