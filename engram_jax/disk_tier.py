@@ -13,11 +13,12 @@ Writes are atomic: everything goes to ``PATH.tmp-<pid>`` and is renamed into pla
 complete (an existing store is swapped out and removed afterwards), so a full disk, a crash or
 Ctrl-C leaves any existing store untouched and no half-written one behind.
 
-:class:`DiskRows` serves ``take(ids_N) -> rows [N, d]`` like the host stores of
-``engram_jax.offload``, behind the same hot-row cache (``HostRows``), and adds
-``prefetch(ids)``: the reads start on a thread pool and the call returns at once; a later
-``take`` collects them. ``Generator`` prefetches the next prompt chunk's rows while
-the current chunk runs, and a decode step's rows as soon as its token is sampled.
+:class:`~engram_jax.disk_rows.DiskRows` (its own module: the row reader) serves
+``take(ids_N) -> rows [N, d]`` like the host stores of ``engram_jax.offload``, behind the same
+hot-row cache (``HostRows``), and adds ``prefetch(ids)``: the reads start on a thread pool and
+the call returns at once; a later ``take`` collects them. ``Generator`` prefetches the next
+prompt chunk's rows while the current chunk runs, and a decode step's rows as soon as its token
+is sampled.
 
 Shape legend: R rows of a layer's table, d row width, N ids, U unique ids.
 """
@@ -30,6 +31,8 @@ import os
 import shutil
 
 import numpy as np
+
+from engram_jax.disk_rows import DiskRows as DiskRows  # re-exported: the public path
 
 MANIFEST = "manifest.json"
 FORMAT = "engram-jax table store 1"
@@ -157,40 +160,16 @@ def write_store(
     path = os.path.abspath(path)
     if os.path.exists(path) and not overwrite:
         raise StoreError(f"table store {path} already exists (pass overwrite=True to replace it)")
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    need = sum(4 * r * d for r, d in shapes.values())
-    free = shutil.disk_usage(parent).free
-    if check_space and need * 1.01 + (64 << 20) > free:
-        raise StoreError(
-            f"table store {path} needs {need / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free "
-            "there: free space or pass another --table-store"
-        )
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if check_space:
+        _check_space(path, shapes)
     tmp = f"{path}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        for layer, (r, d) in sorted(shapes.items()):
-            spec = _array_spec(os.path.join(tmp, f"layer_{layer}"), (r, d), shard_rows, chunk_rows)
-            array = ts.open(spec).result()
-            block = spec["metadata"]["chunk_grid"]["configuration"]["chunk_shape"][0]
-            for start in range(0, r, block):
-                rows = _rows_of(tables[layer], start, min(r, start + block))
-                if rows.shape != (min(r, start + block) - start, d):
-                    raise StoreError(f"layer {layer} rows {start}.. have shape {rows.shape}")
-                _write_block(array, start, rows)
-                if progress is not None:
-                    progress(4 * rows.size)
-        manifest = {
-            "format": FORMAT,
-            "dtype": "float32",
-            "signature": signature,
-            "layers": {str(i): {"shape": list(s)} for i, s in sorted(shapes.items())},
-            "files": _files(tmp),
-        }
-        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        for layer, shape in sorted(shapes.items()):
+            spec = _array_spec(os.path.join(tmp, f"layer_{layer}"), shape, shard_rows, chunk_rows)
+            _write_layer(ts.open(spec).result(), spec, layer, tables[layer], progress)
+        _write_manifest(tmp, signature, shapes)
         _swap_in(tmp, path)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -202,6 +181,44 @@ def write_store(
             f"writing table store {path} failed: {_reason(exc)}; nothing was replaced"
         ) from exc
     return path
+
+
+def _check_space(path: str, shapes: dict) -> None:
+    need = sum(4 * r * d for r, d in shapes.values())
+    free = shutil.disk_usage(os.path.dirname(path)).free
+    if need * 1.01 + (64 << 20) > free:
+        raise StoreError(
+            f"table store {path} needs {need / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free "
+            "there: free space or pass another --table-store"
+        )
+
+
+def _write_layer(array, spec: dict, layer: int, source, progress) -> None:
+    """One layer's rows, a block of whole shards at a time."""
+    r, d = spec["metadata"]["shape"]
+    block = spec["metadata"]["chunk_grid"]["configuration"]["chunk_shape"][0]
+    for start in range(0, r, block):
+        rows = _rows_of(source, start, min(r, start + block))
+        if rows.shape != (min(r, start + block) - start, d):
+            raise StoreError(f"layer {layer} rows {start}.. have shape {rows.shape}")
+        _write_block(array, start, rows)
+        if progress is not None:
+            progress(4 * rows.size)
+
+
+def _write_manifest(tmp: str, signature: dict, shapes: dict) -> None:
+    """The manifest, written last (after every row file, whose sizes it records) and synced."""
+    manifest = {
+        "format": FORMAT,
+        "dtype": "float32",
+        "signature": signature,
+        "layers": {str(i): {"shape": list(s)} for i, s in sorted(shapes.items())},
+        "files": _files(tmp),
+    }
+    with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _swap_in(tmp: str, path: str) -> None:
@@ -266,108 +283,6 @@ def check_store(path: str, signature: dict, shapes: dict) -> dict:
             f"table store {path} holds tables {stored}, the model needs {want} (layer: rows, width)"
         )
     return manifest
-
-
-class DiskRows:
-    """One layer's table in a store: ``take(ids_N) -> rows [N, d]`` (NumPy, float32);
-    ``prefetch(ids)`` starts reading rows on a thread pool and returns at once.
-
-    tensorstore opens (validates) the array; rows are then ``os.pread`` from the zarr3 shard
-    files (the layout written here: raw little-endian inner chunks, the shard index of
-    (offset, length) uint64 pairs at the end, loaded once per shard): one small read per row,
-    where tensorstore's read path spends tens of microseconds of CPU per chunk. ``threads``:
-    reads in flight (a disk serves concurrent random reads much faster than serial ones)."""
-
-    _NONE = np.uint64(2**64 - 1)  # index entry of an inner chunk never written (fill value)
-
-    def __init__(self, path: str, layer: int, *, threads: int = 32, keep: int = 4):
-        import concurrent.futures
-        import threading
-
-        import tensorstore as ts
-
-        root = os.path.join(path, f"layer_{layer}")
-        spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": root}}
-        meta = ts.open(spec, open=True, read=True).result().spec().to_json()["metadata"]
-        self.shape = tuple(int(s) for s in meta["shape"])
-        self.shard_rows = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
-        (codec,) = meta["codecs"]
-        self.chunk_rows = int(codec["configuration"]["chunk_shape"][0])
-        self.n_inner = -(-self.shard_rows // self.chunk_rows)
-        self.row_bytes = 4 * self.shape[1]
-        self.root = root
-        self._shards: dict = {}  # shard -> (fd, offsets of its inner chunks)
-        self._lock = threading.Lock()
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=int(threads))
-        self._threads = int(threads)
-        self._pending: list = []  # (sorted unique ids, future of their rows), newest last
-        self.keep = int(keep)
-
-    def _shard(self, s: int):
-        got = self._shards.get(s)
-        if got is not None:
-            return got
-        with self._lock:  # pool threads may meet a new shard together
-            if s in self._shards:
-                return self._shards[s]
-            fd = os.open(os.path.join(self.root, "c", str(s), "0"), os.O_RDONLY)
-            size = os.fstat(fd).st_size
-            index = os.pread(fd, 16 * self.n_inner, size - 16 * self.n_inner - 4)
-            got = self._shards[s] = fd, np.frombuffer(index, "<u8").reshape(-1, 2)[:, 0]
-            return got
-
-    def _read(self, ids_U: np.ndarray) -> np.ndarray:
-        rows = bytearray(len(ids_U) * self.row_bytes)
-        n, view = self.row_bytes, memoryview(rows)
-        for j, g in enumerate(ids_U.tolist()):
-            s, r = divmod(g, self.shard_rows)
-            fd, offsets = self._shard(s)
-            c, k = divmod(r, self.chunk_rows)
-            if offsets[c] != self._NONE:
-                view[j * n : (j + 1) * n] = os.pread(fd, n, int(offsets[c]) + k * n)
-        return np.frombuffer(rows, np.float32).reshape(len(ids_U), self.shape[1])
-
-    def _submit(self, uniq_U: np.ndarray):
-        """Split the reads over the pool: -> a callable returning rows in ``uniq_U`` order."""
-        parts = [p for p in np.array_split(uniq_U, min(self._threads, -(-len(uniq_U) // 4)))]
-        futures = [self._pool.submit(self._read, p) for p in parts]
-        # a part no pool thread has started yet is read here instead: on a busy machine a
-        # thread's wake-up can take longer than its reads
-        return lambda: np.concatenate(
-            [self._read(p) if f.cancel() else f.result() for p, f in zip(parts, futures)]
-        )
-
-    def prefetch(self, ids_N) -> None:
-        uniq_U = np.unique(np.asarray(ids_N, np.int64).reshape(-1))
-        if uniq_U.size:
-            self._pending.append([uniq_U, self._submit(uniq_U), None])
-            del self._pending[: -self.keep]
-
-    def take(self, ids_N) -> np.ndarray:
-        ids_N = np.asarray(ids_N, np.int64).reshape(-1)
-        if ids_N.size and (ids_N.min() < 0 or ids_N.max() >= self.shape[0]):
-            raise IndexError(f"row ids outside [0, {self.shape[0]})")
-        uniq_U, inv_N = np.unique(ids_N, return_inverse=True)
-        rows_UxD = np.empty((len(uniq_U), self.shape[1]), np.float32)
-        todo_U = np.ones(len(uniq_U), bool)
-        for entry in reversed(self._pending):
-            got_ids = entry[0]
-            at_U = np.minimum(np.searchsorted(got_ids, uniq_U), len(got_ids) - 1)
-            found_U = todo_U & (got_ids[at_U] == uniq_U)
-            if found_U.any():
-                if entry[2] is None:
-                    entry[2] = entry[1]()  # wait for the prefetched rows
-                rows_UxD[found_U] = entry[2][at_U[found_U]]
-                todo_U &= ~found_U
-        if todo_U.any():
-            rows_UxD[todo_U] = self._submit(uniq_U[todo_U])()
-        return rows_UxD[inv_N]
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
-        for fd, _ in self._shards.values():
-            os.close(fd)
-        self._shards.clear()
 
 
 def open_store(path: str, signature: dict, shapes: dict, **kw) -> dict:
