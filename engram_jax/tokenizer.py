@@ -48,6 +48,26 @@ def _lines(texts: Iterable[str], max_bytes: int):
                 return
 
 
+# SentencePiece training options of every tokenizer trained here: byte fallback, the special ids
+# above, text kept as it is (no normalization, whitespace pieces), digits split, deterministic.
+_TRAINER_OPTIONS = {
+    "byte_fallback": True,
+    "character_coverage": 1.0,
+    "unk_id": UNK_ID,
+    "bos_id": BOS_ID,
+    "eos_id": EOS_ID,
+    "pad_id": PAD_ID,
+    "normalization_rule_name": "identity",
+    "remove_extra_whitespaces": False,
+    "add_dummy_prefix": False,
+    "allow_whitespace_only_pieces": True,
+    "split_digits": True,
+    "shuffle_input_sentence": False,
+    "hard_vocab_limit": True,
+    "minloglevel": 2,
+}
+
+
 def train_tokenizer(
     texts: Iterable[str] | str | os.PathLike,
     out_path: str | os.PathLike,
@@ -80,22 +100,9 @@ def train_tokenizer(
             model_writer=proto,
             vocab_size=vocab_size,
             model_type=model_type,
-            byte_fallback=True,
-            character_coverage=1.0,
             user_defined_symbols=list(user_defined_symbols),
-            unk_id=UNK_ID,
-            bos_id=BOS_ID,
-            eos_id=EOS_ID,
-            pad_id=PAD_ID,
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            add_dummy_prefix=False,
-            allow_whitespace_only_pieces=True,
-            split_digits=True,
-            shuffle_input_sentence=False,
-            hard_vocab_limit=True,
             num_threads=num_threads or os.cpu_count() or 1,
-            minloglevel=2,
+            **_TRAINER_OPTIONS,
         )
     except RuntimeError as e:
         raise ValueError(
@@ -107,12 +114,16 @@ def train_tokenizer(
             f"trained tokenizer has {sp.get_piece_size()} pieces, wanted "
             f"{vocab_size}: the corpus is too small for this vocabulary size"
         )
-    out_path = Path(out_path)
+    _write_atomically(Path(out_path), proto.getvalue())
+    return sp
+
+
+def _write_atomically(out_path: Path, data: bytes) -> None:
+    """A crash never leaves a truncated model behind: write a temp file, then rename it."""
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f"{out_path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(proto.getvalue())
-    os.replace(tmp, out_path)  # atomic: a crash never leaves a truncated model behind
-    return sp
+    tmp.write_bytes(data)
+    os.replace(tmp, out_path)
 
 
 def _chain(first, rest):
