@@ -29,23 +29,28 @@ def header(heading: str, load: float, machine: str) -> list[str]:
     ]
 
 
-def interleaved_header(
-    heading: str, load0, load1, repeats: int, steps: int, rest: str
-) -> list[str]:
-    """The header of a section timing variants in interleaved rounds: heading, command, date and
-    the machine (load averages at start and end as ``os.getloadavg()`` gives them, jax version,
-    rounds and steps); ``rest`` continues the machine line (how the steps were timed)."""
+def interleaved_header(heading: str, loads, args, cfg, timing: str, batch_note: str) -> list[str]:
+    """The header of a section timing variants of ``args.preset`` (with ``args.sets``) in
+    ``args.repeats`` interleaved rounds of ``args.steps`` steps: heading, command, date, the
+    machine (``loads``: ``os.getloadavg()`` at start and end; ``timing`` continues that line: how
+    the steps were timed) and the preset's batch (``batch_note`` continues that line)."""
     import jax
 
+    (a1, a5, a15), (b1, b5, b15) = loads
+    sets = " " + " ".join(args.sets) if args.sets else ""
+    tokens = cfg.train.batch_size * cfg.train.seq_len
     return [
         heading,
         "",
         f"Command: `{command_line()}`  ",
         f"Date: {date_utc()}  ",
         f"Machine: {os.cpu_count()} CPU cores shared with other jobs; load average (1, 5, 15 "
-        f"min) {load0[0]:.1f} / {load0[1]:.1f} / {load0[2]:.1f} at start, {load1[0]:.1f} / "
-        f"{load1[1]:.1f} / {load1[2]:.1f} at the end; jax {jax.__version__}. "
-        f"{repeats} interleaved rounds of {steps} steps per variant{rest}",
+        f"min) {a1:.1f} / {a5:.1f} / {a15:.1f} at start, {b1:.1f} / {b5:.1f} / {b15:.1f} at the "
+        f"end; jax {jax.__version__}. {args.repeats} interleaved rounds of {args.steps} steps "
+        f"per variant{timing}",
+        "",
+        f"Preset `{args.preset}`{sets}: batch {cfg.train.batch_size} x {cfg.train.seq_len} = "
+        f"{tokens:,} tokens per step. {batch_note}",
     ]
 
 

@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from benchmarks.bench_markdown import interleaved_header, publish
-from benchmarks.common import cpu_seconds
+from benchmarks.common import add_variant_args, cpu_seconds
 from benchmarks.train_throughput import Variant, interleave
 from engram_jax import catch_up, tables
 from engram_jax import sharding as shd
@@ -123,11 +123,8 @@ class ZipfVariant(Variant):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="toy")
-    ap.add_argument("--set", dest="sets", action="append", default=[])
+    add_variant_args(ap, repeats=5, steps=3)
     ap.add_argument("--history", type=int, default=300, help="simulated steps before timing")
-    ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds per variant")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per round")
     ap.add_argument("--update", type=Path, help="replace this section of a markdown file")
     args = ap.parse_args()
     load0 = os.getloadavg()
@@ -141,23 +138,18 @@ def main() -> None:
     load1 = os.getloadavg()
     cfg, lazy = variants[0].cfg, variants[-1]
     g = gap_profile(cfg, variants[0].last)
-    tokens = cfg.train.batch_size * cfg.train.seq_len
     lines = [
         *interleaved_header(
             HEADING,
-            load0,
-            load1,
-            args.repeats,
-            args.steps,
+            (load0, load1),
+            args,
+            cfg,
             f", a new Zipf batch every step, medians of all step times; state as after {h} "
             "steps of Zipf text.",
+            f"First timed batch, over the Engram layers: {g['slots']:,} id slots, {g['rows']:,} "
+            f"distinct rows; replayed row-steps unchunked (slots x longest gap, capped at the "
+            f"horizon) {g['unch']:,}, as rows (sum of min(gap, horizon)) {g['ch']:,}.",
         ),
-        "",
-        f"Preset `{args.preset}`{' ' + ' '.join(args.sets) if args.sets else ''}: batch "
-        f"{cfg.train.batch_size} x {cfg.train.seq_len} = {tokens:,} tokens per step. First "
-        f"timed batch, over the Engram layers: {g['slots']:,} id slots, {g['rows']:,} distinct "
-        f"rows; replayed row-steps unchunked (slots x longest gap, capped at the horizon) "
-        f"{g['unch']:,}, as rows (sum of min(gap, horizon)) {g['ch']:,}.",
         "",
         "| variant | step ms (median) | step CPU ms | x lazy (wall) | x lazy (CPU) |",
         "|---|---:|---:|---:|---:|",

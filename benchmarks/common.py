@@ -28,3 +28,13 @@ def enable_compile_cache(path: str) -> None:
 
         jax.config.update("jax_compilation_cache_dir", path)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def add_variant_args(ap, *, repeats: int, steps: int) -> None:
+    """What a benchmark of interleaved variants of one preset takes (and
+    :func:`benchmarks.bench_markdown.interleaved_header` reports): --preset, --set (repeatable),
+    --repeats, --steps."""
+    ap.add_argument("--preset", default="toy")
+    ap.add_argument("--set", dest="sets", action="append", default=[])
+    ap.add_argument("--repeats", type=int, default=repeats, help="interleaved rounds per variant")
+    ap.add_argument("--steps", type=int, default=steps, help="timed steps per round")

@@ -33,6 +33,7 @@ import jax
 import numpy as np
 
 from benchmarks.bench_markdown import interleaved_header, publish
+from benchmarks.common import add_variant_args
 from benchmarks.train_throughput import Variant, interleave, matmul_peak
 
 HEADING = "## Study loop: the study preset vs a plain dense model (CPU)"
@@ -87,10 +88,7 @@ def _compile_once(preset: str, sets: list[str]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="toy")
-    ap.add_argument("--set", dest="sets", action="append", default=[])
-    ap.add_argument("--repeats", type=int, default=7, help="interleaved rounds per variant")
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    add_variant_args(ap, repeats=7, steps=5)
     ap.add_argument("--no-compile", action="store_true", help="skip the compile-time runs")
     ap.add_argument("--update", type=Path, help="replace this section of a markdown file")
     args = ap.parse_args()
@@ -122,18 +120,14 @@ def main() -> None:
     lines = [
         *interleaved_header(
             HEADING,
-            load0,
-            load1,
-            args.repeats,
-            args.steps,
+            (load0, load1),
+            args,
+            cfg,
             ", medians of all step times. Peak: best fp32 `jax.jit(a @ a)` in this run, "
             + ", ".join(f"{n}^2: {r / 1e9:.0f} GFLOP/s" for n, r in per.items())
             + ".",
+            f"Plain dense: `{' '.join(dense_overrides(cfg))}`.",
         ),
-        "",
-        f"Preset `{args.preset}`{' ' + ' '.join(args.sets) if args.sets else ''}: batch "
-        f"{cfg.train.batch_size} x {cfg.train.seq_len} = {tokens:,} tokens per step. Plain dense: "
-        f"`{' '.join(dense_overrides(cfg))}`.",
         "",
         "| variant | step ms (median) | step CPU ms | tokens/s | tokens per CPU-s | XLA GFLOP/step "
         "| XLA GFLOP/s | % of peak |",
