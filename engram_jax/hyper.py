@@ -42,7 +42,7 @@ def sinkhorn(logits: jax.Array, iters: int) -> jax.Array:
     The iteration runs on the matrices' entries moved to the front ([M, M, ...]): each
     logsumexp is then over a leading axis of size M, M-1 elementwise ops on long contiguous
     rows, which XLA CPU vectorizes; over the trailing [M, M] axes it reduces B*T separate
-    M-element rows (11x slower for the train step's [64, 64, 2, 2], forward + backward). Same
+    M-element rows, many times slower (BENCHMARKS.md, study loop: what was changed). Same
     arithmetic in the same order.
     """
     log_p = jnp.moveaxis(logits.astype(jnp.float32), (-2, -1), (0, 1))

@@ -20,8 +20,7 @@ score-weighted sum of its K rows (no scatter-add):
 - ``"ragged"`` (default; dropless): ``jax.lax.ragged_dot`` on the sorted rows. On TPU/GPU this is
   a grouped matmul costing exactly the routed FLOPs; expert parallelism means wrapping it in a
   ``shard_map`` with an all-to-all (MaxText style), which is ``sharding.py``'s business.
-  **On CPU XLA lowers ragged_dot to a masked dense dot: E times the routed FLOPs** (measured on
-  2 cores, 2048 rows x 128 x 128, E=8: 7.3 ms forward vs 0.37 ms for the plain matmul).
+  **On CPU XLA lowers ragged_dot to a masked dense dot: E times the routed FLOPs.**
 - ``"blocked"`` (dropless; the CPU choice): each expert's rows are padded to a multiple of a
   block size b and every block multiplies by its expert's weights (gathered per block), a
   batched matmul over at most ``S*k/b + E`` blocks: <= ``(1 + E*b/(S*k))`` times the routed
@@ -32,11 +31,10 @@ score-weighted sum of its K rows (no scatter-add):
   shard_map. Tokens beyond an expert's capacity get no routed output (the shared expert still
   applies) but still count in the load.
 
-Measured (BENCHMARKS.md, ``benchmarks/moe_dispatch.py``), fwd+bwd XLA FLOPs of one MoE sublayer
-relative to a dense SwiGLU of the activated width: tiny preset ragged 5.7x, blocked 1.18x,
-capacity(2.0) 1.68x; small preset (E=16) ragged 11x, blocked 1.18x, capacity 1.68x. The CPU
-presets therefore use ``blocked``; the paper presets ``ragged``. Router logits and scores are
-float32.
+The fwd+bwd XLA FLOPs of one MoE sublayer of each dispatch, relative to a dense SwiGLU of the
+activated width, are in BENCHMARKS.md (``benchmarks/moe_dispatch.py``): ``blocked`` is the
+cheapest on CPU, so the CPU presets use it; the paper presets use ``ragged``. Router logits and
+scores are float32.
 
 Shape legend: B batch, T sequence, S = B*T tokens, D d_model, E routed experts, F expert hidden,
 K top-k, R = S*K sorted assignments, C capacity, N blocks of B rows (blocked dispatch;

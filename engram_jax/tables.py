@@ -37,7 +37,7 @@ tables equal to dense Adam's, :func:`catch_up_all` replays every row once (O(R x
 
 In place: the update reads and writes K = N rows of three tables. Call it inside a jit that
 DONATES the table, mu and nu (``donate_argnums``); without donation XLA copies all three
-tables every step (10-50x slower on big tables).
+tables every step, which dominates the step on big tables.
 
 The train step (:func:`engram_jax.step.make_train_step`) calls :func:`sharded_catch_up` on the
 batch's ids, gathers the rows, differentiates the loss w.r.t. them and calls
