@@ -4,7 +4,7 @@ and the same checkpoint restored onto other meshes (8 -> 4 and 8 -> 1 CPU device
 The state holds one Engram table at the trainer's key (``checkpoint.table_key``, row-chunked)
 of ``--gib`` GiB (``[R, 64]`` fp32, rows sharded over every device as in training) and
 the step. Steps, each in a fresh subprocess so the device count and ``MALLOC_ARENA_MAX`` can
-differ and the peak RSS is the step's own:
+differ and the peak RSS is the step's own (:mod:`benchmarks.checkpoint_worker`):
 
 1. ``save`` on 8 fake CPU devices (``--xla_force_host_platform_device_count=8``): the table is
    written ``--saves`` times through :class:`engram_jax.checkpoint.Checkpointer` (Orbax, async).
@@ -32,188 +32,15 @@ import argparse
 import json
 import os
 import re
-import resource
 import shutil
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
-from benchmarks.common import cpu_seconds
-from engram_jax.checkpoint import table_key
+from benchmarks.checkpoint_worker import D, evict
 
 HEADING = "## Checkpoint bandwidth and cross-mesh restore of a 2 GiB table (CPU)"
-KEY_TABLE = table_key(1)  # where the trainer saves layer 1's table (row-chunked)
-KEY_STEP = "step"
-D = 64
-
-
-# ---------------------------------------------------------------------------------------------
-# Worker (runs in a subprocess with its own device count)
-
-
-def _mesh_and_sharding(n_dev: int):
-    import jax
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from engram_jax import sharding as shd
-    from engram_jax.config import MeshConfig
-
-    mesh = shd.make_mesh(MeshConfig(data=-1), jax.devices()[:n_dev])
-    return mesh, NamedSharding(mesh, P(shd.table_axes(), None)), NamedSharding(mesh, P())
-
-
-def _crc_rows(arr) -> int:
-    """CRC-32 of the table's bytes in global row order (independent of the sharding)."""
-    import numpy as np
-
-    shards = sorted(arr.addressable_shards, key=lambda s: s.index[0].start or 0)
-    crc, seen = 0, set()
-    for s in shards:
-        start = s.index[0].start or 0
-        if start in seen:  # replicas
-            continue
-        seen.add(start)
-        crc = zlib.crc32(memoryview(np.ascontiguousarray(np.asarray(s.data))).cast("B"), crc)
-    return crc
-
-
-def _lookup(mesh, table):
-    import jax
-    import numpy as np
-
-    from engram_jax.tables import sharded_lookup
-
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, table.shape[0], (8, 512)).astype(np.int32)
-    out = jax.jit(lambda t, i: sharded_lookup(mesh, t, i))(table, ids)
-    return np.asarray(out)
-
-
-def _rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
-
-
-def zstd_ab(args, table, state) -> list[dict]:
-    """Raw Orbax (PyTreeCheckpointHandler) with zstd on vs off, alternating, same process."""
-    import orbax.checkpoint as ocp
-
-    res = []
-    for rep in range(args.ab_repeats):
-        for comp in (True, False):
-            d = os.path.join(args.dir, f"ab_{'zstd' if comp else 'raw'}_{rep}")
-            mgr = ocp.CheckpointManager(
-                d,
-                options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
-                item_handlers={"state": ocp.PyTreeCheckpointHandler(use_compression=comp)},
-            )
-            t0, c0 = time.perf_counter(), cpu_seconds()
-            mgr.save(1, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state)), force=True)
-            mgr.wait_until_finished()
-            wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-            mgr.close()
-            du = int(
-                subprocess.run(["du", "-sb", d], capture_output=True, text=True).stdout.split()[0]
-            )
-            shutil.rmtree(d, ignore_errors=True)
-            res.append(dict(zstd=comp, wall=wall, cpu=cpu, disk_bytes=du))
-            print(
-                f"  raw Orbax zstd={comp}: {wall:.1f} s wall, {cpu:.1f} s CPU, {du / 1e6:.0f} MB",
-                file=sys.stderr,
-                flush=True,
-            )
-    return res
-
-
-def worker(args) -> None:
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from engram_jax.checkpoint import Checkpointer
-
-    n_dev = len(jax.devices())
-    mesh, tsh, rep = _mesh_and_sharding(n_dev)
-    rows = int(args.gib * 2**30 // (4 * D)) // 1024 * 1024
-    nbytes = rows * D * 4
-    out = dict(
-        devices=n_dev, rows=rows, bytes=nbytes, malloc_arena_max=os.environ.get("MALLOC_ARENA_MAX")
-    )
-    if args.worker == "save":
-
-        def fill():
-            x = jax.lax.broadcasted_iota(jnp.uint32, (rows, D), 0) * jnp.uint32(
-                D
-            ) + jax.lax.broadcasted_iota(jnp.uint32, (rows, D), 1)
-            x = x * jnp.uint32(2654435761)
-            x = x ^ (x >> 15)
-            return (x >> 8).astype(jnp.float32) * (2.0**-24) - 0.5
-
-        table = jax.jit(fill, out_shardings=tsh)()
-        state = {KEY_TABLE: table, KEY_STEP: jax.device_put(jnp.int32(7), rep)}
-        jax.block_until_ready(state)
-        np.save(os.path.join(args.dir, "ref_lookup.npy"), _lookup(mesh, table))
-        out["crc"] = _crc_rows(table)
-        ck = Checkpointer(args.dir, keep=1)
-        out["saves"] = []
-        for step in range(1, args.saves + 1):
-            t0, c0 = time.perf_counter(), cpu_seconds()
-            ck.save(step, state, None, {"bench": "checkpoint_bandwidth", "gib": args.gib})
-            t1 = time.perf_counter()
-            ck.wait()
-            t2 = time.perf_counter()
-            os.sync()
-            t3 = time.perf_counter()
-            out["saves"].append(
-                dict(returned=t1 - t0, finished=t2 - t0, synced=t3 - t0, cpu=cpu_seconds() - c0)
-            )
-            print(
-                f"  save {step}: returned {t1 - t0:.2f} s, finished {t2 - t0:.2f} s, "
-                f"synced {t3 - t0:.2f} s",
-                file=sys.stderr,
-                flush=True,
-            )
-        ck.close()
-        if args.ab_repeats:
-            out["zstd_ab"] = zstd_ab(args, table, state)
-    else:
-        from jax import ShapeDtypeStruct as SDS
-
-        ck = Checkpointer(args.dir, keep=1)
-        target = {
-            KEY_TABLE: SDS((rows, D), jnp.float32, sharding=tsh),
-            KEY_STEP: SDS((), jnp.int32, sharding=rep),
-        }
-        t0, c0 = time.perf_counter(), cpu_seconds()
-        restored = ck.restore(ck.latest_step(), target)
-        jax.block_until_ready(restored)
-        out["restore_s"] = time.perf_counter() - t0
-        out["restore_cpu_s"] = cpu_seconds() - c0
-        ck.close()
-        table = restored[KEY_TABLE]
-        out["sharding"] = str(table.sharding.spec)
-        out["shards"] = len(table.addressable_shards)
-        out["crc"] = _crc_rows(table)
-        ref = np.load(os.path.join(args.dir, "ref_lookup.npy"))
-        out["lookup_identical"] = bool(np.array_equal(_lookup(mesh, table), ref))
-        out["step"] = int(restored[KEY_STEP])
-        out["peak_rss_gb"] = _rss_gb()  # of the restore, before the tensorstore read below
-        del restored, table
-        # The floor under Orbax: tensorstore alone reading the same array into one NumPy array
-        # (no sharding, no device copies), from an evicted page cache like the restore.
-        from engram_jax.checkpoint import TableRows
-
-        state_dir = ck.state_dir(ck.latest_step())
-        _evict(str(state_dir))
-        t0, c0 = time.perf_counter(), cpu_seconds()
-        whole = TableRows.open(state_dir, 1).array.read().result()
-        out["ts_read_s"], out["ts_read_cpu_s"] = time.perf_counter() - t0, cpu_seconds() - c0
-        out["ts_crc"] = zlib.crc32(memoryview(np.ascontiguousarray(whole)).cast("B"))
-        del whole
-    out.setdefault("peak_rss_gb", _rss_gb())
-    print("RESULT " + json.dumps(out), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,8 +60,8 @@ def _run_worker(
         env["MALLOC_ARENA_MAX"] = "2"
     cmd = [
         sys.executable,
-        __file__,
-        "--worker",
+        "-m",
+        "benchmarks.checkpoint_worker",
         kind,
         "--dir",
         directory,
@@ -274,17 +101,6 @@ def _run_worker(
     return res
 
 
-def _evict(directory: str) -> None:
-    os.sync()
-    for root, _, files in os.walk(directory):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
 def _dd(args_list: list[str]) -> float:
     """Run dd, return its MB/s (10^6 bytes) from its own byte count and our wall time."""
     t = time.perf_counter()
@@ -306,11 +122,97 @@ def dd_bandwidth(directory: str, gib: float) -> dict:
     out["write_fdatasync"] = _dd(
         ["if=/dev/zero", f"of={f}", "bs=16M", f"count={count}", "conv=fdatasync"]
     )
-    _evict(directory)
+    evict(directory)
     out["read_evicted"] = _dd([f"if={f}", "of=/dev/null", "bs=16M"])
     os.remove(f)
     print("  dd MB/s: " + ", ".join(f"{k} {v:.0f}" for k, v in out.items()), flush=True)
     return out
+
+
+def _zstd_lines(save: dict, mb: float) -> list[str]:
+    """The raw-Orbax zstd on/off table (only with --ab-repeats)."""
+    import numpy as np
+
+    if not save.get("zstd_ab"):
+        return []
+    lines = [
+        "Raw Orbax (`PyTreeCheckpointHandler`, same process, alternating), zstd "
+        "compression (Orbax's default; `Checkpointer` turns it off) on vs off:",
+        "",
+        "| zstd | save s (median) | MB/s | CPU s | on disk MB |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for comp in (True, False):
+        rs = [r for r in save["zstd_ab"] if r["zstd"] == comp]
+        w = float(np.median([r["wall"] for r in rs]))
+        lines.append(
+            f"| {'on' if comp else 'off'} | {w:.2f} | {mb / w:.0f} | "
+            f"{float(np.median([r['cpu'] for r in rs])):.1f} | "
+            f"{rs[0]['disk_bytes'] / 1e6:,.0f} |"
+        )
+    lines.append("")
+    return lines
+
+
+def _restore_lines(args, save: dict, restores: list, mb: float, rref: float) -> list[str]:
+    """The cross-mesh restore table."""
+    lines = [
+        "Cross-mesh restore of the 8-device checkpoint (abstract target with the new "
+        "mesh's `NamedSharding`, rows over all devices):",
+        "",
+        "| restore onto | MALLOC_ARENA_MAX | seconds | MB/s | vs dd read | CRC-32 = saved "
+        "(Orbax, tensorstore) | lookup identical | peak RSS GB |",
+        "|---|---|---:|---:|---:|---|---|---:|",
+    ]
+    for r in restores:
+        if r.get("killed"):
+            lines.append(
+                f"| {r['devices']} device(s) | {r['malloc_arena_max'] or 'unset'} | "
+                f"killed | | | | | > {args.rss_limit_gb:.0f} |"
+            )
+            continue
+        lines.append(
+            f"| {r['devices']} device(s), `{r['sharding']}` | "
+            f"{r['malloc_arena_max'] or 'unset'} | {r['restore_s']:.2f} | "
+            f"{mb / r['restore_s']:.0f} | {mb / r['restore_s'] / rref * 100:.0f}% | "
+            f"{r['crc'] == save['crc'] and r['ts_crc'] == save['crc']} | "
+            f"{r['lookup_identical']} | {r['peak_rss_gb']:.2f} |"
+        )
+    return lines
+
+
+def _measure(args):
+    """dd before, the save worker, restores onto 4 and 1 devices (with and without
+    MALLOC_ARENA_MAX=2), dd after: ``(load, df, save, restores, dd, du)``."""
+    os.makedirs(args.dir, exist_ok=True)
+    free = shutil.disk_usage(args.dir).free / 2**30
+    if free < 3 * args.gib + 2:
+        raise SystemExit(f"{args.dir}: only {free:.1f} GiB free")
+    df = subprocess.run(["df", "-h", args.dir], capture_output=True, text=True).stdout
+    print(df, flush=True)
+    load = os.getloadavg()[0]
+    ck_dir = os.path.join(args.dir, "run")
+    os.makedirs(ck_dir, exist_ok=True)
+    try:
+        print("dd (before) ...", flush=True)
+        dd = [dd_bandwidth(args.dir, args.gib)]
+        save = _run_worker("save", 8, ck_dir, args, arena=True, rss_limit_gb=args.rss_limit_gb)
+        du = subprocess.run(
+            ["du", "-sb", os.path.join(ck_dir, "checkpoints")], capture_output=True, text=True
+        ).stdout.split()[0]
+        restores = []
+        for devices in (4, 1):
+            for arena in (True, False):
+                evict(ck_dir)
+                restores.append(
+                    _run_worker("restore", devices, ck_dir, args, arena, args.rss_limit_gb)
+                )
+        print("dd (after) ...", flush=True)
+        dd.append(dd_bandwidth(args.dir, args.gib))
+    finally:
+        shutil.rmtree(args.dir, ignore_errors=True)
+
+    return load, df, save, restores, dd, du
 
 
 def main() -> None:
@@ -331,42 +233,15 @@ def main() -> None:
         help="kill a worker above this RSS (shared machine)",
     )
     ap.add_argument("--update", type=Path, help="replace this section of a markdown file")
-    ap.add_argument("--worker", choices=["save", "restore"], help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.worker:
-        worker(args)
-        return
-    from benchmarks.bench_markdown import header, publish
+    load, df, save, restores, dd, du = _measure(args)
+    _publish(args, load, df, save, restores, dd, du)
 
-    os.makedirs(args.dir, exist_ok=True)
-    free = shutil.disk_usage(args.dir).free / 2**30
-    if free < 3 * args.gib + 2:
-        raise SystemExit(f"{args.dir}: only {free:.1f} GiB free")
-    df = subprocess.run(["df", "-h", args.dir], capture_output=True, text=True).stdout
-    print(df, flush=True)
-    load = os.getloadavg()[0]
-    ck_dir = os.path.join(args.dir, "run")
-    os.makedirs(ck_dir, exist_ok=True)
-    try:
-        print("dd (before) ...", flush=True)
-        dd = [dd_bandwidth(args.dir, args.gib)]
-        save = _run_worker("save", 8, ck_dir, args, arena=True, rss_limit_gb=args.rss_limit_gb)
-        du = subprocess.run(
-            ["du", "-sb", os.path.join(ck_dir, "checkpoints")], capture_output=True, text=True
-        ).stdout.split()[0]
-        restores = []
-        for devices in (4, 1):
-            for arena in (True, False):
-                _evict(ck_dir)
-                restores.append(
-                    _run_worker("restore", devices, ck_dir, args, arena, args.rss_limit_gb)
-                )
-        print("dd (after) ...", flush=True)
-        dd.append(dd_bandwidth(args.dir, args.gib))
-    finally:
-        shutil.rmtree(args.dir, ignore_errors=True)
 
+def _publish(args, load, df, save, restores, dd, du) -> None:
     import numpy as np
+
+    from benchmarks.bench_markdown import header, publish
 
     nbytes = save["bytes"]
     mb = nbytes / 1e6
@@ -430,45 +305,8 @@ def main() -> None:
         f"cores: it is bound by CPU (copies), not by the disk.",
         "",
     ]
-    if save.get("zstd_ab"):
-        lines += [
-            "Raw Orbax (`PyTreeCheckpointHandler`, same process, alternating), zstd "
-            "compression (Orbax's default; `Checkpointer` turns it off) on vs off:",
-            "",
-            "| zstd | save s (median) | MB/s | CPU s | on disk MB |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for comp in (True, False):
-            rs = [r for r in save["zstd_ab"] if r["zstd"] == comp]
-            w = float(np.median([r["wall"] for r in rs]))
-            lines.append(
-                f"| {'on' if comp else 'off'} | {w:.2f} | {mb / w:.0f} | "
-                f"{float(np.median([r['cpu'] for r in rs])):.1f} | "
-                f"{rs[0]['disk_bytes'] / 1e6:,.0f} |"
-            )
-        lines.append("")
-    lines += [
-        "Cross-mesh restore of the 8-device checkpoint (abstract target with the new "
-        "mesh's `NamedSharding`, rows over all devices):",
-        "",
-        "| restore onto | MALLOC_ARENA_MAX | seconds | MB/s | vs dd read | CRC-32 = saved "
-        "(Orbax, tensorstore) | lookup identical | peak RSS GB |",
-        "|---|---|---:|---:|---:|---|---|---:|",
-    ]
-    for r in restores:
-        if r.get("killed"):
-            lines.append(
-                f"| {r['devices']} device(s) | {r['malloc_arena_max'] or 'unset'} | "
-                f"killed | | | | | > {args.rss_limit_gb:.0f} |"
-            )
-            continue
-        lines.append(
-            f"| {r['devices']} device(s), `{r['sharding']}` | "
-            f"{r['malloc_arena_max'] or 'unset'} | {r['restore_s']:.2f} | "
-            f"{mb / r['restore_s']:.0f} | {mb / r['restore_s'] / rref * 100:.0f}% | "
-            f"{r['crc'] == save['crc'] and r['ts_crc'] == save['crc']} | "
-            f"{r['lookup_identical']} | {r['peak_rss_gb']:.2f} |"
-        )
+    lines += _zstd_lines(save, mb)
+    lines += _restore_lines(args, save, restores, mb, rref)
     lines += [
         "",
         f"Save worker (8 devices, MALLOC_ARENA_MAX=2, builds the table too): peak "
