@@ -273,18 +273,20 @@ def test_batched_generation_equals_each_prompt_alone(attention):
 def test_batched_generation_eos_offload_and_limits(model):
     from engram_jax.batch_generate import BatchGenerator
 
+    # the shapes of the test above (max_len 32, batch 5, prompt lengths among its own), so the
+    # programs it compiled serve this one
     comp, rng = compression(), np.random.default_rng(3)
-    prompts = [rng.integers(0, V, n).astype(np.int32) for n in (3, 7, 5)]
-    solo = Generator(model, comp, max_len=24, batch=1)
+    prompts = [rng.integers(0, V, n).astype(np.int32) for n in (4, 9, 13)]
+    solo = Generator(model, comp, max_len=32, batch=1)
     alone = [solo.generate(p[None], 6).tokens[0] for p in prompts]
     rows = HostRows.from_model(model, OffloadConfig(hot_rows=64))
-    batched = BatchGenerator(model, comp, batch=3, max_len=24, rows=rows)
+    batched = BatchGenerator(model, comp, batch=5, max_len=32, rows=rows)
     eos = int(alone[1][2])  # row 1 stops at its third token; the others run on
     res = batched.generate(prompts, 6, eos_id=eos)
     for got, want in zip(res.tokens, alone, strict=True):
         stop = list(want).index(eos) + 1 if eos in want else len(want)
         np.testing.assert_array_equal(got, want[:stop])
     with pytest.raises(ValueError, match="max_len"):
-        batched.generate([np.zeros(20, np.int32)], 6)
+        batched.generate([np.zeros(28, np.int32)], 6)  # 28 + 6 - 1 positions > 32
     with pytest.raises(ValueError, match="prompts for a batch"):
         batched.generate(prompts * 2, 2)

@@ -67,9 +67,10 @@ def test_store_rows_prefetch_and_generation_match_resident(model, tmp_path):
         rows = HostRows(open_store(store, _sig(model), model_shapes(model)), hot_rows=hot)
         gen = Generator(model, comp, max_len=32, batch=B, rows=rows, max_chunk=2)
         np.testing.assert_array_equal(np.asarray(cached_logits(gen, tokens, 5)), resident)
-    prompts = [tokens[0, :3], tokens[1, :8], tokens[0, :1]]
-    want = BatchGenerator(model, comp, batch=3, max_len=24).generate(prompts, 5).tokens
-    got = BatchGenerator(model, comp, batch=3, max_len=24, rows=rows).generate(prompts, 5).tokens
+    # the shapes of test_generate's batched tests: their compiled programs serve these
+    prompts = [tokens[0, :4], tokens[1, :9], tokens[0, :1]]
+    want = BatchGenerator(model, comp, batch=5, max_len=32).generate(prompts, 5).tokens
+    got = BatchGenerator(model, comp, batch=5, max_len=32, rows=rows).generate(prompts, 5).tokens
     for a, b in zip(got, want, strict=True):
         np.testing.assert_array_equal(a, b)
     assert all(s["hits"] > 0 for s in rows.stats().values())
