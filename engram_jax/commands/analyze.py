@@ -14,16 +14,11 @@ tokenized with the run's tokenizer and split the same way.
 
 from __future__ import annotations
 
-import argparse
+from engram_jax.commands import add_command
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "analyze",
-        help="LogitLens, CKA, gate maps and Engram sensitivity",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, "analyze", "LogitLens, CKA, gate maps and Engram sensitivity", __doc__)
     kinds = p.add_subparsers(dest="analysis", required=True)
 
     lens = kinds.add_parser("logitlens", help="KL to the final distribution per block")

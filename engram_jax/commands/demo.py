@@ -9,18 +9,11 @@ gates show the layer's arithmetic, not trained behaviour.
 
 from __future__ import annotations
 
-import argparse
-
-from engram_jax.commands import add_set_arg
+from engram_jax.commands import add_command, add_set_arg
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="run one Engram layer on a few KB of real text",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, "demo", "run one Engram layer on a few KB of real text", __doc__)
     p.add_argument("--preset", default="tiny", help="config whose Engram/backbone sizes to use")
     add_set_arg(p, "engram.max_ngram_size=4")
     p.add_argument("--kb", type=float, default=8.0, help="KB of stdlib source to run on")

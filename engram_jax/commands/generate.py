@@ -20,19 +20,15 @@ object per prompt to stdout or ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
+from engram_jax.commands import add_command
+
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "generate",
-        help="generate text from a trained workdir",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, "generate", "generate text from a trained workdir", __doc__)
     p.add_argument("--workdir", required=True, help="a run trained with `engram-jax train`")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="text to continue")
