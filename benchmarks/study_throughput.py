@@ -68,9 +68,9 @@ def compile_seconds(preset: str, sets: list[str], cache_dir: str) -> float:
 
 
 def _compile_once(preset: str, sets: list[str]) -> float:
-    from benchmarks.train_throughput import synthetic_batch
     from engram_jax import sharding as shd
     from engram_jax.config import override
+    from engram_jax.data import synthetic_batch
     from engram_jax.optim import make_optimizer
     from engram_jax.presets import get_preset
     from engram_jax.state import init_state

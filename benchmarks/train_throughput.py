@@ -38,7 +38,7 @@ from benchmarks.bench_markdown import command_line, date_utc, publish
 from benchmarks.common import cpu_seconds, enable_compile_cache
 from engram_jax import sharding as shd
 from engram_jax.config import override
-from engram_jax.hashing import NgramHasher
+from engram_jax.data import synthetic_batch
 from engram_jax.optim import make_optimizer
 from engram_jax.params import count_params
 from engram_jax.presets import get_preset
@@ -55,19 +55,6 @@ ATTRIBUTION = [
 
 # ---------------------------------------------------------------------------------------------
 # Shared helpers (table_scaling.py imports these)
-
-
-def synthetic_batch(cfg, seed: int = 0) -> dict:
-    B, S, V = cfg.train.batch_size, cfg.train.seq_len, cfg.model.vocab_size
-    rng = np.random.default_rng(seed)
-    inputs = rng.integers(3, V, (B, S)).astype(np.int32)
-    batch = {"inputs": inputs, "targets": np.roll(inputs, -1, axis=1)}
-    if cfg.engram.enabled:
-        hasher = NgramHasher(cfg.engram, V, pad_id=2, out_dtype=np.int32)
-        batch["engram_ids"] = hasher(inputs)
-    else:
-        batch["engram_ids"] = {}
-    return batch
 
 
 class Variant:
