@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.bench_markdown import command_line, date_utc, publish
-from benchmarks.common import cpu_seconds, enable_compile_cache
+from benchmarks.common import add_cache_dir_arg, cpu_seconds, enable_compile_cache
 from engram_jax import sharding as shd
 from engram_jax.config import override
 from engram_jax.data import synthetic_batch
@@ -173,7 +173,7 @@ def model_flops(cfg) -> tuple[float, dict]:
     )
 
 
-def main() -> None:
+def _args():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--repeats", type=int, default=7, help="interleaved rounds per variant")
@@ -191,13 +191,13 @@ def main() -> None:
         help="also time Engram variants without parts (dense table update, no "
         "short conv, no gate) to see where Engram's time goes",
     )
-    ap.add_argument(
-        "--cache-dir",
-        default="/tmp/engram_jax_bench_cache",
-        help="JAX persistent compilation cache ('' to disable)",
-    )
+    add_cache_dir_arg(ap)
     ap.add_argument("--update", type=Path, help="replace this section of a markdown file")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = _args()
     enable_compile_cache(args.cache_dir)
     load = os.getloadavg()[0]
 
@@ -214,9 +214,52 @@ def main() -> None:
         print(f"compiled {v.name} in {v.compile_s:.1f} s", flush=True)
     interleave(variants, args.repeats, args.steps)
     peak1, per1 = matmul_peak()
-    peak = max(peak0, peak1)
     per = {n: max(per0[n], per1[n]) for n in per0}
+    publish(HEADING, _markdown(args, load, variants, max(peak0, peak1), per), args.update)
 
+
+def _attribution_lines(variants, base) -> list[str]:
+    lines = [
+        "",
+        "Attribution (same run, interleaved): step time of Engram variants "
+        "relative to the backbone without Engram.",
+        "",
+        "| variant | wall ms | vs without | CPU ms | vs without |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for v in variants:
+        lines.append(
+            f"| {v.name} | {v.median * 1e3:.1f} | "
+            f"{v.median / base.median:.3f} | {v.cpu_median * 1e3:.1f} | "
+            f"{v.cpu_median / base.cpu_median:.3f} |"
+        )
+    return lines
+
+
+def _reading(args, variants, rows, ratio: float, cpu_ratio: float) -> str:
+    eng = variants[0]
+    (_, f_eng, _, _, mfu_eng, _), (_, f_base, _, _, mfu_base, _) = rows[:2]
+
+    def verdict(r: float) -> str:
+        return "met" if r <= 1.10 else "missed"
+
+    reading = (
+        f"Reading (computed from the figures above): Engram adds "
+        f"{(cpu_ratio - 1) * 100:+.1f}% CPU time (goal {verdict(cpu_ratio)}) and "
+        f"{(ratio - 1) * 100:+.1f}% wall time (goal {verdict(ratio)}) per step, for "
+        f"{(f_eng / f_base - 1) * 100:+.1f}% model FLOPs; MFU {mfu_eng * 100:.1f}% with "
+        f"and {mfu_base * 100:.1f}% without. XLA executes "
+        f"{eng.xla_flops / f_eng:.2f}x the model FLOPs (optimizer, MoE block padding)."
+    )
+    if args.attribution:
+        parts = ", ".join(
+            f"{v.name}: {(v.cpu_median / eng.cpu_median - 1) * 100:+.1f}%" for v in variants[2:]
+        )
+        reading += f" CPU time of the Engram variants relative to the full Engram: {parts}."
+    return reading
+
+
+def _markdown(args, load: float, variants, peak: float, per: dict) -> list[str]:
     eng, base = variants[:2]
     cfg = eng.cfg
     rows = []
@@ -235,23 +278,7 @@ def main() -> None:
         )
     ratio = eng.median / base.median
     cpu_ratio = eng.cpu_median / base.cpu_median
-    if args.attribution:
-        extra_lines = [
-            "",
-            "Attribution (same run, interleaved): step time of Engram variants "
-            "relative to the backbone without Engram.",
-            "",
-            "| variant | wall ms | vs without | CPU ms | vs without |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for v in variants:
-            extra_lines.append(
-                f"| {v.name} | {v.median * 1e3:.1f} | "
-                f"{v.median / base.median:.3f} | {v.cpu_median * 1e3:.1f} | "
-                f"{v.cpu_median / base.cpu_median:.3f} |"
-            )
-    else:
-        extra_lines = []
+    extra_lines = _attribution_lines(variants, base) if args.attribution else []
     command = command_line()
     lines = [
         HEADING,
@@ -296,26 +323,9 @@ def main() -> None:
         "`cost_analysis()` (includes optimizer arithmetic, MoE block padding).",
         "",
     ]
-    (_, f_eng, _, _, mfu_eng, _), (_, f_base, _, _, mfu_base, _) = rows[:2]
-
-    def verdict(r: float) -> str:
-        return "met" if r <= 1.10 else "missed"
-
-    reading = (
-        f"Reading (computed from the figures above): Engram adds "
-        f"{(cpu_ratio - 1) * 100:+.1f}% CPU time (goal {verdict(cpu_ratio)}) and "
-        f"{(ratio - 1) * 100:+.1f}% wall time (goal {verdict(ratio)}) per step, for "
-        f"{(f_eng / f_base - 1) * 100:+.1f}% model FLOPs; MFU {mfu_eng * 100:.1f}% with "
-        f"and {mfu_base * 100:.1f}% without. XLA executes "
-        f"{eng.xla_flops / f_eng:.2f}x the model FLOPs (optimizer, MoE block padding)."
-    )
-    if args.attribution:
-        parts = ", ".join(
-            f"{v.name}: {(v.cpu_median / eng.cpu_median - 1) * 100:+.1f}%" for v in variants[2:]
-        )
-        reading += f" CPU time of the Engram variants relative to the full Engram: {parts}."
+    reading = _reading(args, variants, rows, ratio, cpu_ratio)
     lines += [reading, ""]
-    publish(HEADING, lines, args.update)
+    return lines
 
 
 if __name__ == "__main__":
