@@ -69,7 +69,7 @@ def outside_bar(n: int, steps: int) -> tuple[float, str]:
     return med, shown
 
 
-def main() -> None:
+def _args():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="12500,125000,1250000", help="N per order (comma list)")
     ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
@@ -83,7 +83,11 @@ def main() -> None:
     ap.add_argument("--bar-steps", type=int, default=30)
     add_cache_dir_arg(ap)
     ap.add_argument("--update", type=Path, help="replace this section of a markdown file")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = _args()
     enable_compile_cache(args.cache_dir)
     sizes = [int(s) for s in args.sizes.split(",")]
     load = os.getloadavg()[0]
@@ -106,26 +110,19 @@ def main() -> None:
         for n in (sizes[0], sizes[-1]):
             bar.append((n, *outside_bar(n, args.bar_steps)))
 
-    lines = [
-        *header(
-            HEADING,
-            load,
-            f"jax {jax.__version__}. All variants compiled first, then {args.repeats} "
-            f"interleaved rounds of {args.steps} steps each; medians.",
-        ),
-        "",
-        "`tiny` with `"
-        + " ".join(f"--set {s}" for s in BASE)
-        + " --set engram.engram_vocab_size=[N,N]`; dense = "
-        "`--set engram.sparse_update=False`.",
-        "",
-    ]
-    paths = sorted({v.path for v in variants}, key=["sparse", "dense"].index)
+    publish(HEADING, _markdown(args, load, sizes, variants, bar), args.update)
+
+
+def _ratio(by: dict, sizes: list, path: str, attr: str) -> float:
+    """``attr`` of ``path``'s variant at the largest N over the one at the smallest."""
+    return getattr(by[(path, sizes[-1])], attr) / getattr(by[(path, sizes[0])], attr)
+
+
+def _size_table(sizes: list, variants: list, paths: list, by: dict) -> list[str]:
     head = "| N | table rows |" + "".join(
         f" {p} wall ms | vs smallest | {p} CPU ms | vs smallest |" for p in paths
     )
-    lines += [head, "|---:|---:|" + "---:|---:|---:|---:|" * len(paths)]
-    by = {(v.path, v.n): v for v in variants}
+    lines = [head, "|---:|---:|" + "---:|---:|---:|---:|" * len(paths)]
     for n in sizes:
         row = f"| {n:,} | {by[(paths[0], n)].table_rows():,} |"
         for p in paths:
@@ -135,18 +132,11 @@ def main() -> None:
                 f" {v.cpu_median * 1e3:.1f} | {v.cpu_median / v0.cpu_median:.3f} |"
             )
         lines.append(row)
-    ratio = lambda p, attr: getattr(by[(p, sizes[-1])], attr) / getattr(by[(p, sizes[0])], attr)
-    lines += [
-        "",
-        f"Sparse step(largest)/step(smallest): wall **{ratio('sparse', 'median'):.3f}**,"
-        f" CPU time **{ratio('sparse', 'cpu_median'):.3f}** (goal <= 1.15).",
-    ]
-    if "dense" in paths:
-        lines[-1] += (
-            f" Dense: wall {ratio('dense', 'median'):.3f}, CPU time "
-            f"{ratio('dense', 'cpu_median'):.3f}."
-        )
-    lines += [
+    return lines
+
+
+def _memory_lines(variants: list) -> list[str]:
+    lines = [
         "",
         "Compiled step (XLA): scratch memory besides inputs/outputs, donated bytes, "
         "and the instructions whose result is table-shaped:",
@@ -157,18 +147,25 @@ def main() -> None:
     for v in variants:
         ops = ", ".join(f"{k} x{c}" for k, c in sorted(v.table_ops.items())) or "-"
         lines.append(f"| {v.name} | {v.temp_bytes / 1e6:.1f} | {v.alias_bytes / 1e6:.1f} | {ops} |")
-    if bar:
-        lines += [
-            "",
-            f"Outside-bar command, {args.bar_steps} steps each, median `step_time_s` "
-            "from `metrics.jsonl` (`W` a fresh /tmp directory):",
-            "",
-        ]
-        for _, med, shown in bar:
-            lines.append(f"- `{shown}`: {med * 1e3:.1f} ms")
-        lines.append(
-            f"- ratio N={bar[-1][0]:,} / N={bar[0][0]:,}: **{bar[-1][1] / bar[0][1]:.3f}**"
-        )
+    return lines
+
+
+def _bar_lines(args, bar: list) -> list[str]:
+    if not bar:
+        return []
+    lines = [
+        "",
+        f"Outside-bar command, {args.bar_steps} steps each, median `step_time_s` "
+        "from `metrics.jsonl` (`W` a fresh /tmp directory):",
+        "",
+    ]
+    for _, med, shown in bar:
+        lines.append(f"- `{shown}`: {med * 1e3:.1f} ms")
+    lines.append(f"- ratio N={bar[-1][0]:,} / N={bar[0][0]:,}: **{bar[-1][1] / bar[0][1]:.3f}**")
+    return lines
+
+
+def _reading(variants: list, paths: list, ratio) -> str:
     sp = [v for v in variants if v.path == "sparse"]
     reading = (
         f"Reading (computed from the figures above): with "
@@ -188,8 +185,45 @@ def main() -> None:
             f"{de[0].temp_bytes / 1e6:.1f} -> {de[-1].temp_bytes / 1e6:.1f} MB: a "
             "table-sized gradient and Adam over every row."
         )
-    lines += ["", reading, ""]
-    publish(HEADING, lines, args.update)
+    return reading
+
+
+def _markdown(args, load: float, sizes: list, variants: list, bar: list) -> list[str]:
+    lines = [
+        *header(
+            HEADING,
+            load,
+            f"jax {jax.__version__}. All variants compiled first, then {args.repeats} "
+            f"interleaved rounds of {args.steps} steps each; medians.",
+        ),
+        "",
+        "`tiny` with `"
+        + " ".join(f"--set {s}" for s in BASE)
+        + " --set engram.engram_vocab_size=[N,N]`; dense = "
+        "`--set engram.sparse_update=False`.",
+        "",
+    ]
+    paths = sorted({v.path for v in variants}, key=["sparse", "dense"].index)
+    by = {(v.path, v.n): v for v in variants}
+    lines += _size_table(sizes, variants, paths, by)
+
+    def ratio(p, attr):
+        return _ratio(by, sizes, p, attr)
+
+    lines += [
+        "",
+        f"Sparse step(largest)/step(smallest): wall **{ratio('sparse', 'median'):.3f}**,"
+        f" CPU time **{ratio('sparse', 'cpu_median'):.3f}** (goal <= 1.15).",
+    ]
+    if "dense" in paths:
+        lines[-1] += (
+            f" Dense: wall {ratio('dense', 'median'):.3f}, CPU time "
+            f"{ratio('dense', 'cpu_median'):.3f}."
+        )
+    lines += _memory_lines(variants)
+    lines += _bar_lines(args, bar)
+    lines += ["", _reading(variants, paths, ratio), ""]
+    return lines
 
 
 if __name__ == "__main__":
