@@ -108,19 +108,26 @@ def main() -> None:
     per = {n: max(per0[n], per1[n]) for n in per0}
     load1 = os.getloadavg()
 
+    lines = _markdown(args, (load0, load1), full, dense, peak, per, cold, warm)
+    publish(HEADING, lines, args.update)
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "missed"
+
+
+def _markdown(args, loads, full, dense, peak: float, per: dict, cold, warm) -> list[str]:
+    """The section: header, the two variants' table, the ratios and compile times vs goals."""
     cfg = full.cfg
     tokens = cfg.train.batch_size * cfg.train.seq_len
     ratio = full.median / dense.median
     cpu_ratio = full.cpu_median / dense.cpu_median
     tps = tokens / full.median
 
-    def verdict(ok: bool) -> str:
-        return "met" if ok else "missed"
-
     lines = [
         *interleaved_header(
             HEADING,
-            (load0, load1),
+            loads,
             args,
             cfg,
             ", medians of all step times. Peak: best fp32 `jax.jit(a @ a)` in this run, "
@@ -144,14 +151,14 @@ def main() -> None:
     compile_line = (
         "not measured (--no-compile)"
         if cold is None
-        else f"cold {cold:.1f} s (goal <= {GOAL_COLD:.0f} s: {verdict(cold <= GOAL_COLD)}), "
-        f"warm {warm:.1f} s (goal <= {GOAL_WARM:.0f} s: {verdict(warm <= GOAL_WARM)})"
+        else f"cold {cold:.1f} s (goal <= {GOAL_COLD:.0f} s: {_verdict(cold <= GOAL_COLD)}), "
+        f"warm {warm:.1f} s (goal <= {GOAL_WARM:.0f} s: {_verdict(warm <= GOAL_WARM)})"
     )
     lines += [
         "",
         f"Full / plain dense step time at equal tokens: wall **{ratio:.2f}**, CPU {cpu_ratio:.2f}"
-        f" (goal <= {GOAL_RATIO}: {verdict(ratio <= GOAL_RATIO)}). Full model "
-        f"**{tps:,.0f} tokens/s** (goal >= {GOAL_TOKENS:,}: {verdict(tps >= GOAL_TOKENS)}), "
+        f" (goal <= {GOAL_RATIO}: {_verdict(ratio <= GOAL_RATIO)}). Full model "
+        f"**{tps:,.0f} tokens/s** (goal >= {GOAL_TOKENS:,}: {_verdict(tps >= GOAL_TOKENS)}), "
         f"{tokens / full.cpu_median:,.0f} tokens per CPU-second (steadier under load; it is the "
         "idle machine's tokens/s if the step keeps one core's worth of CPU busy, which the "
         "profile section measures as XLA CPU-s per wall-s).",
@@ -160,7 +167,7 @@ def main() -> None:
         f"{compile_line}.",
         "",
     ]
-    publish(HEADING, lines, args.update)
+    return lines
 
 
 if __name__ == "__main__":
