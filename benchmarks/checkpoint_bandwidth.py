@@ -238,10 +238,12 @@ def main() -> None:
     _publish(args, load, df, save, restores, dd, du)
 
 
-def _publish(args, load, df, save, restores, dd, du) -> None:
-    import numpy as np
+def _figures(save: dict, restores: list, dd: list):
+    """The medians of the runs, their bandwidths, and the best dd figures they are compared
+    with (``rref``/``wref``: the best read/write)."""
+    import types
 
-    from benchmarks.bench_markdown import header, publish
+    import numpy as np
 
     nbytes = save["bytes"]
     mb = nbytes / 1e6
@@ -259,6 +261,13 @@ def _publish(args, load, df, save, restores, dd, du) -> None:
     wref = max(ddb["write_direct"], ddb["write_fdatasync"])
     rref = max(ddb["read_direct"], ddb["read_evicted"])
 
+    return types.SimpleNamespace(**{k: v for k, v in locals().items() if k not in ("np", "types")})
+
+
+def _publish(args, load, df, save, restores, dd, du) -> None:
+    from benchmarks.bench_markdown import header, publish
+
+    g = _figures(save, restores, dd)
     lines = [
         *header(
             HEADING,
@@ -267,46 +276,46 @@ def _publish(args, load, df, save, restores, dd, du) -> None:
             "`posix_fadvise(DONTNEED)` before every read (no privilege to drop caches).",
         ),
         "",
-        f"State: one Engram table `[{save['rows']:,}, {D}]` fp32 = {mb:,.0f} MB "
-        f"({nbytes / 2**30:.2f} GiB; {int(du) / 1e6:,.0f} MB on disk) + the step, saved "
+        f"State: one Engram table `[{save['rows']:,}, {D}]` fp32 = {g.mb:,.0f} MB "
+        f"({g.nbytes / 2**30:.2f} GiB; {int(du) / 1e6:,.0f} MB on disk) + the step, saved "
         f"from 8 fake CPU devices (rows sharded 8 ways) with `Checkpointer.save` "
         f"(async), {args.saves} saves, medians.",
         "",
         "| | seconds | MB/s | vs dd |",
         "|---|---:|---:|---:|",
-        f"| dd write `bs=16M oflag=direct` | | {ddb['write_direct']:.0f} | |",
-        f"| dd write `bs=16M conv=fdatasync` | | {ddb['write_fdatasync']:.0f} | |",
-        f"| dd read `bs=16M iflag=direct` | | {ddb['read_direct']:.0f} | |",
-        f"| dd read `bs=16M`, cache evicted | | {ddb['read_evicted']:.0f} | |",
-        f"| Orbax `save()` returned | {ret:.2f} | | |",
-        f"| Orbax save, write finished (CPU {cpu_save:.1f} s) | {fin:.2f} | {save_bw:.0f} | "
-        f"{save_bw / wref * 100:.0f}% |",
-        f"| Orbax save, finished + `os.sync()` | {syn:.2f} | {sync_bw:.0f} | "
-        f"{sync_bw / wref * 100:.0f}% |",
-        f"| Orbax restore, median of {len(ok)} (CPU {cpu_rest:.1f} s) | {rest:.2f} | "
-        f"{rest_bw:.0f} | "
-        f"{rest_bw / rref * 100:.0f}% |",
-        f"| tensorstore alone: whole array into one NumPy array, median of {len(ok)} "
-        f"(CPU {ts_cpu:.1f} s) | {ts_s:.2f} | {mb / ts_s:.0f} | "
-        f"{mb / ts_s / rref * 100:.0f}% |",
+        f"| dd write `bs=16M oflag=direct` | | {g.ddb['write_direct']:.0f} | |",
+        f"| dd write `bs=16M conv=fdatasync` | | {g.ddb['write_fdatasync']:.0f} | |",
+        f"| dd read `bs=16M iflag=direct` | | {g.ddb['read_direct']:.0f} | |",
+        f"| dd read `bs=16M`, cache evicted | | {g.ddb['read_evicted']:.0f} | |",
+        f"| Orbax `save()` returned | {g.ret:.2f} | | |",
+        f"| Orbax save, write finished (CPU {g.cpu_save:.1f} s) | {g.fin:.2f} | {g.save_bw:.0f} | "
+        f"{g.save_bw / g.wref * 100:.0f}% |",
+        f"| Orbax save, finished + `os.sync()` | {g.syn:.2f} | {g.sync_bw:.0f} | "
+        f"{g.sync_bw / g.wref * 100:.0f}% |",
+        f"| Orbax restore, median of {len(g.ok)} (CPU {g.cpu_rest:.1f} s) | {g.rest:.2f} | "
+        f"{g.rest_bw:.0f} | "
+        f"{g.rest_bw / g.rref * 100:.0f}% |",
+        f"| tensorstore alone: whole array into one NumPy array, median of {len(g.ok)} "
+        f"(CPU {g.ts_cpu:.1f} s) | {g.ts_s:.2f} | {g.mb / g.ts_s:.0f} | "
+        f"{g.mb / g.ts_s / g.rref * 100:.0f}% |",
         "",
         "Ratios against the best dd write / read of the two runs (before and after), "
         "buffered or direct, whichever is faster; goal >= 50%. CPU = user+system seconds "
         "of the process during the operation.",
         "",
         f"Reading (computed from the figures above): save reaches "
-        f"{save_bw / ddb['write_direct'] * 100:.0f}% of dd's O_DIRECT write and "
-        f"{save_bw / ddb['write_fdatasync'] * 100:.0f}% of its buffered write + fdatasync. "
-        f"Restore reaches {rest_bw / ddb['read_direct'] * 100:.0f}% of dd's O_DIRECT read "
-        f"and {rest_bw / ddb['read_evicted'] * 100:.0f}% of its buffered read of an "
+        f"{g.save_bw / g.ddb['write_direct'] * 100:.0f}% of dd's O_DIRECT write and "
+        f"{g.save_bw / g.ddb['write_fdatasync'] * 100:.0f}% of its buffered write + fdatasync. "
+        f"Restore reaches {g.rest_bw / g.ddb['read_direct'] * 100:.0f}% of dd's O_DIRECT read "
+        f"and {g.rest_bw / g.ddb['read_evicted'] * 100:.0f}% of its buffered read of an "
         f"evicted file; tensorstore alone, without Orbax's sharding and device copies, "
-        f"reaches {mb / ts_s / rref * 100:.0f}% of the best dd read. Restore spends "
-        f"{cpu_rest:.1f} s of CPU for {rest:.1f} s of wall time on {os.cpu_count()} "
+        f"reaches {g.mb / g.ts_s / g.rref * 100:.0f}% of the best dd read. Restore spends "
+        f"{g.cpu_rest:.1f} s of CPU for {g.rest:.1f} s of wall time on {os.cpu_count()} "
         f"cores: it is bound by CPU (copies), not by the disk.",
         "",
     ]
-    lines += _zstd_lines(save, mb)
-    lines += _restore_lines(args, save, restores, mb, rref)
+    lines += _zstd_lines(save, g.mb)
+    lines += _restore_lines(args, save, restores, g.mb, g.rref)
     lines += [
         "",
         f"Save worker (8 devices, MALLOC_ARENA_MAX=2, builds the table too): peak "
