@@ -40,7 +40,7 @@ import jax
 import numpy as np
 
 from benchmarks.bench_markdown import command_line, date_utc, publish
-from benchmarks.common import enable_compile_cache
+from benchmarks.common import add_cache_dir_arg, enable_compile_cache
 from benchmarks.train_throughput import Variant
 
 HEADING = "## Train-step profile by component (CPU)"
@@ -199,7 +199,7 @@ def input_batch_seconds(cfg, n: int = 20) -> float:
         return (time.perf_counter() - t) / n
 
 
-def main() -> None:
+def _args():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", action="append", default=[], help="repeatable (default toy)")
     ap.add_argument("--set", dest="sets", action="append", default=[])
@@ -211,11 +211,14 @@ def main() -> None:
     )
     ap.add_argument("--top", type=int, default=0, help="print the N most expensive ops")
     ap.add_argument("--no-input", action="store_true", help="skip the input-pipeline timing")
-    ap.add_argument("--cache-dir", default="/tmp/engram_jax_bench_cache")
+    add_cache_dir_arg(ap)
     ap.add_argument("--update", type=Path)
-    args = ap.parse_args()
-    enable_compile_cache(args.cache_dir)
-    load = os.getloadavg()[0]
+    return ap.parse_args()
+
+
+def _runs(args) -> list[tuple[str, list]]:
+    """``(preset, sets)`` to profile: each --preset, and with --with-dense the first preset's
+    plain dense model second."""
     runs = [(name, args.sets) for name in (args.preset or ["toy"])]
     if args.with_dense:
         from benchmarks.study_throughput import dense_overrides
@@ -226,6 +229,56 @@ def main() -> None:
         runs.insert(
             1, (first, [*args.sets, *dense_overrides(override(get_preset(first), args.sets))])
         )
+    return runs
+
+
+def _preset_lines(name: str, sets: list, args) -> list[str]:
+    """Profile one preset's train step: its section (components, dispatch, input pipeline)."""
+    v = Variant(name, name, sets)
+    cfg = v.cfg
+    v.run(args.steps)
+    wall = v.median  # untraced: the profiler's own overhead is not in it
+    dispatch = dispatch_seconds(v, args.steps)
+    per = profile_steps(v, args.steps, args.top)
+    total = sum(per.values())
+    inp = None if args.no_input else input_batch_seconds(cfg)
+    tokens = cfg.train.batch_size * cfg.train.seq_len
+    lines = [
+        f"### `{name}`{' ' + ' '.join(sets) if sets else ''}: batch "
+        f"{cfg.train.batch_size} x {cfg.train.seq_len}, step wall {wall * 1e3:.0f} ms "
+        f"({tokens / wall:,.0f} tokens/s), XLA thunk time {total * 1e3:.0f} ms per step",
+        "",
+        "| component | thunk ms per step | share |",
+        "|---|---:|---:|",
+    ]
+    for k in ORDER:
+        if per.get(k):
+            lines.append(f"| {k} | {per[k] * 1e3:.1f} | {per[k] / total * 100:.1f}% |")
+    lines.append(
+        f"| Python/dispatch (host time to issue a step) | {dispatch * 1e3:.1f} "
+        f"| {dispatch / wall * 100:.1f}% of step wall |"
+    )
+    if inp is not None:
+        lines.append(
+            f"| host input pipeline (one batch, not in the step above) | {inp * 1e3:.1f} "
+            f"| {inp / wall * 100:.1f}% of step wall |"
+        )
+    top = sorted(per.items(), key=lambda kv: -kv[1])[:3]
+    lines += [
+        "",
+        "Largest (computed): "
+        + ", ".join(f"{k} {s / total * 100:.0f}%" for k, s in top)
+        + f"; XLA work {total / wall:.2f} CPU-s per wall-s of step.",
+        "",
+    ]
+    return lines
+
+
+def main() -> None:
+    args = _args()
+    enable_compile_cache(args.cache_dir)
+    load = os.getloadavg()[0]
+    runs = _runs(args)
     lines = [
         HEADING,
         "",
@@ -240,44 +293,7 @@ def main() -> None:
         "",
     ]
     for name, sets in runs:
-        v = Variant(name, name, sets)
-        cfg = v.cfg
-        v.run(args.steps)
-        wall = v.median  # untraced: the profiler's own overhead is not in it
-        dispatch = dispatch_seconds(v, args.steps)
-        per = profile_steps(v, args.steps, args.top)
-        total = sum(per.values())
-        inp = None if args.no_input else input_batch_seconds(cfg)
-        tokens = cfg.train.batch_size * cfg.train.seq_len
-        lines += [
-            f"### `{name}`{' ' + ' '.join(sets) if sets else ''}: batch "
-            f"{cfg.train.batch_size} x {cfg.train.seq_len}, step wall {wall * 1e3:.0f} ms "
-            f"({tokens / wall:,.0f} tokens/s), XLA thunk time {total * 1e3:.0f} ms per step",
-            "",
-            "| component | thunk ms per step | share |",
-            "|---|---:|---:|",
-        ]
-        for k in ORDER:
-            if per.get(k):
-                lines.append(f"| {k} | {per[k] * 1e3:.1f} | {per[k] / total * 100:.1f}% |")
-        lines.append(
-            f"| Python/dispatch (host time to issue a step) | {dispatch * 1e3:.1f} "
-            f"| {dispatch / wall * 100:.1f}% of step wall |"
-        )
-        if inp is not None:
-            lines.append(
-                f"| host input pipeline (one batch, not in the step above) | {inp * 1e3:.1f} "
-                f"| {inp / wall * 100:.1f}% of step wall |"
-            )
-        top = sorted(per.items(), key=lambda kv: -kv[1])[:3]
-        lines += [
-            "",
-            "Largest (computed): "
-            + ", ".join(f"{k} {s / total * 100:.0f}%" for k, s in top)
-            + f"; XLA work {total / wall:.2f} CPU-s per wall-s of step.",
-            "",
-        ]
-        del v
+        lines += _preset_lines(name, sets, args)
     publish(HEADING, lines, args.update)
 
 
