@@ -251,6 +251,38 @@ def replay_hit_rates(model, comp, tokens, args) -> tuple[list[dict], dict]:
     return rows, info
 
 
+def _speed_rows(speeds: dict, hits: dict) -> list[str]:
+    lines = []
+    for (name, b), v in speeds.items():
+        base = speeds["resident", b]
+        hit = f"{100 * hits[name, b]:.1f}%" if (name, b) in hits else ""
+        lines.append(
+            f"| {name} | {b} | {v['best']:.1f} | {v['median']:.1f} | "
+            f"{100 * v['median'] / base['median']:.0f}% | {v['cpu_ms']:.2f} | {hit} |"
+        )
+    return lines
+
+
+def _goals(speeds: dict, batches, big, big_gb: float) -> list[str]:
+    """The issue's goals, each with the medians it is judged on."""
+    b0, b1 = min(batches), max(batches)
+    scale = speeds["resident", b1]["median"] / speeds["resident", b0]["median"]
+
+    def ratio(name, b):
+        return speeds[name, b]["median"] / speeds["resident", b]["median"]
+
+    host = ", ".join(f"{100 * ratio('host', b):.0f}% at batch {b}" for b in batches)
+    goals = [f"batched decode (resident): batch {b1} = {scale:.1f}x batch {b0} (goal >= 6x)"]
+    goals.append(f"host vs resident (median tokens/s): {host} (goal: within 10%)")
+    if big is not None:
+        goals.append(
+            f"disk with the {big_gb:.0f} GB table vs resident: "
+            f"{100 * ratio('disk, large', b0):.0f}% at batch {b0} (goal >= 50%), "
+            f"{100 * ratio('disk, large', b1):.0f}% at batch {b1} (goal >= 80%)"
+        )
+    return goals
+
+
 def markdown(cfg, model, big, speeds, hits, replay, info, args, command, evicted) -> str:
     m = cfg.model
     rows = sum(model.blocks[i].engram.table.n_rows for i in model.engram_layers)
@@ -285,31 +317,12 @@ def markdown(cfg, model, big, speeds, hits, replay, info, args, command, evicted
         "CPU ms/token | LRU hit rate |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for (name, b), v in speeds.items():
-        base = speeds["resident", b]
-        hit = f"{100 * hits[name, b]:.1f}%" if (name, b) in hits else ""
-        lines.append(
-            f"| {name} | {b} | {v['best']:.1f} | {v['median']:.1f} | "
-            f"{100 * v['median'] / base['median']:.0f}% | {v['cpu_ms']:.2f} | {hit} |"
-        )
-    b0, b1 = min(args.batches), max(args.batches)
-    scale = speeds["resident", b1]["median"] / speeds["resident", b0]["median"]
-
-    def ratio(name, b):
-        return speeds[name, b]["median"] / speeds["resident", b]["median"]
-
-    host = ", ".join(f"{100 * ratio('host', b):.0f}% at batch {b}" for b in args.batches)
-    goals = [f"batched decode (resident): batch {b1} = {scale:.1f}x batch {b0} (goal >= 6x)"]
-    goals.append(f"host vs resident (median tokens/s): {host} (goal: within 10%)")
-    if big is not None:
-        goals.append(
-            f"disk with the {big_gb:.0f} GB table vs resident: "
-            f"{100 * ratio('disk, large', b0):.0f}% at batch {b0} (goal >= 50%), "
-            f"{100 * ratio('disk, large', b1):.0f}% at batch {b1} (goal >= 80%)"
-        )
+    lines += _speed_rows(speeds, hits)
     lines += [
         "",
-        "Against the goals (computed from the medians above): " + "; ".join(goals) + ".",
+        "Against the goals (computed from the medians above): "
+        + "; ".join(_goals(speeds, args.batches, big, big_gb))
+        + ".",
         "",
         (
             f"Hot-row cache replay on the same text ({info['measured']:,} tokens after "
