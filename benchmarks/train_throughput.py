@@ -259,23 +259,21 @@ def _reading(args, variants, rows, ratio: float, cpu_ratio: float) -> str:
     return reading
 
 
-def _markdown(args, load: float, variants, peak: float, per: dict) -> list[str]:
-    eng, base = variants[:2]
-    cfg = eng.cfg
+def _flops_rows(variants, peak: float) -> list[tuple]:
+    """Per variant: ``(variant, model FLOPs, count info, tokens/s, MFU, XLA-FLOP util.)``."""
     rows = []
     for v in variants:
         flops, info = model_flops(v.cfg)
         toks = v.cfg.train.batch_size * v.cfg.train.seq_len
-        rows.append(
-            (
-                v,
-                flops,
-                info,
-                toks / v.median,
-                flops / v.median / peak,
-                v.xla_flops / v.median / peak,
-            )
-        )
+        mfu, xmfu = flops / v.median / peak, v.xla_flops / v.median / peak
+        rows.append((v, flops, info, toks / v.median, mfu, xmfu))
+    return rows
+
+
+def _markdown(args, load: float, variants, peak: float, per: dict) -> list[str]:
+    eng, base = variants[:2]
+    cfg = eng.cfg
+    rows = _flops_rows(variants, peak)
     ratio = eng.median / base.median
     cpu_ratio = eng.cpu_median / base.cpu_median
     extra_lines = _attribution_lines(variants, base) if args.attribution else []
