@@ -363,10 +363,11 @@ def test_single_branch_fusion_on_the_pre_mapped_state():
     rng = np.random.default_rng(2)
     hb = jnp.asarray(rng.normal(size=(1, 8, M, Dm)), jnp.float32)
     idb = jnp.asarray(rng.integers(0, 50, size=(1, 8, H)), jnp.int32)
-    _, _, gates_block = block(hb, idb)
+    _, _, gates_block = nnx.jit(lambda b, h, i: b(h, i))(block, hb, idb)
     pre = block.attn_hc.read(hb)[0]
-    _, want = block.engram(hb, ids=idb, return_gates=True, h_pre_BxTxD=pre)
-    _, mean = block.engram(hb, ids=idb, return_gates=True)
+    engram = nnx.jit(lambda e, h, i, p: e(h, ids=i, return_gates=True, h_pre_BxTxD=p))
+    _, want = engram(block.engram, hb, idb, pre)
+    _, mean = engram(block.engram, hb, idb, None)
     np.testing.assert_allclose(gates_block, want, rtol=1e-6)
     assert np.abs(np.asarray(gates_block) - np.asarray(mean)).max() > 1e-4
 
