@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def cpu_seconds() -> float:
@@ -38,3 +39,13 @@ def add_variant_args(ap, *, repeats: int, steps: int) -> None:
     ap.add_argument("--set", dest="sets", action="append", default=[])
     ap.add_argument("--repeats", type=int, default=repeats, help="interleaved rounds per variant")
     ap.add_argument("--steps", type=int, default=steps, help="timed steps per round")
+
+
+def parse_args_with_cache(ap):
+    """``ap`` with ``--cache-dir`` and ``--update`` added, parsed; JAX's persistent compilation
+    cache enabled in ``--cache-dir``."""
+    add_cache_dir_arg(ap)
+    ap.add_argument("--update", type=Path, help="replace this section of a markdown file")
+    args = ap.parse_args()
+    enable_compile_cache(args.cache_dir)
+    return args

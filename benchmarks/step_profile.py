@@ -34,13 +34,12 @@ import os
 import re
 import tempfile
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 
 from benchmarks.bench_markdown import command_line, date_utc, publish
-from benchmarks.common import add_cache_dir_arg, enable_compile_cache
+from benchmarks.common import parse_args_with_cache
 from benchmarks.train_throughput import Variant
 
 HEADING = "## Train-step profile by component (CPU)"
@@ -211,9 +210,7 @@ def _args():
     )
     ap.add_argument("--top", type=int, default=0, help="print the N most expensive ops")
     ap.add_argument("--no-input", action="store_true", help="skip the input-pipeline timing")
-    add_cache_dir_arg(ap)
-    ap.add_argument("--update", type=Path)
-    return ap.parse_args()
+    return parse_args_with_cache(ap)
 
 
 def _runs(args) -> list[tuple[str, list]]:
@@ -276,7 +273,6 @@ def _preset_lines(name: str, sets: list, args) -> list[str]:
 
 def main() -> None:
     args = _args()
-    enable_compile_cache(args.cache_dir)
     load = os.getloadavg()[0]
     runs = _runs(args)
     lines = [

@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from benchmarks.bench_markdown import header, publish
-from benchmarks.common import add_cache_dir_arg, enable_compile_cache
+from benchmarks.common import parse_args_with_cache
 from benchmarks.train_throughput import Variant, interleave
 
 HEADING = "## Train step vs table size: sparse vs dense table updates (CPU)"
@@ -81,14 +81,11 @@ def _args():
         help="also run `engram-jax train` for the smallest and largest N",
     )
     ap.add_argument("--bar-steps", type=int, default=30)
-    add_cache_dir_arg(ap)
-    ap.add_argument("--update", type=Path, help="replace this section of a markdown file")
-    return ap.parse_args()
+    return parse_args_with_cache(ap)
 
 
 def main() -> None:
     args = _args()
-    enable_compile_cache(args.cache_dir)
     sizes = [int(s) for s in args.sizes.split(",")]
     load = os.getloadavg()[0]
 

@@ -28,14 +28,13 @@ import argparse
 import os
 import re
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.bench_markdown import command_line, date_utc, publish
-from benchmarks.common import add_cache_dir_arg, cpu_seconds, enable_compile_cache
+from benchmarks.common import cpu_seconds, parse_args_with_cache
 from engram_jax import sharding as shd
 from engram_jax.config import override
 from engram_jax.data import synthetic_batch
@@ -191,14 +190,11 @@ def _args():
         help="also time Engram variants without parts (dense table update, no "
         "short conv, no gate) to see where Engram's time goes",
     )
-    add_cache_dir_arg(ap)
-    ap.add_argument("--update", type=Path, help="replace this section of a markdown file")
-    return ap.parse_args()
+    return parse_args_with_cache(ap)
 
 
 def main() -> None:
     args = _args()
-    enable_compile_cache(args.cache_dir)
     load = os.getloadavg()[0]
 
     print("measuring fp32 matmul peak ...", flush=True)
