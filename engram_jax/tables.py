@@ -7,7 +7,7 @@ differentiates through the table. The training step instead
   1. looks up rows outside the gradient: ``rows = sharded_lookup(mesh, table, ids)``;
   2. differentiates the loss w.r.t. the gathered rows (``row_grads``, shaped like ``rows``);
   3. all-gathers ids and row gradients over the batch axes; each table shard merges duplicate
-     ids and applies Adam to the rows it owns (:func:`sharded_sparse_adam_update`).
+     ids and applies Adam to the rows it owns (:func:`sparse_tables_step`).
 
 Every collective is sized by the number of looked-up rows N (global batch x seq x heads),
 never by the table: forward all-gather of N ids + reduce-scatter of [N, d] rows, backward
@@ -174,7 +174,7 @@ def sharded_lookup(
     Each shard reads its own rows for all N ids (zeros elsewhere), then a reduce-scatter over
     the batch axes (and an all-reduce over the remaining table axes) hands every device the
     rows of its ids: traffic O(N d), independent of R. Not differentiable w.r.t. the table by
-    design: differentiate w.r.t. the returned rows and use :func:`sharded_sparse_adam_update`.
+    design: differentiate w.r.t. the returned rows and use :func:`sparse_tables_step`.
     ``catch_up``: return the rows caught up to ``step - 1`` (evaluation under exact Adam)
     without writing anything.
     """
@@ -315,34 +315,6 @@ def sharded_apply_adam(
         jnp.asarray(step, jnp.int32),
         jnp.asarray(lr, jnp.float32),
         jnp.asarray(grad_scale, jnp.float32),
-    )
-
-
-def sharded_sparse_adam_update(
-    mesh: Mesh,
-    table,
-    mu,
-    nu,
-    ids,
-    row_grads,
-    step,
-    lr,
-    b1=0.9,
-    b2=0.999,
-    eps=1e-8,
-    *,
-    grad_scale=1.0,
-):
-    """Row-wise Adam on a row-sharded table from batch-sharded ids and row gradients.
-
-    table, mu, nu: [R, d], rows over all devices (R a multiple of the shard count); ids:
-    [B, ...]; row_grads: [B, ..., d]; step: 0-based global step; lr: scalar. Equals
-    :func:`sparse_adam_update` on the unsharded table; works unchanged on one device.
-    Donate table, mu, nu to the enclosing jit.
-    """
-    merged = sharded_merge_row_grads(mesh, ids, row_grads, table.shape[0])
-    return sharded_apply_adam(
-        mesh, table, mu, nu, merged, step, lr, b1, b2, eps, grad_scale=grad_scale
     )
 
 

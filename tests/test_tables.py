@@ -122,12 +122,13 @@ def test_sharded_lookup_and_update_equal_unsharded(mesh_cfg):
     np.testing.assert_array_equal(rows, table[ids])
     mu, nu = tables.init_moments(t_s)
     mu = mu.at[5].set(0.3)  # nonzero state: the update reads moments, not just grads
+    # the trainer's path: one table through sparse_tables_step, no clipping
     step = jax.jit(
-        lambda t, m, v, i, g: tables.sharded_sparse_adam_update(
-            mesh, t, m, v, i, g, 3, 0.05, B1, B2, EPS
+        lambda t, m, v, i, g: tables.sparse_tables_step(
+            mesh, {0: t}, {0: m}, {0: v}, {0: i}, {0: g}, 3, 0.05, b1=B1, b2=B2, eps=EPS
         )
     )
-    got = step(t_s, mu, nu, ids_s, g_s)
+    got = [d[0] for d in step(t_s, mu, nu, ids_s, g_s)[:3]]
     want = tables.sparse_adam_update(
         table,
         jnp.zeros_like(table).at[5].set(0.3),
