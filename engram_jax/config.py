@@ -208,6 +208,10 @@ class ModelConfig:
     tie_embeddings: bool = False
     dtype: str = "float32"  # compute dtype; parameters are float32
     remat: bool = False
+    # consecutive blocks of one structure (no Engram) run as one lax.scan over their stacked
+    # parameters: the compiled program holds one copy of the block (compile time and memory of
+    # deep models); parameters stay stored per block
+    scan_layers: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -244,7 +248,7 @@ class ModelConfig:
         check(self.rope_theta > 0, "ModelConfig.rope_theta", "> 0", self.rope_theta)
         check(self.norm_eps > 0, "ModelConfig.norm_eps", "> 0", self.norm_eps)
         choice(self, "dtype", ("float32", "bfloat16"))
-        bools(self, "tie_embeddings", "remat", "hc_dynamic")
+        bools(self, "tie_embeddings", "remat", "hc_dynamic", "scan_layers")
 
 
 @dataclass(frozen=True)

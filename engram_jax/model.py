@@ -144,6 +144,45 @@ def _run_block_remat(block: Block, h, ids, rows):
     return jax.checkpoint(pure)(state, h, ids, rows)
 
 
+def block_runs(blocks, scan: bool) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges of blocks applied together, in order. With ``scan``: maximal
+    runs of consecutive blocks without Engram and of one graph structure (e.g. the MoE blocks
+    between two Engram blocks); every other block is a range of its own."""
+    runs: list[tuple[int, int]] = []
+    prev = None
+    for i, block in enumerate(blocks):
+        key = nnx.graphdef(block) if scan and block.engram is None else None
+        if key is not None and key == prev:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+        prev = key
+    return runs
+
+
+def _scan_blocks(blocks: list[Block], h_BxTxMxD, *, remat: bool, collect: bool):
+    """Blocks of one structure (no Engram) applied by one ``lax.scan`` over their states
+    stacked on a leading layer axis: the compiled program holds the block once instead of
+    ``len(blocks)`` copies. The stack is built here, in the step, from the per-block states
+    (a copy of these blocks' parameters; their gradients come back through the stack's
+    transpose), so parameters, optimizer groups, checkpoints and per-layer initialization
+    are those of the unrolled model. -> (h, expert loads [L,E] or None, hidden [L,...] or None).
+    """
+    graphdef = nnx.graphdef(blocks[0])
+    states = [nnx.state(b) for b in blocks]
+    stacked = shd.constrain_stacked(jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+
+    def body(h_BxTxMxD, state):
+        h_BxTxMxD, load_E, _ = nnx.merge(graphdef, state)(h_BxTxMxD)
+        h_BxTxMxD = shd.constrain_batch(h_BxTxMxD)
+        return h_BxTxMxD, (load_E, h_BxTxMxD if collect else None)
+
+    # as _run_block_remat: only each block's input (the scan carry) is saved for the backward
+    body = jax.checkpoint(body) if remat else body
+    h_BxTxMxD, (loads_LxE, hidden) = jax.lax.scan(body, h_BxTxMxD, stacked)
+    return h_BxTxMxD, loads_LxE, hidden
+
+
 class EngramLM(nnx.Module):
     """``EngramLM(cfg, rngs=nnx.Rngs(0))(tokens_BxT, engram_ids) -> (logits_BxTxV, aux)``.
 
@@ -230,16 +269,29 @@ class EngramLM(nnx.Module):
         aux = {"moe_loads": {}, "engram_gates": {}}
         if collect:
             aux["hidden"] = {}
-        for i, block in enumerate(self.blocks):
+        for start, stop in block_runs(self.blocks, m.scan_layers):
+            if stop - start > 1:
+                blocks = [self.blocks[i] for i in range(start, stop)]
+                h_BxTxMxD, loads_LxE, hidden = _scan_blocks(
+                    blocks, h_BxTxMxD, remat=m.remat, collect=collect
+                )
+                for k, i in enumerate(range(start, stop)):
+                    if loads_LxE is not None:
+                        aux["moe_loads"][i] = loads_LxE[k]
+                    if collect:
+                        aux["hidden"][i] = hidden[k]
+                continue
             # pre-gathered rows win: the caller differentiates w.r.t. them
-            layer_rows = rows.get(i)
-            layer_ids = None if layer_rows is not None else ids.get(i)
-            h_BxTxMxD, load_E, gates_BxTxM = run(block, h_BxTxMxD, layer_ids, layer_rows)
+            layer_rows = rows.get(start)
+            layer_ids = None if layer_rows is not None else ids.get(start)
+            h_BxTxMxD, load_E, gates_BxTxM = run(
+                self.blocks[start], h_BxTxMxD, layer_ids, layer_rows
+            )
             h_BxTxMxD = shd.constrain_batch(h_BxTxMxD)
             if load_E is not None:
-                aux["moe_loads"][i] = load_E
+                aux["moe_loads"][start] = load_E
             if gates_BxTxM is not None:
-                aux["engram_gates"][i] = gates_BxTxM
+                aux["engram_gates"][start] = gates_BxTxM
             if collect:
-                aux["hidden"][i] = h_BxTxMxD
+                aux["hidden"][start] = h_BxTxMxD
         return self.readout(h_BxTxMxD), aux

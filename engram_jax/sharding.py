@@ -149,6 +149,24 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, PartitionSpec(axes))
 
 
+def constrain_stacked(state: Any) -> Any:
+    """Pin per-layer states stacked on a new leading axis (``layers``, replicated) to the
+    sharding each Variable has unstacked, by the rule table, on the context mesh (a no-op
+    without one): the scan over layers then slices one layer's shard per iteration."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return state
+
+    def one(v):
+        shape = np.shape(v.get_value())
+        axes = v.get_metadata().get(AXES_KEY)
+        axes = (None,) * (len(shape) - 1) if axes is None or len(axes) != len(shape) - 1 else axes
+        spec = logical_to_spec(("layers", *axes), shape=shape, mesh=mesh)
+        return v.replace(jax.lax.with_sharding_constraint(v.get_value(), spec))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def table_axes() -> tuple[str, ...]:
     return mesh_axes_for("table_rows")
 
