@@ -7,6 +7,11 @@ all-reduce / all-gather / all-to-all / reduce-scatter / collective-permute (and 
 
 Compiled HLO often prints operands by name only (``all-gather(%param.1)``), so operand shapes
 are resolved through the defining instruction of each name.
+
+Loops: a collective inside a while loop's body (e.g. a ``lax.scan`` over layers) is printed
+once but runs once per trip: ``Collective.count`` is how many times it runs per execution of
+the program (the product of the enclosing loops' ``known_trip_count``s; 1 where XLA does not
+know the trip count), and ``Collective.step_bytes`` its bytes per execution.
 """
 
 from __future__ import annotations
@@ -56,10 +61,17 @@ class Collective:
     op: str  # e.g. "all-gather" ("-start" stripped)
     name: str
     operands: tuple[tuple[str, tuple[int, ...]], ...]  # (dtype, shape) of each array operand
+    count: int = 1  # runs per execution of the program (loop trips)
 
     @property
     def bytes(self) -> int:
+        """Operand bytes of one run."""
         return sum(_BYTES.get(dt, 4) * math.prod(shape) for dt, shape in self.operands)
+
+    @property
+    def step_bytes(self) -> int:
+        """Operand bytes over all runs per execution of the program."""
+        return self.count * self.bytes
 
 
 def _shapes(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -113,9 +125,61 @@ def _split_args(args: str) -> list[str]:
     return out
 
 
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_CALLED = re.compile(
+    r"\b(?:body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)"
+)
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+def execution_counts(hlo_text: str) -> dict[str, int]:
+    """``{computation: runs per execution of the module}``: the entry runs once, a while
+    body ``known_trip_count`` times per run of its caller, other callees once per call site.
+    HLO text defines every computation before its callers, so one pass from the end works."""
+    order, calls, entry = [], {}, None
+    current = None
+    for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header and "=" not in line.split("(")[0]:
+            current = header.group(2)
+            order.append(current)
+            calls[current] = []
+            entry = current if header.group(1) else entry
+            continue
+        if current is None or "=" not in line:
+            continue
+        trips = _TRIPS.search(line)
+        n = int(trips.group(1)) if trips and " while(" in line else 1
+        for callee in _CALLED.findall(line):
+            calls[current].append((callee, n))
+        for group in _BRANCHES.findall(line):
+            calls[current] += [(c.strip().lstrip("%"), 1) for c in group.split(",") if c.strip()]
+    counts = dict.fromkeys(order, 0)
+    if entry is None:
+        return dict.fromkeys(order, 1)
+    counts[entry] = 1
+    for comp in reversed(order):
+        for callee, n in calls[comp]:
+            if callee in counts:
+                counts[callee] += counts[comp] * n
+    return counts
+
+
 def collectives(hlo_text: str) -> list[Collective]:
-    """Every collective in an HLO module's text, with its operands' (dtype, shape)."""
-    parsed = [p for p in map(_split_instruction, hlo_text.splitlines()) if p]
+    """Every collective in an HLO module's text, with its operands' (dtype, shape) and how
+    many times it runs per execution (:func:`execution_counts`)."""
+    lines = hlo_text.splitlines()
+    counts = execution_counts(hlo_text)
+    where, current = {}, None
+    for line in lines:
+        header = _COMPUTATION.match(line)
+        if header and "=" not in line.split("(")[0]:
+            current = header.group(2)
+        parsed_line = _HEAD.match(line)
+        if parsed_line and current is not None:
+            where[parsed_line.group(1)] = current
+    parsed = [p for p in map(_split_instruction, lines) if p]
     types = {name: type_text for name, type_text, _, _ in parsed}
     found = []
     for name, _, op, args in parsed:
@@ -128,7 +192,8 @@ def collectives(hlo_text: str) -> list[Collective]:
                 ref = arg.split()[-1].lstrip("%") if arg.split() else ""
                 shapes = _shapes(types.get(ref, ""))
             operands += shapes
-        found.append(Collective(op.removesuffix("-start"), name, tuple(operands)))
+        count = max(counts.get(where.get(name, ""), 1), 1)
+        found.append(Collective(op.removesuffix("-start"), name, tuple(operands), count))
     return found
 
 

@@ -14,6 +14,11 @@ N(0, 1). With ``cfg.engram.layer_ids == ()`` there are no Engram modules at all.
 
 Engram hash ids come from the input pipeline (``engram_jax.hashing``), never from the model.
 
+``ModelConfig.scan_layers``: each run of consecutive blocks of one structure without Engram
+(:func:`block_runs`) is applied by one ``lax.scan`` (MaxText's scan_layers), so a deep model
+compiles the block once; ``ModelConfig.remat`` recomputes each block in the backward pass
+either way. The values are those of the unrolled model (tests/test_scan_layers.py).
+
 Shape legend: B batch, T sequence, M mHC branches, D d_model, V vocabulary, E experts,
 H hash heads per Engram layer, d Engram row width.
 """

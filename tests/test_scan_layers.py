@@ -147,3 +147,41 @@ def test_scanned_train_step_matches_over_two_steps():
         np.testing.assert_allclose(b_got[path], b, atol=1e-7, err_msg=str(path))
         assert np.any(b != 0), path  # the update ran
     assert jnp.isfinite(m_got[-1]["loss"])
+
+
+def _psum_layers(mesh, loops: tuple[int, ...]):
+    """``x -> tanh(psum(x @ w_l))`` for every layer l: nested scans of ``loops`` trips, or
+    (``loops=()``) the same 6 layers unrolled in Python. One all-reduce of [4, 8] float32 per
+    layer."""
+    from jax.sharding import PartitionSpec as P
+
+    def layer(x, w):
+        return jnp.tanh(jax.lax.psum(x @ w, "data"))
+
+    def local(w_LxDxD, x):
+        if not loops:
+            for i in range(w_LxDxD.shape[0]):
+                x = layer(x, w_LxDxD[i])
+            return x
+
+        def scan(x, w_IxDxD):
+            return jax.lax.scan(lambda c, w: (layer(c, w), None), x, w_IxDxD)[0], None
+
+        if len(loops) == 1:
+            return scan(x, w_LxDxD)[0]
+        return jax.lax.scan(scan, x, w_LxDxD.reshape(*loops, 8, 8))[0]
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P()), out_specs=P())
+
+
+@pytest.mark.parametrize("loops", [(6,), (2, 3)])
+def test_collectives_in_loop_bodies_count_once_per_trip(loops):
+    from engram_jax import hlo
+
+    mesh = shd.make_mesh(MeshConfig(data=2), jax.devices()[:2])
+    args = (jnp.zeros((6, 8, 8)), jnp.zeros((4, 8)))
+    unrolled = hlo.collectives(jax.jit(_psum_layers(mesh, ())).lower(*args).compile().as_text())
+    looped = hlo.collectives(jax.jit(_psum_layers(mesh, loops)).lower(*args).compile().as_text())
+    assert [c.count for c in unrolled] == [1] * 6 and all(c.op == "all-reduce" for c in looped)
+    assert len(looped) == 1 and looped[0].count == 6 and looped[0].bytes == 4 * 8 * 4
+    assert looped[0].step_bytes == sum(c.step_bytes for c in unrolled)
