@@ -15,9 +15,10 @@ N(0, 1). With ``cfg.engram.layer_ids == ()`` there are no Engram modules at all.
 Engram hash ids come from the input pipeline (``engram_jax.hashing``), never from the model.
 
 ``ModelConfig.scan_layers``: each run of consecutive blocks of one structure without Engram
-(:func:`block_runs`) is applied by one ``lax.scan`` (MaxText's scan_layers), so a deep model
-compiles the block once; ``ModelConfig.remat`` recomputes each block in the backward pass
-either way. The values are those of the unrolled model (tests/test_scan_layers.py).
+(:func:`engram_jax.layer_stack.block_runs`) is applied by one ``lax.scan`` (MaxText's
+scan_layers), so a deep model compiles the block once; ``ModelConfig.remat`` recomputes each
+block in the backward pass either way. The values are those of the unrolled model
+(tests/test_scan_layers.py).
 
 Shape legend: B batch, T sequence, M mHC branches, D d_model, V vocabulary, E experts,
 H hash heads per Engram layer, d Engram row width.
@@ -35,6 +36,7 @@ from engram_jax.config import Config
 from engram_jax.engram import Engram
 from engram_jax.hashing import table_sizes
 from engram_jax.hyper import HyperConnection
+from engram_jax.layer_stack import block_runs
 from engram_jax.layers import Linear, RMSNorm, param
 from engram_jax.moe import MoE, SwiGLU
 
@@ -149,22 +151,6 @@ def _run_block_remat(block: Block, h, ids, rows):
     return jax.checkpoint(pure)(state, h, ids, rows)
 
 
-def block_runs(blocks, scan: bool) -> list[tuple[int, int]]:
-    """``[start, stop)`` ranges of blocks applied together, in order. With ``scan``: maximal
-    runs of consecutive blocks without Engram and of one graph structure (e.g. the MoE blocks
-    between two Engram blocks); every other block is a range of its own."""
-    runs: list[tuple[int, int]] = []
-    prev = None
-    for i, block in enumerate(blocks):
-        key = nnx.graphdef(block) if scan and block.engram is None else None
-        if key is not None and key == prev:
-            runs[-1] = (runs[-1][0], i + 1)
-        else:
-            runs.append((i, i + 1))
-        prev = key
-    return runs
-
-
 def _scan_blocks(blocks: list[Block], h_BxTxMxD, *, remat: bool, collect: bool):
     """Blocks of one structure (no Engram) applied by one ``lax.scan`` over their states
     stacked on a leading layer axis: the compiled program holds the block once instead of
@@ -174,6 +160,8 @@ def _scan_blocks(blocks: list[Block], h_BxTxMxD, *, remat: bool, collect: bool):
     are those of the unrolled model. -> (h, expert loads [L,E] or None, hidden [L,...] or None).
     """
     graphdef = nnx.graphdef(blocks[0])
+    if any(nnx.graphdef(b) != graphdef for b in blocks[1:]):
+        raise ValueError("scan_layers: a run of blocks differs in structure (see block_runs)")
     states = [nnx.state(b) for b in blocks]
     stacked = shd.constrain_stacked(jax.tree.map(lambda *xs: jnp.stack(xs), *states))
 
@@ -274,7 +262,7 @@ class EngramLM(nnx.Module):
         aux = {"moe_loads": {}, "engram_gates": {}}
         if collect:
             aux["hidden"] = {}
-        for start, stop in block_runs(self.blocks, m.scan_layers):
+        for start, stop in block_runs(self.cfg):
             if stop - start > 1:
                 blocks = [self.blocks[i] for i in range(start, stop)]
                 h_BxTxMxD, loads_LxE, hidden = _scan_blocks(

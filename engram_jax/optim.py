@@ -12,6 +12,9 @@ Groups (:func:`param_labels`, from each Variable's type, path and logical axes):
              matrices without model axes (mHC's small mixing maps, Engram's 3-D key kernel).
              (With ``use_muon=False`` this group runs AdamW.)
   ``adamw``  everything else.
+Scanned blocks' parameters stacked on a leading ``layers`` axis for the optimizer
+(:mod:`engram_jax.layer_stack`) are labelled as one block's (the layer axis is dropped first);
+Muon treats every leading axis as a batch axis, so each layer's matrix is orthogonalized alone.
 
 Weight decay (``optim.weight_decay``) applies to weight matrices only, decided by role (the
 path's last name, :func:`is_decayed`), never by ndim: every ``muon``-group parameter (with
@@ -148,6 +151,9 @@ def _label(names: list[str], v: Any) -> str:
         return "table"
     shape = tuple(getattr(v.get_value(), "shape", ()))
     axes = v.get_metadata().get("logical_axes")
+    if axes is not None and len(axes) == len(shape) and tuple(axes[:1]) == ("layers",):
+        # scanned blocks stacked for the optimizer (engram_jax.layer_stack): one per layer
+        shape, axes = shape[1:], tuple(axes)[1:]
     leaf = names[-1].lower() if names else ""
     lowered = [n.lower() for n in names]
     # [E, in, out] expert stacks are E matrices: Muon orthogonalizes each (axis 0 = batch)

@@ -34,6 +34,7 @@ from flax import nnx
 from engram_jax import sharding as shd
 from engram_jax.config import Config
 from engram_jax.engram import TableParam
+from engram_jax.layer_stack import scanned_runs, stack_runs
 from engram_jax.model import EngramLM
 
 # Table rows are padded to a multiple of this (and of the shard count), so a checkpoint's
@@ -104,7 +105,8 @@ def _plan(cfg: Config, mesh, tx, *, with_optimizer: bool = True):
         state = dict(params=params, tables=tables, rest=rest)
         if with_optimizer:
             tarr = tables_by_layer(tables)
-            state["opt"] = tx.init(params)
+            # scanned blocks' parameters stacked per run (engram_jax.layer_stack)
+            state["opt"] = tx.init(stack_runs(params, scanned_runs(cfg)))
             for name, fn in TABLE_STATE.items():
                 state[name] = {k: fn(t) for k, t in tarr.items()}
             state["step"] = jnp.zeros((), jnp.int32)

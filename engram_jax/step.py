@@ -21,6 +21,7 @@ from flax import nnx
 from engram_jax import sharding as shd
 from engram_jax.config import Config
 from engram_jax.hashing import head_offsets, table_sizes
+from engram_jax.layer_stack import scanned_runs, stack_runs, unstack_runs
 from engram_jax.moe import update_router_bias
 from engram_jax.optim import table_learning_rate_schedule
 from engram_jax.state import MODEL_KEYS, set_tables, tables_by_layer
@@ -107,6 +108,7 @@ def make_train_step(cfg: Config, graphdef, tx, mesh):
     sparse = cfg.engram.sparse_update and cfg.engram.enabled
     table_lr = table_learning_rate_schedule(cfg, cfg.train.steps)
     offsets = table_row_offsets(cfg)
+    runs = scanned_runs(cfg)
     o = cfg.optim
 
     def loss_fn(params, tables, rest, rows, batch):
@@ -126,14 +128,16 @@ def make_train_step(cfg: Config, graphdef, tx, mesh):
             rows = {i: jnp.take(t, gids[i], axis=0) for i, t in tarr.items()}
         grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 3), has_aux=True)
         (loss, aux), (g_params, g_rows) = grad_fn(params, tables, rest, rows, batch)
-        p_sq = optax.tree.norm(g_params, squared=True)
+        g_view = stack_runs(g_params, runs)  # the optimizer's view (engram_jax.layer_stack)
+        p_sq = optax.tree.norm(g_view, squared=True)
         metrics = dict(loss=loss, **_aux_metrics(aux))
         if sparse:
             t_sq = _update_tables(mesh, o, table_lr, state, new, tarr, gids, g_rows, p_sq)
         else:
             t_sq = jnp.zeros((), jnp.float32)
-        updates, new["opt"] = tx.update(g_params, state["opt"], params, table_sq_norm=t_sq)
-        new["params"] = optax.apply_updates(params, updates)
+        view = stack_runs(params, runs)
+        updates, new["opt"] = tx.update(g_view, state["opt"], view, table_sq_norm=t_sq)
+        new["params"] = unstack_runs(optax.apply_updates(view, updates), params, runs)
         new["rest"] = update_router_bias(rest, aux["moe_loads"], cfg.moe.bias_update_rate)
         new["step"] = state["step"] + 1
         metrics["grad_norm"] = jnp.sqrt(p_sq + t_sq)

@@ -11,6 +11,7 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import global_batch, tiny_cfg
 from flax import nnx
@@ -18,7 +19,8 @@ from flax import nnx
 from engram_jax import sharding as shd
 from engram_jax.config import MeshConfig
 from engram_jax.data import synthetic_batch
-from engram_jax.model import EngramLM, block_runs
+from engram_jax.layer_stack import block_runs
+from engram_jax.model import EngramLM
 from engram_jax.optim import make_optimizer
 from engram_jax.state import init_state
 from engram_jax.step import cross_entropy, make_train_step
@@ -57,10 +59,9 @@ def _layer_scans(jaxpr, h_shape) -> list[int]:
 )
 def test_runs_split_at_engram_and_dense_blocks(layer_ids, n_layers, expected):
     ids = "[" + ",".join(map(str, layer_ids)) + "]"
-    cfg = tiny_cfg(f"model.n_layers={n_layers}", f"engram.layer_ids={ids}")
-    model = nnx.eval_shape(lambda: EngramLM(cfg, rngs=nnx.Rngs(0)))
-    assert block_runs(model.blocks, True) == expected
-    assert block_runs(model.blocks, False) == [(i, i + 1) for i in range(n_layers)]
+    sets = (f"model.n_layers={n_layers}", f"engram.layer_ids={ids}")
+    assert block_runs(tiny_cfg(*sets, "model.scan_layers=true")) == expected
+    assert block_runs(tiny_cfg(*sets)) == [(i, i + 1) for i in range(n_layers)]
 
 
 def _loss_and_grads(graphdef, state, batch):
@@ -185,3 +186,71 @@ def test_collectives_in_loop_bodies_count_once_per_trip(loops):
     assert [c.count for c in unrolled] == [1] * 6 and all(c.op == "all-reduce" for c in looped)
     assert len(looped) == 1 and looped[0].count == 6 and looped[0].bytes == 4 * 8 * 4
     assert looped[0].step_bytes == sum(c.step_bytes for c in unrolled)
+
+
+@pytest.mark.slow  # ~30-70 s: the optimizer of both trees compiled on CPU
+def test_optimizer_on_stacked_runs_equals_the_per_block_one():
+    """The optimizer state of scanned runs is stacked (one leaf per parameter of a run): two
+    updates (Muon, AdamW with its decay mask, global-norm clip) equal the per-block ones, and
+    every stacked leaf gets its blocks' group label and decay decision."""
+    from engram_jax.layer_stack import scanned_runs, stack_runs, unstack_runs
+    from engram_jax.optim import decay_mask, optimizer_filter, param_labels
+
+    cfg = _cfg(True, "optim.muon_consistent_rms=0.2")
+    runs = scanned_runs(cfg)
+    assert runs == [(2, 5)]
+    params = nnx.state(EngramLM(cfg, rngs=nnx.Rngs(0)), optimizer_filter(cfg))
+    view = stack_runs(params, runs)
+    labels, decay = dict(nnx.to_flat_state(param_labels(params))), decay_mask(params)
+    decay = dict(nnx.to_flat_state(decay))
+    for path, label in nnx.to_flat_state(param_labels(view)):
+        if path[0] == "scanned_blocks":
+            for i in range(2, 5):
+                assert labels[("blocks", i, *path[2:])] == label, path
+    for path, d in nnx.to_flat_state(decay_mask(view)):
+        if path[0] == "scanned_blocks":
+            assert decay[("blocks", 2, *path[2:])] == d, path
+    tx = make_optimizer(cfg, cfg.train.steps)
+    keys = iter(jax.random.split(jax.random.key(1), 1000))
+    grads = [jax.tree.map(lambda p: jax.random.normal(next(keys), p.shape), params) for _ in "ab"]
+
+    @jax.jit
+    def step(g, opt, p):
+        u, opt = tx.update(g, opt, p)
+        return optax.apply_updates(p, u), opt
+
+    ref_p, ref_s = params, tx.init(params)
+    got_p, got_s = view, tx.init(view)
+    for g in grads:
+        ref_p, ref_s = step(g, ref_s, ref_p)
+        got_p, got_s = step(stack_runs(g, runs), got_s, got_p)
+    got = dict(nnx.to_flat_state(unstack_runs(got_p, params, runs)))
+    for path, p in nnx.to_flat_state(ref_p):
+        np.testing.assert_allclose(got[path][...], p[...], rtol=1e-5, atol=1e-6, err_msg=str(path))
+    assert got[("blocks", 3, "ffn", "w_up")].get_metadata()["logical_axes"][0] == "expert"
+
+
+def test_stacked_optimizer_state_is_sharded_like_its_blocks():
+    from engram_jax.state import abstract_train_state
+
+    mesh = shd.make_mesh(MeshConfig(data=1, fsdp=2), jax.devices()[:2])
+    cfg = _cfg(True)
+    tx = make_optimizer(cfg, cfg.train.steps)
+    _, state = abstract_train_state(cfg, mesh, tx)
+    params = dict(nnx.to_flat_state(state["params"]))
+    moments = [
+        (path, leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(state["opt"])[0]
+        if any(getattr(k, "key", None) == "scanned_blocks" for k in path)
+    ]
+    assert moments
+    for path, leaf in moments:
+        names = [str(getattr(k, "key", getattr(k, "idx", ""))) for k in path]
+        rest = tuple(n for n in names[names.index("scanned_blocks") + 2 :] if n != "")
+        per_block = params[("blocks", 2, *rest)]
+        assert leaf.shape == (3, *per_block.shape), names
+        spec = tuple(per_block.sharding.spec) + (None,) * (
+            per_block.ndim - len(per_block.sharding.spec)
+        )
+        got = tuple(leaf.sharding.spec) + (None,) * (leaf.ndim - len(leaf.sharding.spec))
+        assert got == (None, *spec), names
