@@ -131,55 +131,75 @@ _CALLED = re.compile(
 )
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_CONDITION = re.compile(r"\bcondition=%?([\w.\-]+)")
+_CONSTANT = re.compile(r"^\s*%?([\w.\-]+)\s*=\s*s32\[\][^ ]*\s+constant\((\d+)\)")
+_LT_ROOT = re.compile(r"ROOT\s.*compare\(%?([\w.\-]+),\s*%?([\w.\-]+)\),\s*direction=LT")
 
 
-def execution_counts(hlo_text: str) -> dict[str, int]:
-    """``{computation: runs per execution of the module}``: the entry runs once, a while
-    body ``known_trip_count`` times per run of its caller, other callees once per call site.
-    HLO text defines every computation before its callers, so one pass from the end works."""
-    order, calls, entry = [], {}, None
-    current = None
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
+    """``({computation: its instruction lines}, entry name)``, in definition order."""
+    comps: dict[str, list[str]] = {}
+    entry = current = None
     for line in hlo_text.splitlines():
         header = _COMPUTATION.match(line)
         if header and "=" not in line.split("(")[0]:
             current = header.group(2)
-            order.append(current)
-            calls[current] = []
+            comps[current] = []
             entry = current if header.group(1) else entry
-            continue
-        if current is None or "=" not in line:
-            continue
-        trips = _TRIPS.search(line)
-        n = int(trips.group(1)) if trips and " while(" in line else 1
-        for callee in _CALLED.findall(line):
-            calls[current].append((callee, n))
-        for group in _BRANCHES.findall(line):
-            calls[current] += [(c.strip().lstrip("%"), 1) for c in group.split(",") if c.strip()]
-    counts = dict.fromkeys(order, 0)
+        elif current is not None and "=" in line:
+            comps[current].append(line)
+    return comps, entry
+
+
+def _trip_count(while_line: str, comps: dict[str, list[str]]) -> int:
+    """A while loop's trips: XLA's ``known_trip_count`` (CPU), else (the TPU compiler prints
+    none) read from a condition ``i < N`` on a constant N: JAX's loops count 0, 1, ..., N-1.
+    1 when neither is found."""
+    known = _TRIPS.search(while_line)
+    if known:
+        return int(known.group(1))
+    cond = _CONDITION.search(while_line)
+    lines = comps.get(cond.group(1), []) if cond else []
+    constants = dict(m.groups() for m in map(_CONSTANT.match, lines) if m)
+    for line in lines:
+        lt = _LT_ROOT.search(line)
+        if lt and lt.group(2) in constants:
+            return int(constants[lt.group(2)])
+    return 1
+
+
+def execution_counts(hlo_text: str) -> dict[str, int]:
+    """``{computation: runs per execution of the module}``: the entry runs once, a while
+    body :func:`_trip_count` times per run of its caller, other callees once per call site.
+    HLO text defines every computation before its callers, so one pass from the end works."""
+    comps, entry = _computations(hlo_text)
     if entry is None:
-        return dict.fromkeys(order, 1)
+        return dict.fromkeys(comps, 1)
+    counts = dict.fromkeys(comps, 0)
     counts[entry] = 1
-    for comp in reversed(order):
-        for callee, n in calls[comp]:
-            if callee in counts:
-                counts[callee] += counts[comp] * n
+    for comp in reversed(list(comps)):
+        for line in comps[comp]:
+            n = _trip_count(line, comps) if " while(" in line else 1
+            callees = [(c, n) for c in _CALLED.findall(line)]
+            for group in _BRANCHES.findall(line):
+                callees += [(c.strip().lstrip("%"), 1) for c in group.split(",") if c.strip()]
+            for callee, trips in callees:
+                if callee in counts:
+                    counts[callee] += counts[comp] * trips
     return counts
 
 
 def collectives(hlo_text: str) -> list[Collective]:
     """Every collective in an HLO module's text, with its operands' (dtype, shape) and how
     many times it runs per execution (:func:`execution_counts`)."""
-    lines = hlo_text.splitlines()
     counts = execution_counts(hlo_text)
-    where, current = {}, None
-    for line in lines:
-        header = _COMPUTATION.match(line)
-        if header and "=" not in line.split("(")[0]:
-            current = header.group(2)
-        parsed_line = _HEAD.match(line)
-        if parsed_line and current is not None:
-            where[parsed_line.group(1)] = current
-    parsed = [p for p in map(_split_instruction, lines) if p]
+    where = {}  # instruction name -> its computation
+    for comp, comp_lines in _computations(hlo_text)[0].items():
+        for line in comp_lines:
+            head = _HEAD.match(line)
+            if head:
+                where[head.group(1)] = comp
+    parsed = [p for p in map(_split_instruction, hlo_text.splitlines()) if p]
     types = {name: type_text for name, type_text, _, _ in parsed}
     found = []
     for name, _, op, args in parsed:

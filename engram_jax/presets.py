@@ -198,6 +198,7 @@ _PAPER_MODEL = ModelConfig(
     max_seq_len=4096,
     dtype="bfloat16",
     remat=True,
+    scan_layers=True,
 )
 _PAPER_MOE = MoEConfig(
     n_routed_experts=72,

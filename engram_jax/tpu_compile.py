@@ -15,10 +15,18 @@ process. libtpu comes from the ``tpu`` extra, or from a directory given by
 ``ENGRAM_JAX_LIBTPU_DIR`` (``pip install --target DIR libtpu==0.0.42.1``) that only the child
 sees on its ``PYTHONPATH``.
 
-FLOPs. XLA's cost analysis counts a while-loop body once (JAX_NOTES), so its count is checked
+FLOPs. XLA's cost analysis counts a while-loop body once (JAX_NOTES). With
+``model.scan_layers`` the blocks of a scanned run are one loop body: one block's forward and
+backward is compiled alone on the same mesh and its FLOPs, bytes and ``optimal_seconds`` are
+added once per further layer (``flops_source`` "xla + scanned blocks"); the HLO's
+collectives are counted once per loop trip (:mod:`engram_jax.hlo`). The count is checked
 against the analytic model FLOPs (6 x matmul parameters per token + attention scores); when it
-is lower, the analytic count (times the program's remat factor, 4/3) is used and
-``flops_source`` says so. MFU = model FLOPs / (estimated step time x chip bf16 peak).
+is still lower, the analytic count (times the program's remat factor, 4/3) is used and
+``flops_source`` says so. The step time is XLA's ``optimal_seconds`` when it gives one
+(``est_source`` "xla"), else the roofline max(FLOPs / peak, bytes accessed / HBM bandwidth)
+(``est_source`` "roofline": a lower bound). MFU = model FLOPs / (step time x chip bf16 peak).
+Every report also holds the command's wall time, the host's load when it began and the
+compiling process's peak resident memory (``host_peak_rss_bytes``).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 GiB = 1024**3
@@ -123,6 +132,7 @@ def compile_in_subprocess(request: dict, timeout_s: float | None = None) -> dict
             "libtpu is not installed: pip install 'engram-jax[tpu]' (or point "
             f"{LIBTPU_DIR_ENV} at a directory made by pip install --target DIR libtpu==0.0.42.1)"
         )
+    start, load = time.time(), os.getloadavg()[0]
     proc = subprocess.run(
         [sys.executable, "-m", "engram_jax.tpu_compile", json.dumps(request)],
         env=child_env(path),
@@ -136,7 +146,10 @@ def compile_in_subprocess(request: dict, timeout_s: float | None = None) -> dict
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
         raise RuntimeError(f"TPU compile process failed (exit {proc.returncode}):\n{tail}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    # the whole command's time (state building, compiles) and the host's load when it began
+    report.update(wall_s=round(time.time() - start, 1), load_at_start=round(load, 1))
+    return report
 
 
 def _main(argv: list[str]) -> int:
@@ -148,6 +161,9 @@ def _main(argv: list[str]) -> int:
     except ValueError as e:
         print(str(e).splitlines()[0], file=sys.stderr)
         return 2
+    import resource  # the compiler's host memory: what a machine needs to run this command
+
+    report["host_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps(report, sort_keys=True))
     return 0
 

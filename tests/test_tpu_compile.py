@@ -152,6 +152,27 @@ def test_table_traffic_does_not_grow_with_the_table(libtpu_dir):
 
 
 @pytest.mark.slow
+def test_scanned_blocks_are_counted_once_per_layer(libtpu_dir):
+    """model.scan_layers: XLA's cost analysis and the HLO text hold the scanned block once;
+    the report must count it per layer. Oracle: the unrolled program's own counts (6 blocks:
+    dense, Engram, then a scanned run of 4)."""
+    sets = ("model.n_layers=6", "model.remat=true")
+    unrolled = compile_json(libtpu_dir, *sets, extra=["--no-decode"])
+    scanned = compile_json(libtpu_dir, *sets, "model.scan_layers=true", extra=["--no-decode"])
+    assert unrolled["flops_source"] == "xla"
+    assert scanned["flops_source"] == "xla + scanned blocks"
+    assert scanned["flops_per_chip"] == pytest.approx(unrolled["flops_per_chip"], rel=0.02)
+    assert scanned["bytes_accessed_per_chip"] == pytest.approx(
+        unrolled["bytes_accessed_per_chip"], rel=0.25
+    )
+    assert scanned["est_step_s"] == pytest.approx(unrolled["est_step_s"], rel=0.25)
+    for kind in ("all-gather", "all-reduce"):
+        assert scanned["collective_bytes"][kind] == pytest.approx(
+            unrolled["collective_bytes"][kind], rel=0.25
+        ), kind
+
+
+@pytest.mark.slow
 def test_human_report(libtpu_dir):
     args = ["--preset", "tiny", "--topology", TOPOLOGY, "--no-decode"]
     for s in SMALL:
