@@ -65,10 +65,12 @@ def bytes_per_chip(tree) -> int:
     return sum(_shard_bytes(x) for x in jax.tree.leaves(tree))
 
 
-def collective_bytes(hlo_text: str) -> dict[str, int]:
+def collective_bytes(hlo_text: str, per_trip: bool = True) -> dict[str, int]:
+    """Operand bytes per kind: per step (a collective in a loop body once per trip), or with
+    ``per_trip=False`` each collective instruction once."""
     out: dict[str, int] = collections.Counter()
-    for c in hlo.collectives(hlo_text):  # a collective in a loop body, once per trip
-        out[c.op] += c.step_bytes
+    for c in hlo.collectives(hlo_text):
+        out[c.op] += c.step_bytes if per_trip else c.bytes
     return dict(sorted(out.items()))
 
 
@@ -295,6 +297,7 @@ def compile_report(
         **_host_tables(memory["hbm"], table_bytes, chip, host_ok),
         xla_optimal_seconds=cost["optimal_seconds"],
         collective_bytes=collective_bytes(text),
+        collective_bytes_per_instruction=collective_bytes(text, per_trip=False),
         compile_s=round(compile_s, 1),
         **_estimate(
             cost, model_flops, chip, n_chips, _scanned_blocks_cost(cfg, mesh_, graphdef, state)
