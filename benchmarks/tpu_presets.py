@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import time
 from pathlib import Path
 
 from benchmarks.bench_markdown import command_line, date_utc, publish
@@ -33,14 +31,6 @@ RESULTS = Path(__file__).with_name("tpu_presets.json")
 EP = "moe.dispatch=ep"
 # name -> (preset, topology, mesh, --set overrides); the batch is global (per chip x chips)
 RECIPES = {
-    "dense-4b": ("dense-4b", "v5p:4x4x4", {"fsdp": 64}, ["train.batch_size=64"]),
-    "moe-27b": ("moe-27b", "v5p:4x4x4", {"fsdp": 64}, [EP, "train.batch_size=64"]),
-    "engram-27b-2-per-chip": (
-        "engram-27b",
-        "v5p:4x4x4",
-        {"fsdp": 64},
-        [EP, "train.batch_size=128"],
-    ),
     "engram-27b": ("engram-27b", "v5p:4x4x4", {"fsdp": 64}, [EP, "train.batch_size=64"]),
     "engram-27b-4x-rows": (
         "engram-27b",
@@ -49,6 +39,8 @@ RECIPES = {
         [EP, "train.batch_size=64", "engram.engram_vocab_size=[9049600,9049600]"],
     ),
     "engram-40b": ("engram-40b", "v5p:4x4x4", {"fsdp": 64}, [EP, "train.batch_size=64"]),
+    "moe-27b": ("moe-27b", "v5p:4x4x4", {"fsdp": 64}, [EP, "train.batch_size=64"]),
+    "dense-4b": ("dense-4b", "v5p:4x4x4", {"fsdp": 64}, ["train.batch_size=64"]),
     "ablation-3b": ("ablation-3b", "v5p:4x4x4", {"fsdp": 64}, [EP, "train.batch_size=128"]),
 }
 
@@ -67,10 +59,19 @@ STATUS = [
 def run(name: str) -> dict:
     preset, topology, mesh, sets = RECIPES[name]
     request = dict(preset=preset, topology=topology, mesh=mesh, sets=sets, decode=False)
-    start, load = time.time(), os.getloadavg()[0]
-    report = compile_in_subprocess(request)
-    report.update(wall_s=round(time.time() - start, 1), load_at_start=round(load, 1), sets=sets)
-    return report
+    return {**compile_in_subprocess(request), "sets": sets}
+
+
+def imported(name: str, path: Path) -> dict:
+    """The report of ``engram-jax compile --json --no-decode`` for RECIPES[name], run by hand
+    (e.g. under /usr/bin/time): checked against the recipe."""
+    preset, topology, mesh, sets = RECIPES[name]
+    report = json.loads(path.read_text())
+    got = (report["preset"], report["topology"], report["global_batch"])
+    want = (preset, topology, override(get_preset(preset), sets).train.batch_size)
+    if got != want or any(report["mesh"][k] != v for k, v in mesh.items()):
+        raise SystemExit(f"{path}: report of {got}, not of the recipe {name} {want}")
+    return {**report, "sets": sets}
 
 
 def a2a_analytic(report: dict) -> int:
@@ -91,11 +92,16 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.1f}"
 
 
+def _rss(report: dict) -> str:
+    rss = report.get("host_peak_rss_bytes")
+    return "-" if rss is None else f"{rss / 1e9:.1f}"
+
+
 def table(results: dict) -> list[str]:
     lines = [
         "| entry | slice | mesh (data,fsdp,expert,tensor) | batch (per chip) | HBM/chip GiB "
-        "(% of 95) | tables/chip GiB | est. step s | est. MFU | FLOPs source | collectives "
-        "GiB/step/chip | compile s (load) |",
+        "(% of 95) | tables/chip GiB | est. step s | est. MFU | FLOPs / step-time source | "
+        "collectives GiB/step/chip | compile s, host peak RSS GB (load) |",
         "|---|---|---|---|---:|---:|---:|---:|---|---|---:|",
     ]
     for name, r in results.items():
@@ -110,15 +116,31 @@ def table(results: dict) -> list[str]:
             f"{m['expert']},{m['tensor']} | {r['global_batch']} ({r['batch_per_chip']:g}) | "
             f"{_gib(r['hbm_bytes_per_chip'])} ({pct:.0f}%)"
             f"{'' if r['fits'] else ' DOES NOT FIT'} | {_gib(r['table_bytes_per_chip'])} | "
-            f"{step} | {mfu} | {r['flops_source']} | {coll} | "
-            f"{r['compile_s']:.0f} ({r['load_at_start']}) |"
+            f"{step} | {mfu} | {r['flops_source']} / {r['est_source']} | {coll} | "
+            f"{r['wall_s']:.0f}, {_rss(r)} ({r['load_at_start']}) |"
         )
     return lines
 
 
+def _rows_check(name: str, one: dict, more: dict) -> str:
+    """Collective bytes of engram-27b against a compile with more table rows."""
+    # reports made before loop trips were counted hold per-instruction bytes only
+    key = "collective_bytes_per_instruction"
+    a, b = (r.get(key, r["collective_bytes"]) for r in (one, more))
+    return (
+        f"- engram-27b vs {name}: tables {_gib(one['table_bytes_per_chip'])} vs "
+        f"{_gib(more['table_bytes_per_chip'])} GiB per chip; collective bytes of the program's "
+        f"instructions (each once) {'IDENTICAL' if a == b else 'DIFFER'}: "
+        f"{sum(a.values()):,} vs {sum(b.values()):,} B."
+    )
+
+
 def notes(results: dict) -> list[str]:
     out = []
-    one, four = results.get("engram-27b"), results.get("engram-27b-4x-rows")
+    one, forty = results.get("engram-27b"), results.get("engram-40b")
+    if one and forty and one["collective_bytes"] and forty["collective_bytes"]:
+        out.append(_rows_check("engram-40b (3.2x table rows, same backbone)", one, forty))
+    four = results.get("engram-27b-4x-rows")
     if one and four:
         same = one["collective_bytes"] == four["collective_bytes"]
         b1, b4 = (sum(r["collective_bytes"].values()) for r in (one, four))
@@ -138,19 +160,35 @@ def notes(results: dict) -> list[str]:
     return out
 
 
+def _save(results: dict) -> None:
+    results = {k: results[k] for k in RECIPES if k in results}
+    RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", action="append", choices=sorted(RECIPES), help="recompile these")
     ap.add_argument("--table-only", action="store_true", help="no compile: table from the JSON")
     ap.add_argument("--update", type=Path, help="replace this section of a markdown file")
+    ap.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="store a report saved by `engram-jax compile --json --no-decode` as entry NAME",
+    )
     args = ap.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    todo = [] if args.table_only else (args.only or list(RECIPES))
+    for item in args.imports:
+        name, _, path = item.partition("=")
+        results[name] = imported(name, Path(path))
+    todo = [] if args.table_only or args.imports else (args.only or list(RECIPES))
     for name in todo:
         print(f"compiling {name} ...", flush=True)
         results[name] = run(name)
-        results = {k: results[k] for k in RECIPES if k in results}
-        RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        _save(results)
+    _save(results)
     lines = [
         HEADING,
         "",
@@ -161,8 +199,14 @@ def main() -> None:
         "libtpu 0.0.42.1 on this 2-core CPU host shared with other jobs (load average at the "
         "start in the last column). HBM is the compiled program's per-chip footprint "
         "(arguments + outputs - donated + temporaries + code); the step time is XLA's own "
-        "estimate (`optimal_seconds`, scaled when a loop body was counted once); MFU = "
+        "estimate (`optimal_seconds`) when it gives one, else the roofline max(FLOPs / peak, "
+        "bytes accessed / HBM bandwidth), a lower bound (the source column says which); MFU = "
         "analytic model FLOPs (6 x matmul params x tokens + attention) / (step time x peak). "
+        "The paper presets run with `model.scan_layers` (each run of identical MoE blocks is "
+        "one `lax.scan`): XLA counts a loop body once, so the FLOPs and bytes of one block's "
+        "forward + backward, compiled alone on the same mesh, are added once per further "
+        "layer (source `xla + scanned blocks`), and the HLO's collectives are counted once per "
+        "loop trip. "
         "Estimates, not measurements on a TPU. The presets use `moe.dispatch=ep` on an expert "
         "axis of 1 (a local, per-chip dispatch: the global-batch sort of the single-program "
         "dispatches needs hundreds of GiB per chip); the batch is split over data x fsdp only, "
