@@ -31,6 +31,13 @@ RESULTS = Path(__file__).with_name("tpu_presets.json")
 EP = "moe.dispatch=ep"
 # name -> (preset, topology, mesh, --set overrides); the batch is global (per chip x chips)
 RECIPES = {
+    # the previous session's program: 30 blocks unrolled (before model.scan_layers)
+    "engram-27b-unrolled-2-per-chip": (
+        "engram-27b",
+        "v5p:4x4x4",
+        {"fsdp": 64},
+        ["model.scan_layers=false", EP, "train.batch_size=128"],
+    ),
     "engram-27b": ("engram-27b", "v5p:4x4x4", {"fsdp": 64}, [EP, "train.batch_size=64"]),
     "engram-27b-4x-rows": (
         "engram-27b",
@@ -47,12 +54,27 @@ RECIPES = {
 
 # What the table does not show yet (update when an entry is compiled).
 STATUS = [
-    "- Status 2026-11-30: only `engram-27b-2-per-chip` has compiled as far as XLA's HBM check "
-    "(it needs 97 GiB of temporaries per chip: does not fit). `engram-27b` at 1 sequence per chip "
-    "was killed by the host's out-of-memory killer after 35 min (the TPU compiler's resident set "
-    "passed 15 GB while other jobs held the rest of this machine's 24 GB); the other entries were "
-    "not compiled. Compiling a 30-block preset here needs ~13-35 min and > 15 GB of RAM: run "
-    "`--only NAME` on a quiet machine with more memory.",
+    "- `engram-27b-unrolled-2-per-chip` is the previous session's program (30 blocks unrolled, "
+    "per-block optimizer): XLA refused it (97 GiB of temporaries per chip), after 755 s.",
+    "- Status 2026-11-30, session 4: with `model.scan_layers` (now on in the paper presets) and "
+    "the optimizer state stacked per run, engram-27b's train step is 21.5k jaxpr equations "
+    "instead of 84k unrolled, but its TPU compile still does not finish on this host: "
+    "`engram-jax compile --preset engram-27b --topology v5p:4x4x4 --mesh fsdp=64 --set "
+    "moe.dispatch=ep --set train.batch_size=64 --json --no-decode` (1 sequence per chip) was "
+    "stopped at the session's host-memory limit three times: at 2 per chip (optimizer still per "
+    "block) after 31 min wall / 850 s CPU at 13.5 GB; at 1 per chip after 36 min / 781 s CPU at "
+    "13.6 GB and, with the block-cost compile moved first, after 27 min / 866 s CPU at 17.5 GB "
+    "peak RSS (the last ~4 GB came within 2 min near the end both times; load 6-10 from other "
+    "jobs, measured with /usr/bin/time -v). `perf` on the compiler: ~84% of its time in the TPU "
+    "backend lowering kernels to LLO (dependency graph, VLIW scheduling, register allocation), "
+    "not in the HLO passes. So no entry of the table above compiled this session: whether the "
+    "27B/40B presets fit (< 90% of 95 GiB), their MFU, the 1x vs 4x table-row collective check "
+    "at that scale and the 10-minute compile goal are all still open; the bound here is the "
+    "host (> 14 min of CPU and > 17.5 GB of RAM for one 27B compile). The scanned-block "
+    "accounting (FLOPs, bytes, step time, collectives per loop trip) is checked against the "
+    "unrolled program on v5p:2x2x1 in `tests/test_tpu_compile.py`, and the table-row property "
+    "on that slice by `test_table_traffic_does_not_grow_with_the_table`. Run "
+    "`python -m benchmarks.tpu_presets --only NAME` on a machine with >= 32 GB of RAM.",
 ]
 
 

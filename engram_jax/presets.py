@@ -231,8 +231,10 @@ _NO_ENGRAM = EngramConfig(layer_ids=())
 def dense_4b() -> Config:
     """Dense-4B: the paper backbone with a dense SwiGLU (width 12,288) in all 30 blocks.
     3.73B activated = P_tot; 4.06B with the input embedding (paper: 4.1B, 3.8B activated).
-    TPU (``engram-jax compile``; figures in BENCHMARKS.md): v5p-64 = ``--topology v5p:4x4x4
-    --mesh fsdp=64 --set train.batch_size=256`` (4 sequences of 4096 per chip)."""
+    TPU: no mesh and batch found with ``engram-jax compile`` yet (its compile did not finish
+    on the 2-core development host; BENCHMARKS.md); the candidate to check first:
+    ``--topology v5p:4x4x4 --mesh fsdp=64 --set train.batch_size=64`` (v5p-64, 1 sequence
+    of 4096 per chip)."""
     return Config(
         name="dense-4b",
         model=dataclasses.replace(_PAPER_MODEL, n_dense_layers=30),
@@ -248,8 +250,10 @@ def moe_27b() -> Config:
     """MoE-27B: 1 leading dense block, then DeepSeekMoE with 2 shared + 72 routed experts
     (hidden 1536), top-6, sigmoid scores, loss-free balancing. P_tot 26.32B, 26.65B with the
     embedding (paper 26.7B); 3.73B activated (paper 3.8B).
-    TPU (``engram-jax compile``; figures in BENCHMARKS.md): v5p-64 = ``--topology v5p:4x4x4
-    --mesh fsdp=64 --set moe.dispatch=ep --set train.batch_size=128`` (2 per chip)."""
+    TPU: no mesh and batch found with ``engram-jax compile`` yet (its compile did not finish
+    on the 2-core development host; BENCHMARKS.md); the candidate to check first:
+    ``--topology v5p:4x4x4 --mesh fsdp=64 --set moe.dispatch=ep --set train.batch_size=64``
+    (v5p-64, 1 sequence of 4096 per chip)."""
     return Config(
         name="moe-27b",
         model=_PAPER_MODEL,
@@ -265,9 +269,12 @@ def engram_27b() -> Config:
     """Engram-27B: MoE-27B with 55 routed experts; Engram at blocks 2 and 15 (1-based), N=3
     (orders 2 and 3), 8 heads per order, d_mem 1280, base 2,262,400 rows per head: tables
     5.79B (paper 5.7B). P_tot 26.32B, 26.65B with the embedding (paper 26.7B).
-    TPU (``engram-jax compile``; figures in BENCHMARKS.md): v5p-64 = ``--topology v5p:4x4x4
-    --mesh fsdp=64 --set moe.dispatch=ep --set train.batch_size=128`` (2 per chip; 55 experts
-    do not divide an expert axis of a power-of-two slice, so experts stay FSDP-split)."""
+    TPU: no mesh and batch found with ``engram-jax compile`` yet: 2 per chip on v5p-64 does not
+    fit unrolled, and the scanned compile did not finish on the 2-core development host
+    (BENCHMARKS.md); the candidate to check first: ``--topology v5p:4x4x4 --mesh fsdp=64
+    --set moe.dispatch=ep --set train.batch_size=64`` (v5p-64, 1 sequence of 4096 per chip;
+    55 experts do not divide an expert axis of a power-of-two slice, so experts stay
+    FSDP-split)."""
     return Config(
         name="engram-27b",
         model=_PAPER_MODEL,
@@ -282,8 +289,10 @@ def engram_27b() -> Config:
 def engram_40b() -> Config:
     """Engram-40B: Engram-27B with 7,239,680 base rows per head: tables 18.53B (paper 18.5B).
     P_tot 39.07B, 39.40B with the embedding (paper 39.5B); activated unchanged.
-    TPU (``engram-jax compile``; figures in BENCHMARKS.md): v5p-64 = ``--topology v5p:4x4x4
-    --mesh fsdp=64 --set moe.dispatch=ep --set train.batch_size=128`` (2 per chip)."""
+    TPU: no mesh and batch found with ``engram-jax compile`` yet (its compile did not finish
+    on the 2-core development host; BENCHMARKS.md); the candidate to check first:
+    ``--topology v5p:4x4x4 --mesh fsdp=64 --set moe.dispatch=ep --set train.batch_size=64``
+    (v5p-64, 1 sequence of 4096 per chip)."""
     return Config(
         name="engram-40b",
         model=_PAPER_MODEL,
@@ -302,8 +311,9 @@ def ablation_3b() -> Config:
     128/64), 2 shared + 48 routed experts of hidden 1280, top-6; d_mem 640 (n_embed_per_ngram
     320, d_head 40) and 1,250,000 base rows per head. MoE part 3.02B with the embedding, 0.58B
     activated; Engram tables 1.60B. The MoE baseline: ``--set engram.layer_ids=[]``.
-    TPU (``engram-jax compile``; figures in BENCHMARKS.md): v5p-64 = ``--topology v5p:4x4x4
-    --mesh fsdp=64 --set moe.dispatch=ep --set train.batch_size=256`` (4 per chip)."""
+    TPU: no mesh and batch found with ``engram-jax compile`` yet (BENCHMARKS.md); the
+    candidate to check first: ``--topology v5p:4x4x4 --mesh fsdp=64 --set moe.dispatch=ep
+    --set train.batch_size=128`` (v5p-64, 2 sequences of 4096 per chip)."""
     return Config(
         name="ablation-3b",
         model=dataclasses.replace(
