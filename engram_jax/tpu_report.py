@@ -242,6 +242,28 @@ def _compile(fn, args, donate, mesh):
     return compiled, time.perf_counter() - start
 
 
+def _state_report(cfg, topology: str, n_chips: int, mesh_, state, chip) -> dict:
+    """The report's entries known before compiling: the run's shape and the state's bytes."""
+    from engram_jax.state import TABLE_STATE
+
+    table_keys = ("tables", *TABLE_STATE)
+    table_bytes = sum(bytes_per_chip(state[k]) for k in table_keys)
+    return dict(
+        preset=cfg.name,
+        topology=topology,
+        chips=n_chips,
+        mesh=dict(mesh_.shape),
+        moe_dispatch=cfg.moe.dispatch,
+        batch_per_chip=cfg.train.batch_size / n_chips,
+        global_batch=cfg.train.batch_size,
+        seq_len=cfg.train.seq_len,
+        param_bytes_per_chip=bytes_per_chip(state["params"]) + bytes_per_chip(state["rest"]),
+        optimizer_bytes_per_chip=bytes_per_chip(state["opt"]),
+        table_bytes_per_chip=table_bytes,
+        hbm_capacity_bytes=chip.hbm_bytes,
+    )
+
+
 def compile_report(
     preset: str,
     topology: str,
@@ -253,7 +275,7 @@ def compile_report(
     report is a flat JSON-able dict (keys in the CLI's ``--json`` documentation)."""
     from engram_jax.optim import make_optimizer
     from engram_jax.presets import get_preset
-    from engram_jax.state import TABLE_STATE, abstract_train_state
+    from engram_jax.state import abstract_train_state
     from engram_jax.step import make_train_step
     from engram_jax.train import _check_batch_split
 
@@ -268,22 +290,8 @@ def compile_report(
 
     tx = make_optimizer(cfg, cfg.train.steps)
     graphdef, state = abstract_train_state(cfg, mesh_, tx)
-    table_keys = ("tables", *TABLE_STATE)
-    table_bytes = sum(bytes_per_chip(state[k]) for k in table_keys)
-    report = dict(
-        preset=cfg.name,
-        topology=topology,
-        chips=n_chips,
-        mesh=dict(mesh_.shape),
-        moe_dispatch=cfg.moe.dispatch,
-        batch_per_chip=cfg.train.batch_size / n_chips,
-        global_batch=cfg.train.batch_size,
-        seq_len=cfg.train.seq_len,
-        param_bytes_per_chip=bytes_per_chip(state["params"]) + bytes_per_chip(state["rest"]),
-        optimizer_bytes_per_chip=bytes_per_chip(state["opt"]),
-        table_bytes_per_chip=table_bytes,
-        hbm_capacity_bytes=chip.hbm_bytes,
-    )
+    report = _state_report(cfg, topology, n_chips, mesh_, state, chip)
+    table_bytes = report["table_bytes_per_chip"]
     model_flops = model_flops_per_step(cfg)
     # the scanned block alone first: its compiler memory is freed before the big compile
     scanned = _scanned_blocks_cost(cfg, mesh_, graphdef, state)
