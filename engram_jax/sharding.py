@@ -206,14 +206,21 @@ def global_batch_from_local(mesh: Mesh, local_batch_tree: Any) -> Any:
     return jax.tree.map(put, local_batch_tree)
 
 
-def local_batch_size(mesh: Mesh, global_batch_size: int) -> int:
-    """Rows of the global batch this process must load."""
+def check_batch_split(mesh: Mesh, global_batch_size: int) -> int:
+    """The number of batch shards (mesh data x fsdp); ``ValueError`` naming
+    ``train.batch_size`` unless the global batch splits evenly over them."""
     n_shards = math.prod(mesh.shape[a] for a in batch_axes())
     if global_batch_size % n_shards:
         raise ValueError(
-            f"batch size {global_batch_size} is not a multiple of the "
-            f"{n_shards} batch shards (mesh data x fsdp)"
+            f"train.batch_size={global_batch_size} must be a multiple of the "
+            f"{n_shards} batch shards of the mesh (data x fsdp)"
         )
+    return n_shards
+
+
+def local_batch_size(mesh: Mesh, global_batch_size: int) -> int:
+    """Rows of the global batch this process must load."""
+    n_shards = check_batch_split(mesh, global_batch_size)
     return global_batch_size // n_shards * _local_batch_shard_count(mesh)
 
 

@@ -1,6 +1,6 @@
 """The child side of :mod:`engram_jax.tpu_compile`: build, compile and measure (needs libtpu).
 
-:func:`compile_report` lowers the real train step (:func:`engram_jax.train.make_train_step`)
+:func:`compile_report` lowers the real train step (:func:`engram_jax.step.make_train_step`)
 and a cached decode step on abstract arguments over a TPU slice's chips and reads the compiled
 programs: ``memory_analysis()`` (per-chip argument / temporary / output bytes),
 ``cost_analysis()`` (FLOPs, the compiler's ``optimal_seconds``) and the HLO's collectives
@@ -277,7 +277,6 @@ def compile_report(
     from engram_jax.presets import get_preset
     from engram_jax.state import abstract_train_state
     from engram_jax.step import make_train_step
-    from engram_jax.train import _check_batch_split
 
     cfg = override(get_preset(preset), list(sets))
     cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, **(mesh or {})))
@@ -285,7 +284,7 @@ def compile_report(
     chip = CHIPS[gen]
     devices = tpu_devices(topology)
     mesh_ = shd.make_mesh(cfg.mesh, devices)
-    _check_batch_split(cfg, mesh_)
+    shd.check_batch_split(mesh_, cfg.train.batch_size)
     host_ok = "pinned_host" in _memory_kinds(devices[0])
 
     tx = make_optimizer(cfg, cfg.train.steps)

@@ -75,15 +75,6 @@ def resolve_config(workdir, preset: str | None, sets: list[str]) -> Config:
 # The loop
 
 
-def _check_batch_split(cfg: Config, mesh) -> None:
-    shards = math.prod(mesh.shape[a] for a in shd.batch_axes())
-    if cfg.train.batch_size % shards:
-        raise ValueError(
-            f"train.batch_size={cfg.train.batch_size} must be a multiple of the "
-            f"{shards} batch shards of the mesh (data x fsdp)"
-        )
-
-
 def _drop_suspect_checkpoint(ckpt: Checkpointer, step: int, start: int) -> int | None:
     """The loss at ``step`` is computed from the state saved at ``step - 1``: if it is not
     finite, that checkpoint is bad. Delete it when this run wrote it; return the latest
@@ -215,7 +206,7 @@ def train(cfg: Config, workdir, *, progress: bool = True) -> dict:
     cfg = cfg.with_derived()
     wd = Workdir(workdir)
     mesh = shd.make_mesh(cfg.mesh)
-    _check_batch_split(cfg, mesh)
+    shd.check_batch_split(mesh, cfg.train.batch_size)
     is_main = jax.process_index() == 0
     wd.path.mkdir(parents=True, exist_ok=True)
     data = _build_data(cfg, wd, is_main)
