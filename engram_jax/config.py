@@ -20,7 +20,7 @@ from engram_jax.config_io import from_dict
 from engram_jax.config_io import override as override  # re-exported: the public path
 from engram_jax.config_io import parse_value as parse_value
 from engram_jax.config_io import valid_keys as valid_keys
-from engram_jax.validate import bools, check, choice, pos_int
+from engram_jax.validate import check, choice, typed_fields
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class EngramConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "engram_vocab_size", tuple(self.engram_vocab_size))
         object.__setattr__(self, "layer_ids", tuple(self.layer_ids))
-        pos_int(self, "max_ngram_size")
+        typed_fields(self, zero_ok=("seed",), skip=("pad_id",))
         check(
             self.max_ngram_size >= 2,
             "EngramConfig.max_ngram_size",
@@ -74,8 +74,6 @@ class EngramConfig:
             f"a list of {self.max_ngram_size - 1} integers >= 2 (one per order 2..max_ngram_size)",
             self.engram_vocab_size,
         )
-        for name in ("n_embed_per_ngram", "n_head_per_ngram", "kernel_size"):
-            pos_int(self, name)
         check(
             self.n_embed_per_ngram % self.n_head_per_ngram == 0,
             "EngramConfig.n_embed_per_ngram",
@@ -89,12 +87,6 @@ class EngramConfig:
             "a list of distinct 0-based block indices",
             self.layer_ids,
         )
-        check(
-            isinstance(self.seed, int) and self.seed >= 0,
-            "EngramConfig.seed",
-            "an integer >= 0",
-            self.seed,
-        )
         check(isinstance(self.pad_id, int), "EngramConfig.pad_id", "an integer", self.pad_id)
         check(self.norm_eps > 0, "EngramConfig.norm_eps", "> 0", self.norm_eps)
         check(
@@ -102,15 +94,6 @@ class EngramConfig:
             "EngramConfig.table_lr_multiplier",
             "> 0",
             self.table_lr_multiplier,
-        )
-        bools(
-            self,
-            "use_gating",
-            "use_short_conv",
-            "multi_branch",
-            "compress_tokenizer",
-            "sparse_update",
-            "lazy_adam",
         )
 
     @property
@@ -158,22 +141,18 @@ class MoEConfig:
     capacity_factor: float = 2.0
 
     def __post_init__(self) -> None:
-        pos_int(self, "n_routed_experts")
-        pos_int(self, "n_shared_experts", allow_zero=True)
-        pos_int(self, "top_k")
+        typed_fields(self, zero_ok=("n_shared_experts",))
         check(
             self.top_k <= self.n_routed_experts,
             "MoEConfig.top_k",
             f"<= n_routed_experts={self.n_routed_experts}",
             self.top_k,
         )
-        pos_int(self, "expert_hidden")
         choice(self, "score_func", ("sigmoid", "softmax"))
         check(self.route_scale > 0, "MoEConfig.route_scale", "> 0", self.route_scale)
         check(
             self.bias_update_rate >= 0, "MoEConfig.bias_update_rate", ">= 0", self.bias_update_rate
         )
-        bools(self, "norm_topk_prob")
         choice(self, "dispatch", ("ragged", "blocked", "capacity", "ep"))
         check(self.capacity_factor > 0, "MoEConfig.capacity_factor", "> 0", self.capacity_factor)
 
@@ -214,23 +193,7 @@ class ModelConfig:
     scan_layers: bool = False
 
     def __post_init__(self) -> None:
-        for name in (
-            "vocab_size",
-            "d_model",
-            "n_layers",
-            "n_heads",
-            "n_kv_heads",
-            "head_dim",
-            "dense_hidden",
-            "hc_mult",
-            "max_seq_len",
-            "kv_lora_rank",
-            "qk_rope_head_dim",
-        ):
-            pos_int(self, name)
-        pos_int(self, "q_lora_rank", allow_zero=True)
-        pos_int(self, "sinkhorn_iters", allow_zero=True)
-        pos_int(self, "n_dense_layers", allow_zero=True)
+        typed_fields(self, zero_ok=("q_lora_rank", "sinkhorn_iters", "n_dense_layers"))
         check(
             self.n_dense_layers <= self.n_layers,
             "ModelConfig.n_dense_layers",
@@ -248,7 +211,6 @@ class ModelConfig:
         check(self.rope_theta > 0, "ModelConfig.rope_theta", "> 0", self.rope_theta)
         check(self.norm_eps > 0, "ModelConfig.norm_eps", "> 0", self.norm_eps)
         choice(self, "dtype", ("float32", "bfloat16"))
-        bools(self, "tie_embeddings", "remat", "hc_dynamic", "scan_layers")
 
 
 @dataclass(frozen=True)
@@ -275,7 +237,7 @@ class OptimConfig:
         object.__setattr__(self, "decay_steps", tuple(self.decay_steps))
         for name in ("lr", "muon_lr", "decay_factor", "eps"):
             check(getattr(self, name) > 0, f"OptimConfig.{name}", "> 0", getattr(self, name))
-        pos_int(self, "warmup_steps", allow_zero=True)
+        typed_fields(self, zero_ok=("warmup_steps",))
         check(
             0 <= self.b1 < 1 and 0 <= self.b2 < 1,
             "OptimConfig.b1/b2",
@@ -290,7 +252,6 @@ class OptimConfig:
             ">= 0 (0: width scaling)",
             self.muon_consistent_rms,
         )
-        bools(self, "use_muon")
 
 
 @dataclass(frozen=True)
@@ -310,8 +271,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         check(0 < self.val_fraction < 1, "DataConfig.val_fraction", "in (0, 1)", self.val_fraction)
         choice(self, "tokenizer_type", ("bpe", "unigram"))
-        for name in ("max_files", "max_bytes", "prefetch", "worker_count"):
-            pos_int(self, name, allow_zero=True)
+        typed_fields(self, zero_ok=("max_files", "max_bytes", "prefetch", "worker_count"))
 
 
 @dataclass(frozen=True)
@@ -327,17 +287,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
 
     def __post_init__(self) -> None:
-        for name in (
-            "steps",
-            "batch_size",
-            "seq_len",
-            "log_every",
-            "eval_batches",
-            "keep_checkpoints",
-        ):
-            pos_int(self, name)
-        for name in ("seed", "eval_every", "checkpoint_every"):
-            pos_int(self, name, allow_zero=True)
+        typed_fields(self, zero_ok=("seed", "eval_every", "checkpoint_every"))
 
 
 @dataclass(frozen=True)

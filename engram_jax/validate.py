@@ -3,6 +3,7 @@ and what is allowed (``engram.layer_ids=(5,) is invalid: must be ...``)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 
@@ -31,3 +32,16 @@ def bools(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
         check(isinstance(value, bool), f"{type(obj).__name__}.{name}", "True or False", value)
+
+
+def typed_fields(obj: Any, *, zero_ok: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> None:
+    """Every ``int`` field of the dataclass ``obj`` is an integer >= 1 (>= 0 for ``zero_ok``),
+    every ``bool`` field True or False; ``skip`` names fields with checks of their own. A field
+    added later is checked without being listed."""
+    for f in dataclasses.fields(obj):
+        if f.name in skip:
+            continue
+        if f.type in ("int", int):
+            pos_int(obj, f.name, allow_zero=f.name in zero_ok)
+        elif f.type in ("bool", bool):
+            bools(obj, f.name)

@@ -206,3 +206,34 @@ def test_config_from_dict_refuses_unknown_keys():
         Config.from_dict(d)
     with pytest.raises(ValueError, match="unknown config key 'optimizer'"):
         Config.from_dict({"optimizer": {}})
+
+
+# Counts and sizes that may be 0 (0 means "none" or "disabled"); every other int field of a
+# config section is a count or size >= 1, and every bool field a real bool.
+_ZERO_OK = {
+    "EngramConfig": {"seed"},
+    "MoEConfig": {"n_shared_experts"},
+    "ModelConfig": {"q_lora_rank", "sinkhorn_iters", "n_dense_layers"},
+    "OptimConfig": {"warmup_steps"},
+    "DataConfig": {"max_files", "max_bytes", "prefetch", "worker_count"},
+    "TrainConfig": {"seed", "eval_every", "checkpoint_every"},
+}
+
+
+@pytest.mark.parametrize("section", sorted(_ZERO_OK))
+def test_config_int_and_bool_fields_are_checked(section):
+    import engram_jax.config as config_mod
+
+    cls = getattr(config_mod, section)
+    base = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(base, f.name)
+        if isinstance(value, bool):
+            bad = [1, "yes"]
+        elif isinstance(value, int) and f.name != "pad_id":
+            bad = [-1, 2.0, True] + ([] if f.name in _ZERO_OK[section] else [0])
+        else:
+            continue
+        for v in bad:
+            with pytest.raises(ValueError, match=rf"^{section}\.{f.name}="):
+                dataclasses.replace(base, **{f.name: v})
