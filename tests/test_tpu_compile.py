@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TEST_XLA_FLAGS
+from conftest import TEST_XLA_FLAGS, TINY
 
 from engram_jax.config import override
 from engram_jax.params import count_params, engram_table_rows
@@ -29,18 +29,9 @@ from engram_jax.presets import get_preset
 
 LIBTPU = "libtpu==0.0.42.1"  # the one jax[tpu]==0.10.2 pins
 TOPOLOGY = "v5p:2x2x1"  # 4 chips
+# conftest's TINY at sequence length 32, without its schedule settings (warmup, steps)
 SMALL = [
-    "model.d_model=32",
-    "model.head_dim=16",
-    "model.n_heads=2",
-    "model.n_kv_heads=1",
-    "model.n_layers=2",
-    "model.vocab_size=512",
-    "model.dense_hidden=64",
-    "moe.expert_hidden=32",
-    "moe.n_routed_experts=4",
-    "engram.n_embed_per_ngram=16",
-    "train.batch_size=8",
+    *(s for s in TINY if not s.startswith(("train.seq_len", "train.steps", "optim."))),
     "train.seq_len=32",
 ]
 _UNREACHABLE = ("No matching distribution", "Could not find a version", "connection", "resolve")
