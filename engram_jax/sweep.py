@@ -251,7 +251,8 @@ def with_eval_tokens(cfg: Config, eval_tokens: int) -> Config:
 
 
 def finish(study: str, rows: list[dict], out: str) -> dict:
-    """Write ``out/summary.json`` and the study's plots from the result rows."""
+    """Write ``out/summary.json``, ``out/summary.md`` (the study's tables and criteria) and the
+    study's plots from the result rows."""
     from engram_jax.experiments import get_study
 
     mod = get_study(study)
@@ -261,4 +262,7 @@ def finish(study: str, rows: list[dict], out: str) -> dict:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1, sort_keys=True)
     os.replace(tmp, os.path.join(out, "summary.json"))
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(mod.report(rows, summary))
+    os.replace(tmp, os.path.join(out, "summary.md"))
     return summary

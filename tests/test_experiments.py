@@ -299,6 +299,38 @@ def test_summaries_and_figures_of_every_study(tmp_path, study):
     s = finish(study, rows, out)
     assert s["ok"] == len(rows) and len(s["points"]) == len(points)
     assert s["figures"] and all(os.path.exists(os.path.join(out, f)) for f in s["figures"])
+    # summary.md: a table row per point holding its per-seed losses (the fake train's), and
+    # the pre-registered criterion's verdict where the study has one
+    with open(os.path.join(out, "summary.md")) as f:
+        md = f.read()
+    for p in points:
+        want = " / ".join(f"{r['val_loss']:.4f}" for r in rows if r["point"] == p.name)
+        assert any(line.startswith("|") and want in line for line in md.splitlines()), p.name
+    verdict = {"rho": s.get("u_curve"), "slots": s.get("fit_engram", {}).get("power_law")}
+    if study in verdict:
+        assert ("**met**" if verdict[study] else "**not met**") in md
+
+
+def test_report_rewrites_the_summaries_without_training(tmp_path, capsys):
+    from engram_jax.cli import main
+
+    out = str(tmp_path / "rho")
+    points = rho.sweep(TOY, (1.0, 0.5))
+    rows = run_sweep("rho", points, out, seeds=(0, 1), train_fn=_fake_train([]), log=print)
+    finish("rho", rows, out)
+    before = {f: open(os.path.join(out, f)).read() for f in ("summary.json", "summary.md")}
+    for f in ("summary.json", "summary.md", "rho.png"):
+        os.remove(os.path.join(out, f))
+    assert main(["sweep", "rho", "--report", "--out", out]) == 0
+    assert {f: open(os.path.join(out, f)).read() for f in before} == before
+    assert os.path.exists(os.path.join(out, "rho.png"))
+    # nothing to report on: one line naming what to do, exit 2, nothing written
+    capsys.readouterr()
+    empty = str(tmp_path / "none")
+    assert main(["sweep", "slots", "--report", "--out", empty]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "results.csv" in err and not os.path.exists(empty)
+    assert main(["sweep", "slots", "--report", "--out", out]) == 2  # rho's runs, not slots'
 
 
 def test_cli_options_reach_the_configs():

@@ -23,6 +23,12 @@ def _add_common(p, study: str) -> None:
     )
     add_set_arg(p, "data.max_bytes=0")
     p.add_argument("--out", default=f"experiments/results/{study}", help="output directory")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="train nothing: rewrite summary.json, summary.md and the figures from the runs "
+        "already in OUT/results.csv (e.g. of a study still running)",
+    )
 
 
 def add_parser(sub) -> None:
@@ -54,14 +60,25 @@ def build_points(args):
 
 
 def run(args) -> int:
-    from engram_jax.sweep import finish, run_sweep
+    import os
+
+    from engram_jax.sweep import finish, read_csv, run_sweep
 
     if args.seeds < 1:
         raise ValueError(f"--seeds={args.seeds} must be >= 1")
-    points = build_points(args)
-    rows = run_sweep(args.study, points, args.out, seeds=tuple(range(args.seeds)))
+    if args.report:
+        csv_path = os.path.join(args.out, "results.csv")
+        if not os.path.isfile(csv_path):
+            raise ValueError(f"--report needs {csv_path}: run the sweep first (without --report)")
+        rows = [r for r in read_csv(csv_path) if r.get("study") == args.study]
+        if not rows:
+            raise ValueError(f"{csv_path} has no runs of study {args.study!r}")
+    else:
+        points = build_points(args)
+        rows = run_sweep(args.study, points, args.out, seeds=tuple(range(args.seeds)))
     summary = finish(args.study, rows, args.out)
     keys = ("best_rho", "u_curve", "fit_engram", "fit_overencoding", "beyond_2se", "failed")
     print({k: summary[k] for k in keys if k in summary})
-    print(f"results: {args.out}/results.csv, summary.json, {', '.join(summary['figures'])}")
+    figures = ", ".join(summary["figures"])
+    print(f"results: {args.out}/results.csv, summary.json, summary.md, {figures}")
     return 0 if not summary["failed"] else 1

@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 
 from engram_jax.config import Config
-from engram_jax.experiments import memory_labels, named, slots_of, train_tokens, with_engram
+from engram_jax.experiments import memory_labels, named, slots_of, stats, train_tokens, with_engram
 from engram_jax.experiments.slots import overencoding, with_slots
 from engram_jax.experiments.stats import base_summary, errorbar_figure, paired
 
@@ -156,3 +156,39 @@ def plot(rows, summary: dict, out: str) -> list[str]:
             bars=True,
         )
     ]
+
+
+def _share(summary: dict, name: str) -> str:
+    """How much of the reference's gain over MoE variant ``name`` keeps: 1 - d(name, ref) /
+    d(moe, ref), as a percentage."""
+    d = summary.get("delta_vs_reference", {})
+    if name not in d or "moe" not in d or not d["moe"]["mean"]:
+        return "-"
+    return f"{100 * (1 - d[name]['mean'] / d['moe']['mean']):.0f}%"
+
+
+def report(rows, summary: dict) -> str:
+    """``summary.md``: one row per variant, paired against the reference and MoE."""
+    g = summary.get("points", [])
+    if not g:
+        return "# ablations\n\nNo finished runs.\n"
+    ref, moe = summary.get("delta_vs_reference", {}), summary.get("delta_vs_moe", {})
+    beyond = set(summary.get("beyond_2se", []))
+    table = stats.md_table(
+        ["variant", "slots", "val loss per seed", "mean", "vs reference (+- SE)",
+         "beyond 2 SE", "vs moe (+- SE)", "share of the reference's gain over moe"],
+        [
+            [p["point"], f"{int(p['slots'] or 0):,}", stats.seed_losses(rows, p["point"]),
+             f"{p['val_loss_mean']:.4f}", stats.fmt_delta(ref.get(p["point"])),
+             "yes" if p["point"] in beyond else "no", stats.fmt_delta(moe.get(p["point"])),
+             _share(summary, p["point"])]
+            for p in g
+        ],
+    )  # fmt: skip
+    return (
+        f"# ablations\n\n{stats.runs_line(summary)}\n\n{table}\n\n"
+        "A variant differs from the 2-layer reference when |paired difference| > 2 SE "
+        f"(beyond 2 SE: {', '.join(sorted(beyond)) or 'none'}). Capacity control: rows_min "
+        f"keeps {_share(summary, 'rows_min')} and rows_64 {_share(summary, 'rows_64')} of the "
+        "reference's gain over moe.\n"
+    )

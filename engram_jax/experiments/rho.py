@@ -30,6 +30,7 @@ from engram_jax.config import Config
 from engram_jax.experiments import (
     memory_labels,
     named,
+    stats,
     train_tokens,
     with_engram,
     with_model,
@@ -199,3 +200,32 @@ def plot(rows, summary: dict, out: str) -> list[str]:
             title=f"Sparsity allocation at fixed P_tot (U-curve: {summary['u_curve']})",
         )
     ]
+
+
+def report(rows, summary: dict) -> str:
+    """``summary.md``: one row per rho and the U-curve criterion, from the result rows."""
+    g = summary.get("points", [])
+    if not g:
+        return "# rho\n\nNo finished runs.\n"
+    d = summary["delta_vs_rho_max"]
+    table = stats.md_table(
+        ["rho (actual)", "routed experts", "slots", "reads per row", "val loss per seed",
+         "mean", "delta vs rho max (+- SE)", "mean gate", "train loss"],
+        [
+            [f"{p['rho_actual']:.3f}", int(p["experts"]), f"{int(p['slots'] or 0):,}",
+             f"{p['reads_per_row']:,.0f}" if p["slots"] else "-",
+             stats.seed_losses(rows, p["point"]),
+             f"{p['val_loss_mean']:.4f}", stats.fmt_delta(d[p["point"]]),
+             f"{p['gate_mean']:.3f}" if p["gate_mean"] is not None else "-",
+             f"{p['train_loss_mean']:.4f}"]
+            for p in g
+        ],
+    )  # fmt: skip
+    top, low = max(p["rho"] for p in g), min(p["rho"] for p in g)
+    return (
+        f"# rho\n\n{stats.runs_line(summary)}\n\n{table}\n\n"
+        f"U-curve ({summary['u_curve_criterion']}): {stats.met(summary['u_curve'])}. "
+        f"Best rho {summary['best_rho']} (val loss {summary['best_val_loss']:.4f}); "
+        f"best - rho {top}: {stats.fmt_delta(summary['best_minus_rho_max'])}; "
+        f"best - rho {low}: {stats.fmt_delta(summary['best_minus_rho_min'])}.\n"
+    )

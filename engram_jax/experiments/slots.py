@@ -28,7 +28,7 @@ import math
 import os
 
 from engram_jax.config import Config
-from engram_jax.experiments import memory_labels, named, slots_of, train_tokens, with_engram
+from engram_jax.experiments import memory_labels, named, slots_of, stats, train_tokens, with_engram
 from engram_jax.experiments.stats import base_summary, errorbar_figure, fit_log, paired
 
 SLOTS = (1_900, 6_000, 19_000, 60_000, 200_000)
@@ -143,3 +143,38 @@ def plot(rows, summary: dict, out: str) -> list[str]:
             logx=True,
         )
     ]
+
+
+def report(rows, summary: dict) -> str:
+    """``summary.md``: one row per (kind, slots), the fits and the power-law criterion."""
+    g = sorted(summary.get("points", []), key=lambda p: (p["kind"], p["slots"]))
+    if not g:
+        return "# slots\n\nNo finished runs.\n"
+    vs = summary.get("engram_minus_overencoding", {})
+    table = stats.md_table(
+        ["kind", "slots (d_head rows)", "slots (d_mem entries)", "reads per row",
+         "val loss per seed", "mean", "engram - overencoding (+- SE)", "mean gate"],
+        [
+            [p["kind"], f"{int(p['slots']):,}", f"{int(p['slots_dmem']):,}",
+             f"{p['reads_per_row']:,.0f}", stats.seed_losses(rows, p["point"]),
+             f"{p['val_loss_mean']:.4f}", stats.fmt_delta(vs.get(p["point"].split("-", 1)[1])),
+             f"{p['gate_mean']:.3f}" if p["gate_mean"] is not None else "-"]
+            for p in g
+        ],
+    )  # fmt: skip
+    fits = []
+    for kind in KINDS:
+        fit = summary.get(f"fit_{kind}")
+        if fit is None:
+            fits.append(f"- {kind}: fewer than 2 slot counts finished, no fit.")
+            continue
+        fits.append(
+            f"- {kind}: val loss = {fit['intercept']:.4f} {fit['slope']:+.4f} log10(slots), "
+            f"R^2 {fit['r2']:.3f} over {fit['n']} points and {fit['decades']:.2f} decades "
+            f"(min reads per row {fit['min_reads_per_row']:,.0f}): power law "
+            f"{stats.met(fit['power_law'])}."
+        )
+    return (
+        f"# slots\n\n{stats.runs_line(summary)}\n\n{table}\n\n"
+        f"Power law ({summary['power_law_criterion']}):\n\n" + "\n".join(fits) + "\n"
+    )

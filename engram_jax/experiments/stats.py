@@ -118,3 +118,39 @@ def errorbar_figure(path: str, series: dict, *, xlabel: str, ylabel: str, title:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return os.path.basename(path)
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table; floats as given (format them before)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def fmt_delta(d: dict) -> str:
+    """A paired difference as ``-0.1381 +- 0.0123 (11.2 SE)``; ``-`` without data."""
+    if not d or d.get("mean") is None:
+        return "-"
+    if d["mean"] == 0 and d["se"] == 0:  # a point against itself
+        return "0 (reference)"
+    text = f"{d['mean']:+.4f} +- {d['se']:.4f}"
+    return text + (f" ({abs(d['mean']) / d['se']:.1f} SE)" if d["se"] > 0 else f" (n={d['n']})")
+
+
+def seed_losses(rows, point: str) -> str:
+    """The point's validation loss per seed, ``2.8042 / 2.8098`` in seed order."""
+    by = losses_by_seed(rows, point)
+    return " / ".join(f"{by[s]:.4f}" for s in sorted(by))
+
+
+def met(flag) -> str:
+    return "**met**" if flag else "**not met**"
+
+
+def runs_line(summary: dict) -> str:
+    failed = summary.get("failed") or []
+    return (
+        f"{summary['ok']} of {summary['runs']} runs ok"
+        + (f" (failed: {', '.join(failed)})" if failed else "")
+        + f"; total wall time {summary['wall_s']:,.0f} s ({summary['wall_s'] / 3600:.1f} h)."
+    )
