@@ -263,6 +263,6 @@ def finish(study: str, rows: list[dict], out: str) -> dict:
         json.dump(summary, f, indent=1, sort_keys=True)
     os.replace(tmp, os.path.join(out, "summary.json"))
     with open(tmp, "w", encoding="utf-8") as f:
-        f.write(mod.report(rows, summary))
+        f.write(mod.report(rows, summary, out))
     os.replace(tmp, os.path.join(out, "summary.md"))
     return summary

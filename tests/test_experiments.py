@@ -344,3 +344,25 @@ def test_cli_options_reach_the_configs():
     assert t.steps == t.eval_every == 3 and t.eval_batches * 4 * t.seq_len >= 65_536
     args = _cli("ablations", "--only", "moe,reference", "--preset", "tiny", "--eval-tokens", "10")
     assert {p.name for p in build_points(args)} == {"moe", "reference"}
+
+
+def test_learning_curves_are_paired_per_seed(tmp_path):
+    out = str(tmp_path / "rho")
+    points = rho.sweep(TOY, (1.0, 0.5))
+    rows = run_sweep("rho", points, out, seeds=(0, 1), train_fn=_fake_train([]), log=print)
+    top, half = points[0], points[1]
+    # the fake run logs loss 3 + 0.1 seed + 1e-6 engram params at steps 1 and 2: the seed
+    # term cancels in the paired difference
+    want = 1e-6 * (count_params(half.cfg)["engram"] - count_params(top.cfg)["engram"])
+    steps, d = stats.curve(out, rows, half.name, "loss", top.name, smooth=1)
+    assert list(steps) == [1, 2] and d == pytest.approx([want, want])
+    # gates: 0.5 at step 1, then 0.25 + 0.1 seed (seed mean 0.3), + 0.1 x the mean layer id
+    layers = half.cfg.engram.layer_ids
+    steps, gate = stats.curve(out, rows, half.name, "gate", smooth=1)
+    assert gate == pytest.approx(np.array([0.5, 0.3]) + 0.1 * np.mean(layers))
+    assert stats.curve(out, rows, top.name, "gate") is None  # pure MoE: no gates logged
+    assert "rho_curves.png" in finish("rho", rows, out)["figures"]
+    with open(os.path.join(out, "summary.md")) as f:
+        md = f.read()  # gap and gate peak of the rho 0.5 point, running mean of the 2 logs
+    assert f"| {want:+.3f} at step 2 | {want:+.3f} |" in md
+    assert f"| {0.4 + 0.1 * np.mean(layers):.3f} at step 2 |" in md

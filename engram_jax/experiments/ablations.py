@@ -167,7 +167,7 @@ def _share(summary: dict, name: str) -> str:
     return f"{100 * (1 - d[name]['mean'] / d['moe']['mean']):.0f}%"
 
 
-def report(rows, summary: dict) -> str:
+def report(rows, summary: dict, out: str) -> str:
     """``summary.md``: one row per variant, paired against the reference and MoE."""
     g = summary.get("points", [])
     if not g:

@@ -145,7 +145,7 @@ def plot(rows, summary: dict, out: str) -> list[str]:
     ]
 
 
-def report(rows, summary: dict) -> str:
+def report(rows, summary: dict, out: str) -> str:
     """``summary.md``: one row per (kind, slots), the fits and the power-law criterion."""
     g = sorted(summary.get("points", []), key=lambda p: (p["kind"], p["slots"]))
     if not g:

@@ -8,6 +8,7 @@ batches, so a difference between two points is measured per seed; its standard e
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -134,7 +135,9 @@ def fmt_delta(d: dict) -> str:
     if d["mean"] == 0 and d["se"] == 0:  # a point against itself
         return "0 (reference)"
     text = f"{d['mean']:+.4f} +- {d['se']:.4f}"
-    return text + (f" ({abs(d['mean']) / d['se']:.1f} SE)" if d["se"] > 0 else f" (n={d['n']})")
+    if d["se"] <= 1e-9 * abs(d["mean"]):  # no spread over seeds (or one seed)
+        return text + f" (n={d['n']})"
+    return text + f" ({abs(d['mean']) / d['se']:.1f} SE)"
 
 
 def seed_losses(rows, point: str) -> str:
@@ -154,3 +157,65 @@ def runs_line(summary: dict) -> str:
         + (f" (failed: {', '.join(failed)})" if failed else "")
         + f"; total wall time {summary['wall_s']:,.0f} s ({summary['wall_s'] / 3600:.1f} h)."
     )
+
+
+def _series(out: str, run: str, key: str) -> dict[int, float]:
+    """A run's training log ``out/runs/<run>/metrics.jsonl`` as ``{step: value}``; key
+    ``"gate"`` is the mean of the Engram gates (``engram_gate_<layer>``) at each step."""
+    path = os.path.join(out, "runs", run, "metrics.jsonl")
+    if not os.path.exists(path):
+        return {}
+    series = {}
+    with open(path, encoding="utf-8") as f:
+        for rec in map(json.loads, f):
+            if "loss" not in rec:  # the evaluation record
+                continue
+            if key == "gate":
+                gates = [v for k, v in rec.items() if k.startswith("engram_gate_")]
+                if gates:
+                    series[rec["step"]] = float(np.mean(gates))
+            elif key in rec:
+                series[rec["step"]] = float(rec[key])
+    return series
+
+
+def curve(out: str, rows, point: str, key: str, minus: str | None = None, smooth: int = 5):
+    """Seed mean of a logged metric of ``point`` over training, ``(steps, values)``; with
+    ``minus``, paired per seed: ``point - minus`` at the same steps (the same batches, so batch
+    noise cancels). A running mean over ``smooth`` logs; ``None`` without logs."""
+    per_seed = []
+    for r in ok_rows(rows):
+        if r["point"] != point:
+            continue
+        a = _series(out, r["name"], key)
+        b = _series(out, r["name"].replace(point, minus, 1), key) if minus else {}
+        steps = sorted(set(a) & set(b)) if minus else sorted(a)
+        if steps:
+            per_seed.append({s: a[s] - (b[s] if minus else 0.0) for s in steps})
+    if not per_seed:
+        return None
+    steps = sorted(set.intersection(*(set(d) for d in per_seed)))
+    y = np.mean([[d[s] for s in steps] for d in per_seed], axis=0)
+    k = max(1, min(smooth, len(y)))
+    y = np.convolve(y, np.ones(k) / k, mode="valid")
+    return np.asarray(steps[k - 1 :]), y
+
+
+def curves_figure(path: str, panels: list, *, xlabel: str, title: str) -> str:
+    """One PNG of side-by-side panels ``(ylabel, {label: (xs, ys)})``; returns the file name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
+    for ax, (ylabel, series) in zip(axes[0], panels):
+        for label, (xs, ys) in series.items():
+            ax.plot(xs, ys, label=label)
+        ax.set(xlabel=xlabel, ylabel=ylabel)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return os.path.basename(path)
