@@ -254,7 +254,7 @@ def test_runner_skips_finished_runs_and_survives_a_failure(tmp_path):
     assert summary["fit_engram"]["n"] == 3 and summary["fit_engram"]["decades"] > 1.1
     assert summary["wall_s"] == 6.0
     with open(os.path.join(out, "summary.json")) as f:
-        assert json.load(f)["figures"] == ["slots.png"]
+        assert json.load(f)["figures"] == ["slots.png", "slots_curves.png"]
     assert os.path.exists(os.path.join(out, "slots.png"))
 
 

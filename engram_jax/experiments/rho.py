@@ -26,6 +26,8 @@ each point reports the actual rho next to the nominal one.
 
 from __future__ import annotations
 
+import os
+
 from engram_jax.config import Config
 from engram_jax.experiments import (
     memory_labels,
@@ -189,8 +191,6 @@ def plot(rows, summary: dict, out: str) -> list[str]:
     xs = [p["rho_actual"] for p in g]
     ys = [d[p["point"]]["mean"] for p in g]
     err = [d[p["point"]]["se"] for p in g]
-    import os
-
     figures = [
         errorbar_figure(
             os.path.join(out, "rho.png"),
@@ -200,34 +200,21 @@ def plot(rows, summary: dict, out: str) -> list[str]:
             title=f"Sparsity allocation at fixed P_tot (U-curve: {summary['u_curve']})",
         )
     ]
-    return figures + _curves(rows, g, out)
+    return figures + stats.curves_figure(
+        os.path.join(out, "rho_curves.png"),
+        stats.over_training(rows, out, *_curve_points(g)),
+        title="Sparsity allocation over training",
+    )
 
 
-def _curves(rows, g: list, out: str) -> list[str]:
-    """``rho_curves.png``: over training, each rho's training loss minus rho max's (paired per
-    seed: the same batches) and its mean Engram gate: is the gap between rhos still opening
-    when the runs stop, and are the tables still being taken up?"""
-    import os
-
-    top_rho = max(p["rho"] for p in g)
-    top = next(p["point"] for p in g if p["rho"] == top_rho)
-    delta, gate = {}, {}
-    for p in g:
-        label = f"rho {p['rho_actual']:.2f}"
-        if p["point"] != top and (c := stats.curve(out, rows, p["point"], "loss", top)):
-            delta[label] = c
-        if c := stats.curve(out, rows, p["point"], "gate"):
-            gate[label] = c
-    if not delta:
-        return []
-    return [
-        stats.curves_figure(
-            os.path.join(out, "rho_curves.png"),
-            [(f"train loss - train loss(rho {top_rho:g})", delta), ("mean Engram gate", gate)],
-            xlabel="step",
-            title="Sparsity allocation over training (seed means, running mean of 5 logs)",
-        )
-    ]
+def _curve_points(g: list) -> tuple[dict, str, str]:
+    top = max(g, key=lambda p: p["rho"])
+    labels = {p["point"]: f"rho {p['rho_actual']:.2f}" for p in g}
+    return (
+        labels,
+        top["point"],
+        labels[top["point"]],
+    )
 
 
 def report(rows, summary: dict, out: str) -> str:
@@ -252,39 +239,11 @@ def report(rows, summary: dict, out: str) -> str:
     top, low = max(p["rho"] for p in g), min(p["rho"] for p in g)
     return (
         f"# rho\n\n{stats.runs_line(summary)}\n\n{table}\n\n"
-        + _curves_table(rows, g, out)
+        + stats.curves_table(
+            stats.over_training(rows, out, *_curve_points(g)), "rho (actual)", "rho_curves.png"
+        )
         + f"U-curve ({summary['u_curve_criterion']}): {stats.met(summary['u_curve'])}. "
         f"Best rho {summary['best_rho']} (val loss {summary['best_val_loss']:.4f}); "
         f"best - rho {top}: {stats.fmt_delta(summary['best_minus_rho_max'])}; "
         f"best - rho {low}: {stats.fmt_delta(summary['best_minus_rho_min'])}.\n"
-    )
-
-
-def _curves_table(rows, g: list, out: str) -> str:
-    """Over training (rho_curves.png): where each rho's paired training-loss gap to rho max is
-    widest and what it is at the end; where its mean gate peaks and what it is at the end."""
-    top = max(g, key=lambda p: p["rho"])
-    lines = []
-    for p in g:
-        d = stats.curve(out, rows, p["point"], "loss", top["point"]) if p is not top else None
-        gate = stats.curve(out, rows, p["point"], "gate")
-        if d is None or gate is None:
-            continue
-        i, j = int(d[1].argmin()), int(gate[1].argmax())
-        lines.append(
-            [f"{p['rho_actual']:.3f}", f"{d[1][i]:+.3f} at step {d[0][i]}", f"{d[1][-1]:+.3f}",
-             f"{gate[1][j]:.3f} at step {gate[0][j]}", f"{gate[1][-1]:.3f}"]
-        )  # fmt: skip
-    if not lines:
-        return ""
-    header = [
-        "rho (actual)",
-        f"train loss - rho {top['rho']:g}: widest",
-        "at the end",
-        "mean gate: peak",
-        "at the end",
-    ]
-    return (
-        "Over training (seed means, paired per seed, running mean of 5 logs; "
-        "rho_curves.png):\n\n" + stats.md_table(header, lines) + "\n\n"
     )

@@ -133,16 +133,25 @@ def plot(rows, summary: dict, out: str) -> list[str]:
                 [x["mean"] for x in d],
                 [x["se"] for x in d],
             )
-    return [
-        errorbar_figure(
-            os.path.join(out, "slots.png"),
-            series,
-            xlabel="Engram slots (table rows of d_head floats)",
-            ylabel=f"val loss - val loss({ref}), paired (+- SE)",
-            title="Memory scaling at a fixed backbone",
-            logx=True,
-        )
-    ]
+    figure = errorbar_figure(
+        os.path.join(out, "slots.png"),
+        series,
+        xlabel="Engram slots (table rows of d_head floats)",
+        ylabel=f"val loss - val loss({ref}), paired (+- SE)",
+        title="Memory scaling at a fixed backbone",
+        logx=True,
+    )
+    return [figure] + stats.curves_figure(
+        os.path.join(out, "slots_curves.png"),
+        stats.over_training(rows, out, *_curve_points(g)),
+        title="Memory scaling over training",
+    )
+
+
+def _curve_points(g: list) -> tuple[dict, str, str]:
+    pts = sorted(g, key=lambda p: (p["kind"] != "engram", p["slots"]))
+    label = lambda p: f"{p['kind']} {int(p['slots']):,}"  # noqa: E731
+    return {p["point"]: label(p) for p in pts}, pts[0]["point"], label(pts[0])
 
 
 def report(rows, summary: dict, out: str) -> str:
@@ -174,7 +183,11 @@ def report(rows, summary: dict, out: str) -> str:
             f"(min reads per row {fit['min_reads_per_row']:,.0f}): power law "
             f"{stats.met(fit['power_law'])}."
         )
+    curves = stats.over_training(rows, out, *_curve_points(g))
     return (
         f"# slots\n\n{stats.runs_line(summary)}\n\n{table}\n\n"
-        f"Power law ({summary['power_law_criterion']}):\n\n" + "\n".join(fits) + "\n"
+        + stats.curves_table(curves, "kind, slots", "slots_curves.png")
+        + f"Power law ({summary['power_law_criterion']}):\n\n"
+        + "\n".join(fits)
+        + "\n"
     )

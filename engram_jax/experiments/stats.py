@@ -201,21 +201,68 @@ def curve(out: str, rows, point: str, key: str, minus: str | None = None, smooth
     return np.asarray(steps[k - 1 :]), y
 
 
-def curves_figure(path: str, panels: list, *, xlabel: str, title: str) -> str:
-    """One PNG of side-by-side panels ``(ylabel, {label: (xs, ys)})``; returns the file name."""
+def over_training(rows, out: str, labels: dict, ref: str, ref_label: str) -> dict:
+    """Learning curves of the points ``labels`` (point -> label): each one's training loss
+    minus ``ref``'s (paired per seed) and its mean Engram gate, as :func:`curve` gives them.
+    ``{"ref": ref_label, "loss": {label: (steps, values)}, "gate": {...}}``."""
+    loss, gate = {}, {}
+    for point, label in labels.items():
+        if point != ref and (c := curve(out, rows, point, "loss", ref)) is not None:
+            loss[label] = c
+        if (c := curve(out, rows, point, "gate")) is not None:
+            gate[label] = c
+    return {"ref": ref_label, "labels": list(labels.values()), "loss": loss, "gate": gate}
+
+
+def curves_table(curves: dict, label_header: str, figure: str) -> str:
+    """Markdown: per point, the lowest paired training-loss difference to the reference (and
+    its step) and the last one; the gate's peak (and step) and last value."""
+    rows = []
+    for label in curves["labels"]:
+        row = [label, "-", "-", "-", "-"]
+        if label == curves["ref"]:
+            row[1] = "reference"
+        elif label in curves["loss"]:
+            steps, d = curves["loss"][label]
+            i = int(d.argmin())
+            row[1:3] = [f"{d[i]:+.3f} at step {steps[i]}", f"{d[-1]:+.3f}"]
+        if label in curves["gate"]:
+            gs, g = curves["gate"][label]
+            j = int(g.argmax())
+            row[3:] = [f"{g[j]:.3f} at step {gs[j]}", f"{g[-1]:.3f}"]
+        if row[1:] != ["-"] * 4:
+            rows.append(row)
+    if not curves["loss"]:
+        return ""
+    header = [label_header, f"train loss - {curves['ref']}: lowest", "at the end"]
+    return (
+        f"Over training (seed means, paired per seed, running mean of 5 logs; {figure}):\n\n"
+        + md_table(header + ["mean gate: peak", "at the end"], rows)
+        + "\n\n"
+    )
+
+
+def curves_figure(path: str, curves: dict, *, title: str) -> list[str]:
+    """One PNG with the two panels of :func:`over_training`; ``[file name]``, or ``[]`` when
+    no run has logs."""
+    if not curves["loss"]:
+        return []
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    panels = [(f"train loss - train loss({curves['ref']})", curves["loss"])]
+    if curves["gate"]:
+        panels.append(("mean Engram gate", curves["gate"]))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
     for ax, (ylabel, series) in zip(axes[0], panels):
-        for label, (xs, ys) in series.items():
-            ax.plot(xs, ys, label=label)
-        ax.set(xlabel=xlabel, ylabel=ylabel)
+        for label, (xs, ys) in series.items():  # one color per point in both panels
+            ax.plot(xs, ys, label=label, color=f"C{curves['labels'].index(label) % 10}")
+        ax.set(xlabel="step", ylabel=ylabel)
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(f"{title} (seed means, running mean of 5 logs)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return os.path.basename(path)
+    return [os.path.basename(path)]
