@@ -155,7 +155,16 @@ def plot(rows, summary: dict, out: str) -> list[str]:
             title="Ablations against the 2-layer reference",
             bars=True,
         )
-    ]
+    ] + stats.curves_figure(
+        os.path.join(out, "ablations_curves.png"),
+        _curves(rows, summary, out),
+        title="Ablations over training",
+    )
+
+
+def _curves(rows, summary: dict, out: str) -> dict:
+    names = [p["point"] for p in summary["points"]]
+    return stats.over_training(rows, out, {n: n for n in names}, "reference", "reference")
 
 
 def _share(summary: dict, name: str) -> str:
@@ -187,7 +196,12 @@ def report(rows, summary: dict, out: str) -> str:
     )  # fmt: skip
     return (
         f"# ablations\n\n{stats.runs_line(summary)}\n\n{table}\n\n"
-        "A variant differs from the 2-layer reference when |paired difference| > 2 SE "
+        + (
+            stats.curves_table(_curves(rows, summary, out), "variant", "ablations_curves.png")
+            if "reference" in [p["point"] for p in g]
+            else ""
+        )
+        + "A variant differs from the 2-layer reference when |paired difference| > 2 SE "
         f"(beyond 2 SE: {', '.join(sorted(beyond)) or 'none'}). Capacity control: rows_min "
         f"keeps {_share(summary, 'rows_min')} and rows_64 {_share(summary, 'rows_64')} of the "
         "reference's gain over moe.\n"

@@ -256,9 +256,10 @@ def curves_figure(path: str, curves: dict, *, title: str) -> list[str]:
     if curves["gate"]:
         panels.append(("mean Engram gate", curves["gate"]))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
+    colors = plt.get_cmap("tab10" if len(curves["labels"]) <= 10 else "tab20")
     for ax, (ylabel, series) in zip(axes[0], panels):
         for label, (xs, ys) in series.items():  # one color per point in both panels
-            ax.plot(xs, ys, label=label, color=f"C{curves['labels'].index(label) % 10}")
+            ax.plot(xs, ys, label=label, color=colors(curves["labels"].index(label) % 20))
         ax.set(xlabel="step", ylabel=ylabel)
         ax.legend(fontsize=7)
     fig.suptitle(f"{title} (seed means, running mean of 5 logs)", fontsize=10)
