@@ -1,5 +1,6 @@
-"""Statistics shared by the studies (pure): per-point means, paired differences over seeds,
-the log-linear fit, and one error-bar figure.
+"""Statistics shared by the studies: per-point means, paired differences over seeds, the
+log-linear fit, learning curves from the runs' logs, the figures and the Markdown of
+``summary.md``.
 
 Paired design: within a seed every point sees the same data order and the same evaluation
 batches, so a difference between two points is measured per seed; its standard error is
