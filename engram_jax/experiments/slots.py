@@ -160,13 +160,16 @@ def report(rows, summary: dict, out: str) -> str:
     if not g:
         return "# slots\n\nNo finished runs.\n"
     vs = summary.get("engram_minus_overencoding", {})
+    _, ref, ref_label = _curve_points(g)  # the smallest Engram table, as in slots.png
     table = stats.md_table(
         ["kind", "slots (d_head rows)", "slots (d_mem entries)", "reads per row",
-         "val loss per seed", "mean", "engram - overencoding (+- SE)", "mean gate"],
+         "val loss per seed", "mean", f"vs {ref_label} (+- SE)",
+         "engram - overencoding (+- SE)", "mean gate"],
         [
             [p["kind"], f"{int(p['slots']):,}", f"{int(p['slots_dmem']):,}",
              f"{p['reads_per_row']:,.0f}", stats.seed_losses(rows, p["point"]),
-             f"{p['val_loss_mean']:.4f}", stats.fmt_delta(vs.get(p["point"].split("-", 1)[1])),
+             f"{p['val_loss_mean']:.4f}", stats.fmt_delta(stats.paired(rows, p["point"], ref)),
+             stats.fmt_delta(vs.get(p["point"].split("-", 1)[1])),
              f"{p['gate_mean']:.3f}" if p["gate_mean"] is not None else "-"]
             for p in g
         ],
