@@ -43,6 +43,7 @@ same factor min(1, grad_clip / global_norm). ``grad_clip = 0`` disables clipping
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -243,6 +244,16 @@ def _muon_dims(params: Any) -> Any:
     return jax.tree.map(lambda x: MuonDimensionNumbers(jnp.ndim(x) - 2, jnp.ndim(x) - 1), params)
 
 
+def _scanned_ns_coeffs() -> tuple:
+    """optax's default Newton-Schulz coefficients once per iteration (``[ns_steps, 3]``).
+    Given per iteration, optax runs the iterations as one ``lax.scan`` instead of unrolling
+    them (same arithmetic): the compiled update holds one iteration per Muon parameter instead
+    of five, and the TPU backend generates code for one (BENCHMARKS.md, TPU compile
+    profile)."""
+    sig = inspect.signature(optax.contrib.muon).parameters
+    return (tuple(sig["ns_coeffs"].default),) * int(sig["ns_steps"].default)
+
+
 def make_optimizer(
     cfg: Config, total_steps: int, labels: Any | Callable[[Any], Any] | None = None
 ) -> optax.GradientTransformationExtraArgs:
@@ -262,6 +273,7 @@ def make_optimizer(
         muon = optax.contrib.muon(
             learning_rate_schedule(o, total_steps, peak=o.muon_lr),
             weight_decay=o.weight_decay,
+            ns_coeffs=_scanned_ns_coeffs(),
             muon_weight_dimension_numbers=_muon_dims,
             consistent_rms=o.muon_consistent_rms or None,
         )

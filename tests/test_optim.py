@@ -1,6 +1,7 @@
 """Schedules, parameter groups, the optax chain, and no table moments on the sparse path."""
 
 import dataclasses
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -299,3 +300,26 @@ def test_consistent_rms_scales_muon_updates_to_the_requested_rms():
     matched, width = proj_update(1.0), proj_update(0.0)
     np.testing.assert_allclose(matched, 4.0 * width, rtol=1e-5)
     assert float(jnp.sqrt(jnp.mean(matched**2))) == pytest.approx(1.0, rel=0.3)
+
+
+def test_muon_newton_schulz_runs_as_one_scan_with_the_unrolled_values(monkeypatch):
+    """The Newton-Schulz iterations are one lax.scan in the optimizer's program (one
+    iteration compiled per parameter, not five) and give the unrolled iteration's update."""
+    model = Small(nnx.Rngs(0))
+    params = nnx.as_pure(nnx.state(model, nnx.Param))
+    key = iter(jax.random.split(jax.random.key(2), 64))
+    grads = jax.tree.map(lambda x: jax.random.normal(next(key), x.shape), params)
+    labels = optim.param_labels(nnx.state(model, nnx.Param))
+
+    def update():
+        tx = optim.make_optimizer(Config(), 100, labels=labels)
+        fn = lambda g: tx.update(g, tx.init(params), params)[0]
+        return _flat(fn(grads)), jax.jit(fn).lower(grads).as_text()
+
+    scanned, scanned_text = update()
+    unrolled_coeffs = inspect.signature(optax.contrib.muon).parameters["ns_coeffs"].default
+    monkeypatch.setattr(optim, "_scanned_ns_coeffs", lambda: unrolled_coeffs)
+    unrolled, unrolled_text = update()
+    assert "stablehlo.while" in scanned_text and "stablehlo.while" not in unrolled_text
+    for name in ("proj/kernel", "experts"):
+        np.testing.assert_allclose(scanned[name], unrolled[name], rtol=1e-5, atol=1e-7)
