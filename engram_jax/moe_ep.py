@@ -62,18 +62,43 @@ def _pack(dest_A, n: int, cap: int):
     return jnp.zeros_like(dest_A).at[order_A].set(rank_sorted_A)
 
 
-def _local_experts(x_QxD, expert_Q, valid_Q, wg_LxDxF, wu_LxDxF, wd_LxFxD):
+def grouped_matmul(x_QxD, w_LxDxF, sizes_L, *, interpret: bool = False):
+    """``x`` rows grouped in order (``sizes_L`` rows for matrix l, the rest in no group)
+    times their group's matrix: ``[Q, F]`` in ``x``'s dtype, zeros in rows of no group (the
+    Pallas kernel leaves those rows, and their input gradient, unwritten: both are masked).
+
+    Compiled for TPU: the Pallas grouped matmul (megablox ``gmm``), whose backward computes
+    the weight gradient with a grouped kernel (``tgmm``). XLA's TPU lowering of
+    ``ragged_dot``'s weight gradient is a dense contraction of all Q rows with every group's
+    mask (L times the routed FLOPs, and the slowest kernels of the step to generate code for:
+    BENCHMARKS.md, TPU compile profile). Elsewhere ``jax.lax.ragged_dot``. ``interpret``
+    runs the TPU kernel in Pallas' interpreter (any backend; for tests)."""
+    from jax.experimental.pallas.ops.tpu.megablox import gmm
+
+    def tpu(x_QxD, w_LxDxF, sizes_L):
+        tiling = tuple(min(128, d) for d in (x_QxD.shape[0], *w_LxDxF.shape[1:]))
+        return gmm(x_QxD, w_LxDxF, sizes_L, x_QxD.dtype, tiling, None, None, False, interpret)
+
+    in_Qx1 = (jnp.arange(x_QxD.shape[0]) < jnp.sum(sizes_L))[:, None]
+    x_QxD = jnp.where(in_Qx1, x_QxD, 0)
+    if interpret:
+        y_QxF = tpu(x_QxD, w_LxDxF, sizes_L)
+    else:
+        other = lambda x_QxD, w_LxDxF, sizes_L: jax.lax.ragged_dot(x_QxD, w_LxDxF, sizes_L)
+        y_QxF = jax.lax.platform_dependent(x_QxD, w_LxDxF, sizes_L, tpu=tpu, default=other)
+    return jnp.where(in_Qx1, y_QxF, 0)
+
+
+def _local_experts(x_QxD, expert_Q, valid_Q, wg_LxDxF, wu_LxDxF, wd_LxFxD, interpret=False):
     """SwiGLU of each received row by its local expert (invalid rows -> zeros)."""
     n_local = wg_LxDxF.shape[0]
     key_Q = jnp.where(valid_Q, expert_Q, n_local)  # invalid rows sort last, in no group
     order_Q = jnp.argsort(key_Q, stable=True)
     xs_QxD = x_QxD[order_Q]
     sizes_L = jnp.bincount(key_Q, length=n_local + 1)[:n_local].astype(jnp.int32)
-    h_QxF = jax.nn.silu(jax.lax.ragged_dot(xs_QxD, wg_LxDxF, sizes_L)) * jax.lax.ragged_dot(
-        xs_QxD, wu_LxDxF, sizes_L
-    )
-    ys_QxD = jax.lax.ragged_dot(h_QxF, wd_LxFxD, sizes_L)
-    ys_QxD = jnp.where((jnp.arange(key_Q.shape[0]) < jnp.sum(sizes_L))[:, None], ys_QxD, 0)
+    mm = lambda x, w: grouped_matmul(x, w, sizes_L, interpret=interpret)
+    h_QxF = jax.nn.silu(mm(xs_QxD, wg_LxDxF)) * mm(xs_QxD, wu_LxDxF)
+    ys_QxD = mm(h_QxF, wd_LxFxD)  # zeros in the rows of no expert
     return jnp.zeros_like(ys_QxD).at[order_Q].set(ys_QxD)
 
 
