@@ -11,8 +11,8 @@ each, never gathered whole); tokens stay split over the batch axes. Inside one
      ``C = ceil(capacity_factor * s * K / n)`` slots per destination (assignments beyond C are
      dropped, as in ``"capacity"``; ``capacity_factor >= n`` never drops);
   3. ``all_to_all`` over ``expert``: each device receives the rows for its own experts, runs
-     them through its E/n SwiGLU experts (``ragged_dot`` on rows sorted by local expert), and
-     sends the outputs back with a second ``all_to_all``;
+     them through its E/n SwiGLU experts (:func:`grouped_matmul` on rows sorted by local
+     expert), and sends the outputs back with a second ``all_to_all``;
   4. combines the weighted outputs per token and all-gathers the n token slices over
      ``expert`` (restoring the batch layout the rest of the block uses).
 
