@@ -54,27 +54,28 @@ RECIPES = {
 
 # What the table does not show yet (update when an entry is compiled).
 STATUS = [
-    "- `engram-27b-unrolled-2-per-chip` is the previous session's program (30 blocks unrolled, "
+    "- `engram-27b-unrolled-2-per-chip` is the session-3 program (30 blocks unrolled, "
     "per-block optimizer): XLA refused it (97 GiB of temporaries per chip), after 755 s.",
-    "- Status 2026-11-30, session 4: with `model.scan_layers` (now on in the paper presets) and "
-    "the optimizer state stacked per run, engram-27b's train step is 21.5k jaxpr equations "
-    "instead of 84k unrolled, but its TPU compile still does not finish on this host: "
+    "- `engram-27b` (session 5, 2026-12-01, with Muon's Newton-Schulz as one scan and the "
+    "Pallas grouped matmul for the experts): the first 27B compile that finished here, "
     "`engram-jax compile --preset engram-27b --topology v5p:4x4x4 --mesh fsdp=64 --set "
-    "moe.dispatch=ep --set train.batch_size=64 --json --no-decode` (1 sequence per chip) was "
-    "stopped at the session's host-memory limit three times: at 2 per chip (optimizer still per "
-    "block) after 31 min wall / 850 s CPU at 13.5 GB; at 1 per chip after 36 min / 781 s CPU at "
-    "13.6 GB and, with the block-cost compile moved first, after 27 min / 866 s CPU at 17.5 GB "
-    "peak RSS (the last ~4 GB came within 2 min near the end both times; load 6-10 from other "
-    "jobs, measured with /usr/bin/time -v). `perf` on the compiler: ~84% of its time in the TPU "
-    "backend lowering kernels to LLO (dependency graph, VLIW scheduling, register allocation), "
-    "not in the HLO passes. So no entry of the table above compiled this session: whether the "
-    "27B/40B presets fit (< 90% of 95 GiB), their MFU, the 1x vs 4x table-row collective check "
-    "at that scale and the 10-minute compile goal are all still open; the bound here is the "
-    "host (> 14 min of CPU and > 17.5 GB of RAM for one 27B compile). The scanned-block "
-    "accounting (FLOPs, bytes, step time, collectives per loop trip) is checked against the "
-    "unrolled program on v5p:2x2x1 in `tests/test_tpu_compile.py`, and the table-row property "
-    "on that slice by `test_table_traffic_does_not_grow_with_the_table`. Run "
-    "`python -m benchmarks.tpu_presets --only NAME` on a machine with >= 32 GB of RAM.",
+    "moe.dispatch=ep --set train.batch_size=64 --json --no-decode` under /usr/bin/time -v: "
+    "708 s of CPU, 24 min wall at load 6-8 (three study sweeps), 13.96 GB peak RSS of the "
+    "compiler (session 4: stopped after 781-866 s of CPU at 13.6-17.5 GB). It fits: 60.4 GiB "
+    "per chip (64% of 95). The 10-minute goal is not met on this host (11.8 CPU-minutes, "
+    "most of it libtpu's code generation: see the next section).",
+    "- The estimated MFU (11%) is bound by bytes accessed (roofline; XLA gave no "
+    "`optimal_seconds` for this program) and is an upper bound: XLA counts the FLOPs and bytes "
+    "of Newton-Schulz's scan once, not 5 times (the optimizer update alone: 39 TFLOP/chip "
+    "counted vs 196 with the iterations unrolled, same arithmetic). Muon under FSDP is what "
+    "the step spends most on: every chip orthogonalizes every expert matrix, and the Gram "
+    "products of the scanned runs' expert stacks ([825 or 660, 1536, 1536] f32 per expert "
+    "weight) are all-reduced at every iteration, about 210 GiB of the step's 404 GiB of "
+    "all-reduce per chip (from those shapes x 3 weights x 5 iterations). Splitting the "
+    "matrices over the chips (each orthogonalizes its own) is the next step for the MFU goal "
+    "(>= 40%); the 1x vs 4x table-row check and engram-40b were not compiled at this scale "
+    "this session unless listed above (the table-row property is checked on v5p:2x2x1 by "
+    "`test_table_traffic_does_not_grow_with_the_table`).",
 ]
 
 

@@ -269,12 +269,10 @@ def engram_27b() -> Config:
     """Engram-27B: MoE-27B with 55 routed experts; Engram at blocks 2 and 15 (1-based), N=3
     (orders 2 and 3), 8 heads per order, d_mem 1280, base 2,262,400 rows per head: tables
     5.79B (paper 5.7B). P_tot 26.32B, 26.65B with the embedding (paper 26.7B).
-    TPU: no mesh and batch found with ``engram-jax compile`` yet: 2 per chip on v5p-64 does not
-    fit unrolled, and the scanned compile did not finish on the 2-core development host
-    (BENCHMARKS.md); the candidate to check first: ``--topology v5p:4x4x4 --mesh fsdp=64
-    --set moe.dispatch=ep --set train.batch_size=64`` (v5p-64, 1 sequence of 4096 per chip;
-    55 experts do not divide an expert axis of a power-of-two slice, so experts stay
-    FSDP-split)."""
+    TPU: fits on v5p-64 with ``--topology v5p:4x4x4 --mesh fsdp=64 --set moe.dispatch=ep
+    --set train.batch_size=64`` (1 sequence of 4096 per chip; 55 experts do not divide an
+    expert axis of a power-of-two slice, so experts stay FSDP-split); HBM, estimated MFU and
+    collectives of that compile in BENCHMARKS.md. 2 per chip does not fit unrolled."""
     return Config(
         name="engram-27b",
         model=_PAPER_MODEL,
