@@ -287,10 +287,9 @@ def engram_27b() -> Config:
 def engram_40b() -> Config:
     """Engram-40B: Engram-27B with 7,239,680 base rows per head: tables 18.53B (paper 18.5B).
     P_tot 39.07B, 39.40B with the embedding (paper 39.5B); activated unchanged.
-    TPU: no mesh and batch found with ``engram-jax compile`` yet (its compile did not finish
-    on the 2-core development host; BENCHMARKS.md); the candidate to check first:
-    ``--topology v5p:4x4x4 --mesh fsdp=64 --set moe.dispatch=ep --set train.batch_size=64``
-    (v5p-64, 1 sequence of 4096 per chip)."""
+    TPU: fits on v5p-64 with ``--topology v5p:4x4x4 --mesh fsdp=64 --set moe.dispatch=ep
+    --set train.batch_size=64`` (1 sequence of 4096 per chip), with the collectives of
+    engram-27b's program (BENCHMARKS.md)."""
     return Config(
         name="engram-40b",
         model=_PAPER_MODEL,
