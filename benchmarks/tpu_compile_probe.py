@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import os
 import resource
@@ -69,19 +68,16 @@ def _program(cfg, mesh, part: str):
 def main() -> None:
     a = _args()
     import jax
-    import optax
 
-    from engram_jax import optim
     from engram_jax import sharding as shd
     from engram_jax.config import override
     from engram_jax.presets import get_preset
     from engram_jax.tpu_compile import parse_mesh
     from engram_jax.tpu_report import _cost, _memory, tpu_devices
 
-    if a.unrolled_ns:  # optax's default: the coefficients once, iterations unrolled
-        default = inspect.signature(optax.contrib.muon).parameters["ns_coeffs"].default
-        optim._scanned_ns_coeffs = lambda: default
-    cfg = override(get_preset(a.preset), a.sets)
+    # --unrolled-ns: optax's default, the iterations unrolled (optim.muon_ns_scan=False)
+    sets = [*a.sets, "optim.muon_ns_scan=False"] if a.unrolled_ns else a.sets
+    cfg = override(get_preset(a.preset), sets)
     cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, **parse_mesh(a.mesh)))
     mesh = shd.make_mesh(cfg.mesh, tpu_devices(a.topology))
     load, cpu0 = os.getloadavg()[0], cpu_seconds()

@@ -232,6 +232,10 @@ class OptimConfig:
     # > 0: Muon updates scaled to this RMS (Moonlight's sqrt(max(fan_in, fan_out)) * rms, so
     # Muon shares AdamW's lr, as in the paper's recipe); 0: width scaling (Keller's Muon).
     muon_consistent_rms: float = 0.0
+    # True: Muon's Newton-Schulz iterations run as one lax.scan (the TPU backend compiles one
+    # iteration per parameter instead of five; the paper presets). Same arithmetic, but float
+    # rounding differs from the unrolled loop the CPU studies in experiments/ were run with.
+    muon_ns_scan: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "decay_steps", tuple(self.decay_steps))

@@ -273,7 +273,7 @@ def make_optimizer(
         muon = optax.contrib.muon(
             learning_rate_schedule(o, total_steps, peak=o.muon_lr),
             weight_decay=o.weight_decay,
-            ns_coeffs=_scanned_ns_coeffs(),
+            **({"ns_coeffs": _scanned_ns_coeffs()} if o.muon_ns_scan else {}),
             muon_weight_dimension_numbers=_muon_dims,
             consistent_rms=o.muon_consistent_rms or None,
         )

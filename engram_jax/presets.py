@@ -215,7 +215,12 @@ _PAPER_TRAIN = TrainConfig(steps=50_000, batch_size=1280, seq_len=4096)
 # Muon at the same lr as AdamW through Moonlight's RMS matching (0.2), b1 0.9, b2 0.95 and
 # 2,000 warmup steps (DeepSeek-V3's).
 _PAPER_OPTIM = OptimConfig(
-    lr=4e-4, muon_lr=4e-4, muon_consistent_rms=0.2, weight_decay=0.1, warmup_steps=2000
+    lr=4e-4,
+    muon_lr=4e-4,
+    muon_consistent_rms=0.2,
+    weight_decay=0.1,
+    warmup_steps=2000,
+    muon_ns_scan=True,  # compile time on TPU (BENCHMARKS.md, TPU compile profile)
 )
 _ENGRAM_27B = EngramConfig(
     engram_vocab_size=(2_262_400, 2_262_400),
