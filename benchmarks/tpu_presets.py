@@ -75,9 +75,7 @@ STATUS = [
     "weight) are all-reduced at every iteration, about 210 GiB of the step's 404 GiB of "
     "all-reduce per chip (from those shapes x 3 weights x 5 iterations). Splitting the "
     "matrices over the chips (each orthogonalizes its own) is the next step for the MFU goal "
-    "(>= 40%). The 4x-rows entry was not compiled (engram-40b, 3.2x rows, stands in for it "
-    "above; the property is also checked on v5p:2x2x1 by "
-    "`test_table_traffic_does_not_grow_with_the_table`).",
+    "(>= 40%).",
 ]
 
 
