@@ -170,7 +170,7 @@ def report(rows, summary: dict, out: str) -> str:
              f"{p['reads_per_row']:,.0f}", stats.seed_losses(rows, p["point"]),
              f"{p['val_loss_mean']:.4f}", stats.fmt_delta(stats.paired(rows, p["point"], ref)),
              stats.fmt_delta(vs.get(p["point"].split("-", 1)[1])),
-             f"{p['gate_mean']:.3f}" if p["gate_mean"] is not None else "-"]
+             f"{p['gate_mean']:.3f}" if p["kind"] == "engram" and p["gate_mean"] else "-"]
             for p in g
         ],
     )  # fmt: skip
