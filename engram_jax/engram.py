@@ -16,9 +16,10 @@ Equations, numbered as the steps in :meth:`Engram._forward`:
 As in the reference demo, ``key_norm`` is applied to the key and ``query_norm`` to the hidden
 state; every RMSNorm here uses ``cfg.norm_eps`` (the demo's gate norms use torch's default eps,
 a difference of order 1e-5 in the normalized values). Ablations: ``use_gating=False`` sets
-alpha = 1; ``use_short_conv=False`` gives Y = V~; ``multi_branch=False`` runs one fusion on the
-pre-mapped hidden state ``h_pre = H_pre x`` (spec section 4; the block passes its attention
-sublayer's mHC pre-mapping, else the branch mean) and adds the same Y to every branch.
+alpha = 1 (and reports no gates); ``use_short_conv=False`` gives Y = V~; ``multi_branch=False``
+runs one fusion on the pre-mapped hidden state ``h_pre = H_pre x`` (spec section 4; the block
+passes its attention sublayer's mHC pre-mapping, else the branch mean) and adds the same Y to
+every branch.
 """
 
 from __future__ import annotations
@@ -174,8 +175,9 @@ class Engram(nnx.Module):
         return_gates: bool = False,
         h_pre_BxTxD: jax.Array | None = None,
     ):
-        """Returns ``y_BxTxMxD`` (compute dtype), or ``(y, gates_BxTxM)`` (float32 alpha) when
-        ``return_gates``. A 3-D ``h_BxTxD`` is accepted when hc_mult == 1 (y is then 3-D).
+        """Returns ``y_BxTxMxD`` (compute dtype), or ``(y, gates_BxTxM)`` (float32 alpha; None
+        when ``use_gating=False``) when ``return_gates``. A 3-D ``h_BxTxD`` is accepted when
+        hc_mult == 1 (y is then 3-D).
         ``h_pre_BxTxD``: the pre-mapped state the single gate reads when multi_branch=False."""
         y, gates, _ = self._forward(h_BxTxMxD, self._memory(ids, rows), None, h_pre_BxTxD)
         return (y, gates) if return_gates else y
@@ -258,10 +260,11 @@ class Engram(nnx.Module):
             k_BxTxGxD = jnp.einsum("bte,egd->btgd", e_BxTxE, w_ExGxD)
             k_BxTxGxD = k_BxTxGxD + self.key_bias[...].astype(dt)[None, None]
             gates_BxTxG = self._gates(h_BxTxMxD, k_BxTxGxD, h_pre_BxTxD)
-        else:
-            gates_BxTxG = jnp.ones((B, T, G), jnp.float32)
-        # (5) gated value V~
-        u_BxTxGxD = gates_BxTxG[..., None].astype(self.dtype) * v_BxTxD[:, :, None, :]
+            # (5) gated value V~
+            u_BxTxGxD = gates_BxTxG[..., None].astype(self.dtype) * v_BxTxD[:, :, None, :]
+        else:  # alpha = 1, and no gate to report (a logged constant 1.0 would read as one)
+            gates_BxTxG = None
+            u_BxTxGxD = jnp.broadcast_to(v_BxTxD[:, :, None, :], (B, T, G, D))
         # (6) short conv + residual
         y_BxTxGxD = u_BxTxGxD
         if self.cfg.use_short_conv:
@@ -270,6 +273,6 @@ class Engram(nnx.Module):
         elif history_BxSxC is None:
             history_BxSxC = jnp.zeros((B, 0, G * D), self.dtype)
         y_BxTxMxD = jnp.broadcast_to(y_BxTxGxD, (B, T, M, D))
-        gates_BxTxM = jnp.broadcast_to(gates_BxTxG, (B, T, M))
+        gates_BxTxM = None if gates_BxTxG is None else jnp.broadcast_to(gates_BxTxG, (B, T, M))
         y = y_BxTxMxD[:, :, 0] if squeeze else y_BxTxMxD
         return y, gates_BxTxM, history_BxSxC

@@ -333,6 +333,18 @@ def test_report_rewrites_the_summaries_without_training(tmp_path, capsys):
     assert main(["sweep", "slots", "--report", "--out", out]) == 2  # rho's runs, not slots'
 
 
+def test_gate_curves_only_for_runs_that_have_a_gate(tmp_path):
+    # the fake run logs engram_gate_* for every Engram layer, gated or not, as runs from
+    # before the model stopped reporting alpha = 1 did; the run's own config decides
+    out = str(tmp_path / "slots")
+    points = slots.sweep(TOY, (1e4,))
+    rows = run_sweep("slots", points, out, seeds=(0,), train_fn=_fake_train([]), log=print)
+    kinds = {p.name.split("-")[0]: p.name for p in points}
+    assert stats.curve(out, rows, kinds["engram"], "gate", smooth=1) is not None
+    assert stats.curve(out, rows, kinds["overencoding"], "gate", smooth=1) is None
+    assert stats.curve(out, rows, kinds["overencoding"], "loss", smooth=1) is not None
+
+
 def test_cli_options_reach_the_configs():
     from engram_jax.commands.sweep import build_points
 

@@ -162,9 +162,11 @@ def runs_line(summary: dict) -> str:
 
 def _series(out: str, run: str, key: str) -> dict[int, float]:
     """A run's training log ``out/runs/<run>/metrics.jsonl`` as ``{step: value}``; key
-    ``"gate"`` is the mean of the Engram gates (``engram_gate_<layer>``) at each step."""
+    ``"gate"`` is the mean of the Engram gates (``engram_gate_<layer>``) at each step, empty
+    for a run whose config has no gate (OverEncoding, ``no_gating``: runs before the model
+    stopped reporting their alpha = 1 logged it as a gate)."""
     path = os.path.join(out, "runs", run, "metrics.jsonl")
-    if not os.path.exists(path):
+    if not os.path.exists(path) or (key == "gate" and not _gated(out, run)):
         return {}
     series = {}
     with open(path, encoding="utf-8") as f:
@@ -178,6 +180,14 @@ def _series(out: str, run: str, key: str) -> dict[int, float]:
             elif key in rec:
                 series[rec["step"]] = float(rec[key])
     return series
+
+
+def _gated(out: str, run: str) -> bool:
+    path = os.path.join(out, "runs", run, "config.json")
+    if not os.path.exists(path):
+        return True
+    with open(path, encoding="utf-8") as f:
+        return bool(json.load(f).get("engram", {}).get("use_gating", True))
 
 
 def curve(out: str, rows, point: str, key: str, minus: str | None = None, smooth: int = 5):
