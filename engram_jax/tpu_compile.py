@@ -1,7 +1,7 @@
 """Compile the real train and decode steps for a Cloud TPU slice on a CPU host (ahead of time).
 
 With ``libtpu`` importable, ``jax.experimental.topologies.get_topology_desc`` returns the chips
-of a named slice (``v5p:4x4x8`` = v5p-128) without any TPU; the train step is lowered on
+of a named slice (``v5p:4x4x8`` = v5p-256, 128 chips) without any TPU; the train step is lowered on
 abstract arguments (shapes + ``NamedSharding``s, nothing allocated) over a mesh of those chips
 and compiled by the TPU compiler. The report, per chip: parameter / optimizer / table bytes
 (from the shardings), activation bytes (the program's temporaries), the total against the
@@ -66,7 +66,7 @@ def parse_topology(name: str) -> tuple[str, int]:
     if not m or (m.group(1) in ("v4", "v5p")) != (m.group(4) is not None):
         raise ValueError(
             f"--topology {name!r} is not a TPU slice name: use v4:AxBxC, v5p:AxBxC, v5e:AxB or "
-            "v6e:AxB (chips per dimension), e.g. v5p:4x4x8 for v5p-128, v5e:16x16 for v5e-256"
+            "v6e:AxB (chips per dimension), e.g. v5p:4x4x8 for v5p-256, v5e:16x16 for v5e-256"
         )
     dims = [int(g) for g in m.groups()[1:] if g]
     n = 1

@@ -14,7 +14,7 @@ stop here if it fails or does not fit in HBM. Then start 'engram-jax train --pre
 ~/engram-jax-logs/train.log (collect with logs.sh) and ~/engram-jax-logs/train.pid.
   --workdir gs://...  checkpoints and metrics; must be on GCS so that all workers share it
   --preset PRESET     model/training preset, e.g. tiny, small
-  --topology NAME     the slice for the preflight, e.g. v5p:4x4x8 (v5p-128), v5e:4x4 (v5e-16)
+  --topology NAME     the slice for the preflight, e.g. v5p:4x4x8 (v5p-256), v5e:4x4 (v5e-16)
   --set KEY=VALUE     config override, repeatable, e.g. --set train.steps=1000
   --no-preflight      skip the compile check (then --topology is not needed)
   -- ARG...           anything after -- is passed to 'engram-jax train' unchanged"

@@ -26,7 +26,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--preset", required=True, help="preset name, e.g. engram-27b")
     p.add_argument(
-        "--topology", required=True, help="TPU slice, e.g. v5p:4x4x8 (v5p-128), v5e:2x2, v4:2x2x1"
+        "--topology", required=True, help="TPU slice, e.g. v5p:4x4x8 (v5p-256), v5e:2x2, v4:2x2x1"
     )
     p.add_argument(
         "--mesh", default="", help="mesh axis sizes, e.g. fsdp=64,tensor=2 (default: the preset's)"
