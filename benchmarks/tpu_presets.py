@@ -47,7 +47,9 @@ RECIPES = {
     ),
     "engram-40b": ("engram-40b", "v5p:4x4x4", {"fsdp": 64}, [EP, "train.batch_size=64"]),
     "moe-27b": ("moe-27b", "v5p:4x4x4", {"fsdp": 64}, [EP, "train.batch_size=64"]),
-    "dense-4b": ("dense-4b", "v5p:4x4x4", {"fsdp": 64}, ["train.batch_size=64"]),
+    # a 4B dense model needs no cube: v5p-16 (8 chips), its state split over all of them
+    "dense-4b": ("dense-4b", "v5p:2x2x2", {"fsdp": 8}, ["train.batch_size=16"]),
+    "dense-4b-1-per-chip": ("dense-4b", "v5p:2x2x2", {"fsdp": 8}, ["train.batch_size=8"]),
     "ablation-3b": ("ablation-3b", "v5p:4x4x4", {"fsdp": 64}, [EP, "train.batch_size=128"]),
 }
 
@@ -76,6 +78,17 @@ STATUS = [
     "all-reduce per chip (from those shapes x 3 weights x 5 iterations). Splitting the "
     "matrices over the chips (each orthogonalizes its own) is the next step for the MFU goal "
     "(>= 40%).",
+    "- `dense-4b` (session 6, 2026-12-01): `engram-jax compile --preset dense-4b --topology "
+    "v5p:2x2x2 --mesh fsdp=8 --set train.batch_size=16 --json --no-decode` (v5p-16: 8 chips, "
+    "2 sequences of 4096 per chip) under /usr/bin/time -v: 165 s of CPU, 4.5 min wall, 3.1 GB "
+    "peak RSS at load 4-5 (two study sweeps); fits at 48.3 GiB per chip (51%); at 1 per chip "
+    "186 s of CPU, 6 min wall, 3.1 GB, 34.4 GiB (36%), est. MFU 30% vs 33% at 2 per chip. "
+    "The earlier note that its compile did not finish dates from the unrolled 30-block "
+    "program (no dense-4b compile had been run since `model.scan_layers`): scanned, its 30 "
+    "dense blocks are one loop body and the program is smaller than engram-27b's (one run "
+    "instead of two, no Engram or MoE blocks). Its MFU is an upper bound for the same reason "
+    "as engram-27b's: XLA counts the 5 Newton-Schulz iterations of Muon's scan (over the 30 "
+    "blocks' [2560, 12288] matrices) once.",
 ]
 
 
@@ -225,7 +238,7 @@ def main() -> None:
         "estimate (`optimal_seconds`) when it gives one, else the roofline max(FLOPs / peak, "
         "bytes accessed / HBM bandwidth), a lower bound (the source column says which); MFU = "
         "analytic model FLOPs (6 x matmul params x tokens + attention) / (step time x peak). "
-        "The paper presets run with `model.scan_layers` (each run of identical MoE blocks is "
+        "The paper presets run with `model.scan_layers` (each run of identical blocks is "
         "one `lax.scan`): XLA counts a loop body once, so the FLOPs and bytes of one block's "
         "forward + backward, compiled alone on the same mesh, are added once per further "
         "layer (source `xla + scanned blocks`), and the HLO's collectives are counted once per "

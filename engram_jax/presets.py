@@ -236,10 +236,10 @@ _NO_ENGRAM = EngramConfig(layer_ids=())
 def dense_4b() -> Config:
     """Dense-4B: the paper backbone with a dense SwiGLU (width 12,288) in all 30 blocks.
     3.73B activated = P_tot; 4.06B with the input embedding (paper: 4.1B, 3.8B activated).
-    TPU: no mesh and batch found with ``engram-jax compile`` yet (its compile did not finish
-    on the 2-core development host; BENCHMARKS.md); the candidate to check first:
-    ``--topology v5p:4x4x4 --mesh fsdp=64 --set train.batch_size=64`` (v5p-64, 1 sequence
-    of 4096 per chip)."""
+    TPU: fits on v5p-16 (8 chips) with ``--topology v5p:2x2x2 --mesh fsdp=8 --set
+    train.batch_size=16`` (2 sequences of 4096 per chip; a larger slice adds fsdp or data
+    shards at the same per-chip batch); HBM, estimated MFU and collectives of that compile in
+    BENCHMARKS.md."""
     return Config(
         name="dense-4b",
         model=dataclasses.replace(_PAPER_MODEL, n_dense_layers=30),
@@ -274,10 +274,11 @@ def engram_27b() -> Config:
     """Engram-27B: MoE-27B with 55 routed experts; Engram at blocks 2 and 15 (1-based), N=3
     (orders 2 and 3), 8 heads per order, d_mem 1280, base 2,262,400 rows per head: tables
     5.79B (paper 5.7B). P_tot 26.32B, 26.65B with the embedding (paper 26.7B).
-    TPU: fits on v5p-64 with ``--topology v5p:4x4x4 --mesh fsdp=64 --set moe.dispatch=ep
-    --set train.batch_size=64`` (1 sequence of 4096 per chip; 55 experts do not divide an
-    expert axis of a power-of-two slice, so experts stay FSDP-split); HBM, estimated MFU and
-    collectives of that compile in BENCHMARKS.md. 2 per chip does not fit unrolled."""
+    TPU: fits on v5p-128 (64 chips) with ``--topology v5p:4x4x4 --mesh fsdp=64 --set
+    moe.dispatch=ep --set train.batch_size=64`` (1 sequence of 4096 per chip; 55 experts do
+    not divide an expert axis of a power-of-two slice, so experts stay FSDP-split); HBM,
+    estimated MFU and collectives of that compile in BENCHMARKS.md. 2 per chip does not fit
+    unrolled."""
     return Config(
         name="engram-27b",
         model=_PAPER_MODEL,
@@ -292,9 +293,9 @@ def engram_27b() -> Config:
 def engram_40b() -> Config:
     """Engram-40B: Engram-27B with 7,239,680 base rows per head: tables 18.53B (paper 18.5B).
     P_tot 39.07B, 39.40B with the embedding (paper 39.5B); activated unchanged.
-    TPU: fits on v5p-64 with ``--topology v5p:4x4x4 --mesh fsdp=64 --set moe.dispatch=ep
-    --set train.batch_size=64`` (1 sequence of 4096 per chip), with the collectives of
-    engram-27b's program (BENCHMARKS.md)."""
+    TPU: fits on v5p-128 (64 chips) with ``--topology v5p:4x4x4 --mesh fsdp=64 --set
+    moe.dispatch=ep --set train.batch_size=64`` (1 sequence of 4096 per chip), with the
+    collectives of engram-27b's program (BENCHMARKS.md)."""
     return Config(
         name="engram-40b",
         model=_PAPER_MODEL,
