@@ -18,8 +18,8 @@ and ``plot``). It is the only side-effecting part of the experiments
   sweep goes on.
 - Parallel invocations on one ``out`` (e.g. on subsets, to use more processes): each run is
   claimed with a lock file; a run held by another live process is reported ``busy`` and
-  skipped; re-running the full command afterwards skips everything finished and writes the
-  complete results.
+  skipped, and its row is filled in from its ``summary.json`` at the next write (or by
+  ``--report``) once it has finished, so the process that writes last records every run.
 - Sharing: every run's ``data/`` is a link to ``out/data``, so the tokenizer is trained and
   the corpus encoded once per sweep; XLA executables go to a persistent compilation cache
   (``out/jax_cache``), so runs of the same shapes (the seeds of a point, the same layout in two
@@ -151,6 +151,9 @@ def final_gate(workdir: str) -> float | str:
     return round(sum(last) / len(last), 4) if last else ""
 
 
+_SUMMARY_KEYS = ("train_loss", "val_loss", "tokens", "wall_s", "compile_s")
+
+
 def _row(study: str, point, seed: int, cfg: Config, summary: dict | None, error: str) -> dict:
     c = count_params(cfg)
     row = dict.fromkeys(COLUMNS, "")
@@ -171,7 +174,7 @@ def _row(study: str, point, seed: int, cfg: Config, summary: dict | None, error:
         error=error,
     )
     s = summary or {}
-    for key in ("train_loss", "val_loss", "tokens", "wall_s", "compile_s"):
+    for key in _SUMMARY_KEYS:
         row[key] = "" if s.get(key) is None else s[key]
     row["status"] = s.get("status", "error") if not error else error.split(":")[0]
     if row["status"] not in ("ok", "busy", "diverged"):
@@ -191,6 +194,26 @@ def write_csv(rows: list[dict], path: str) -> None:
 def read_csv(path: str) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
+
+
+def refresh_busy(rows: list[dict], out: str) -> bool:
+    """Fill in, from ``out/runs/<name>/summary.json``, the rows of runs that another sweep
+    process was training when this one passed them (``busy``) and that have finished since,
+    so that whichever process writes results.csv last records every finished run. True when
+    a row changed."""
+    changed = False
+    for r in rows:
+        workdir = os.path.join(out, "runs", r["name"])
+        path = os.path.join(workdir, "summary.json")
+        if r.get("status") != "busy" or not os.path.exists(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            s = json.load(f)
+        if s.get("status") == "ok":
+            r.update({k: "" if s.get(k) is None else s[k] for k in _SUMMARY_KEYS})
+            r.update(status="ok", error="", gate_mean=final_gate(workdir))
+            changed = True
+    return changed
 
 
 def run_sweep(
@@ -236,6 +259,7 @@ def run_sweep(
                 )
         rows.append(_row(study, point, seed, cfg, summary, error))
         rows[-1]["gate_mean"] = final_gate(workdir)
+        refresh_busy(rows, out)
         write_csv(rows, os.path.join(out, "results.csv"))
     return rows
 

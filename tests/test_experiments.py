@@ -26,7 +26,7 @@ from engram_jax.experiments import (
 )
 from engram_jax.params import count_params
 from engram_jax.presets import get_preset
-from engram_jax.sweep import finish, read_csv, run_sweep
+from engram_jax.sweep import finish, read_csv, run_sweep, write_csv
 
 TOY = base_config("toy")
 BASES = [TOY, get_preset("tiny")]
@@ -274,6 +274,42 @@ def test_runner_leaves_runs_claimed_by_a_live_process(tmp_path):
     rows = run_sweep("slots", points, out, train_fn=_fake_train(calls), log=lambda s: None)
     assert [r["status"] for r in rows] == ["busy", "ok"]  # live lock kept, stale one taken
     assert [os.path.basename(c) for c in calls] == ["engram-slots40000-s0"]
+
+
+def test_rows_of_runs_another_process_finished_are_filled_in(tmp_path):
+    # two sweep processes share one --out: each writes results.csv with the other's runs as
+    # "busy"; whichever writes last, and --report, must record every run finished by then
+    from engram_jax.cli import main
+
+    out = str(tmp_path / "sweep")
+    points = slots.sweep(TOY, (1e4, 4e4), ("engram",))
+    first, second = (f"{p.name}-s0" for p in points)
+    os.makedirs(os.path.join(out, "runs", first, "data"))
+    with open(os.path.join(out, "runs", first, ".sweep.lock"), "w") as f:
+        f.write(str(os.getpid()))  # a live process holds the first run
+    other = _fake_train([])
+
+    def train(cfg, workdir, progress=False):  # the other process finishes meanwhile
+        os.remove(os.path.join(out, "runs", first, ".sweep.lock"))
+        other(points[0].cfg, os.path.join(out, "runs", first))
+        return other(cfg, workdir)
+
+    rows = run_sweep("slots", points, out, train_fn=train, log=lambda s: None)
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert rows[0]["val_loss"] == pytest.approx(3.0 + 1e-6 * count_params(points[0].cfg)["engram"])
+    # --report fills in a run that finished after the last write
+    csv_path = os.path.join(out, "results.csv")
+    rows[1].update(status="busy", val_loss="", error="busy: another sweep process")
+    write_csv(rows, csv_path)
+    assert main(["sweep", "slots", "--report", "--out", out]) == 0
+    assert [r["status"] for r in read_csv(csv_path)] == ["ok", "ok"]
+    # a run still in progress elsewhere is not a failure
+    os.remove(os.path.join(out, "runs", second, "summary.json"))
+    write_csv(rows, csv_path)
+    assert main(["sweep", "slots", "--report", "--out", out]) == 0
+    with open(os.path.join(out, "summary.json")) as f:
+        s = json.load(f)
+    assert (s["ok"], s["failed"], s["busy"]) == (1, [], [second])
 
 
 def test_runner_retrains_when_the_config_changed(tmp_path):

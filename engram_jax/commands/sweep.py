@@ -27,7 +27,8 @@ def _add_common(p, study: str) -> None:
         "--report",
         action="store_true",
         help="train nothing: rewrite summary.json, summary.md and the figures from the runs "
-        "already in OUT/results.csv (e.g. of a study still running)",
+        "already in OUT/results.csv (e.g. of a study still running; runs another sweep "
+        "process had claimed are filled in from OUT/runs/ once finished)",
     )
 
 
@@ -62,7 +63,7 @@ def build_points(args):
 def run(args) -> int:
     import os
 
-    from engram_jax.sweep import finish, read_csv, run_sweep
+    from engram_jax.sweep import finish, read_csv, refresh_busy, run_sweep, write_csv
 
     if args.seeds < 1:
         raise ValueError(f"--seeds={args.seeds} must be >= 1")
@@ -70,9 +71,12 @@ def run(args) -> int:
         csv_path = os.path.join(args.out, "results.csv")
         if not os.path.isfile(csv_path):
             raise ValueError(f"--report needs {csv_path}: run the sweep first (without --report)")
-        rows = [r for r in read_csv(csv_path) if r.get("study") == args.study]
+        every = read_csv(csv_path)
+        rows = [r for r in every if r.get("study") == args.study]
         if not rows:
             raise ValueError(f"{csv_path} has no runs of study {args.study!r}")
+        if refresh_busy(rows, args.out):  # runs another process finished since the csv
+            write_csv(every, csv_path)
     else:
         points = build_points(args)
         rows = run_sweep(args.study, points, args.out, seeds=tuple(range(args.seeds)))

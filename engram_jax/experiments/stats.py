@@ -77,7 +77,8 @@ def base_summary(name: str, rows) -> dict:
         "study": name,
         "runs": len(rows),
         "ok": len(ok_rows(rows)),
-        "failed": [r["name"] for r in rows if r.get("status") != "ok"],
+        "failed": [r["name"] for r in rows if r.get("status") not in ("ok", "busy")],
+        "busy": [r["name"] for r in rows if r.get("status") == "busy"],  # another process's
         "wall_s": float(sum(float(r["wall_s"] or 0) for r in rows if r.get("wall_s"))),
         "points": group(rows),
     }
@@ -152,10 +153,11 @@ def met(flag) -> str:
 
 
 def runs_line(summary: dict) -> str:
-    failed = summary.get("failed") or []
+    failed, busy = summary.get("failed") or [], summary.get("busy") or []
     return (
         f"{summary['ok']} of {summary['runs']} runs ok"
         + (f" (failed: {', '.join(failed)})" if failed else "")
+        + (f" (in progress in another sweep process: {', '.join(busy)})" if busy else "")
         + f"; total wall time {summary['wall_s']:,.0f} s ({summary['wall_s'] / 3600:.1f} h)."
     )
 
