@@ -8,7 +8,9 @@ Sources (``DataConfig.path``):
 - a ``.jsonl`` file: one document per line, text under ``DataConfig.text_field``.
 - any other file: plain text; documents are separated by blank lines, and a block longer than
   ``LINES_PER_DOCUMENT`` lines (e.g. a file with one sentence or verse per line and no blank
-  lines) is cut into documents of that many lines.
+  lines) is cut into documents of that many lines; a block still longer than
+  ``CHARS_PER_DOCUMENT`` characters (a text on one line) is cut there, at a space where one
+  falls in the block's second half.
 - a directory: every non-hidden file below it in sorted order, one document per file
   (``.jsonl`` files as above); files containing NUL bytes are skipped as binary.
 
@@ -31,6 +33,7 @@ from pathlib import Path
 from engram_jax.config import DataConfig
 
 LINES_PER_DOCUMENT = 64
+CHARS_PER_DOCUMENT = 16_384
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
 
@@ -167,9 +170,20 @@ def _file_documents(
         for i in range(0, len(lines), LINES_PER_DOCUMENT):
             block = "\n".join(lines[i : i + LINES_PER_DOCUMENT])
             if block.strip():
-                blocks.append(block)
+                blocks.extend(cut(block, CHARS_PER_DOCUMENT))
     for i, block in enumerate(blocks):
         yield Document(f"{key}#{i}", block + "\n", bad and "\ufffd" in block)
+
+
+def cut(text: str, max_chars: int) -> Iterator[str]:
+    """``text`` in pieces of at most ``max_chars`` characters, in order, that join back to it;
+    each cut is after the last space or line break in the piece's second half, if any."""
+    while len(text) > max_chars:
+        at = max(text.rfind(c, max_chars // 2, max_chars) for c in " \n")
+        at = max_chars if at < 0 else at + 1  # the space ends the piece before it
+        yield text[:at]
+        text = text[at:]
+    yield text
 
 
 def iter_documents(
@@ -226,7 +240,8 @@ def split_documents(
     if len(docs) < 2:
         raise ValueError(
             f"need at least 2 documents to split train/validation, got {len(docs)}: give a "
-            f"text with more than {LINES_PER_DOCUMENT} lines or blank-line separated paragraphs"
+            f"text with more than {LINES_PER_DOCUMENT} lines, {CHARS_PER_DOCUMENT:,} "
+            "characters or blank-line separated paragraphs"
         )
     u = [_unit_hash(d.key) for d in docs]
     is_val = [x < val_fraction for x in u]

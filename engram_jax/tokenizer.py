@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+from engram_jax.corpus import cut
+
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 # Training is line by line, so "\n" would only ever be byte fallback unless declared.
 DEFAULT_USER_SYMBOLS = ("\n", "\t")
@@ -35,6 +37,13 @@ _WS_RUN = re.compile(r"[ \t\r\n]+")
 # Training and loading
 
 
+# SentencePiece skips, without a word, every training sentence longer than this many bytes
+# (its max_sentence_length, left at its default); longer lines are cut into pieces of at most
+# a quarter as many characters (4 bytes each at most in UTF-8), so a text of long lines still
+# trains, and the tokenizer of a text without such lines is unchanged.
+_MAX_SENTENCE_BYTES = 4192
+
+
 def _lines(texts: Iterable[str], max_bytes: int):
     """Yield the non-empty lines of ``texts`` until about ``max_bytes`` have been yielded."""
     total = 0
@@ -42,10 +51,12 @@ def _lines(texts: Iterable[str], max_bytes: int):
         for line in text.split("\n"):
             if not line:
                 continue
-            yield line
-            total += len(line) + 1
-            if max_bytes and total >= max_bytes:
-                return
+            long = len(line) * 4 > _MAX_SENTENCE_BYTES and len(line.encode()) > _MAX_SENTENCE_BYTES
+            for piece in cut(line, _MAX_SENTENCE_BYTES // 4) if long else (line,):
+                yield piece
+                total += len(piece) + 1
+                if max_bytes and total >= max_bytes:
+                    return
 
 
 # SentencePiece training options of every tokenizer trained here: byte fallback, the special ids
@@ -105,6 +116,13 @@ def train_tokenizer(
             **_TRAINER_OPTIONS,
         )
     except RuntimeError as e:
+        most = re.search(r"Vocabulary size too high.*<= (\d+)", str(e))
+        if most:  # the one failure a user fixes with a number
+            raise ValueError(
+                f"the training text supports at most {most.group(1)} {model_type} pieces, not "
+                f"vocab_size={vocab_size}: give more text or a smaller vocabulary (engram-jax: "
+                f"--set model.vocab_size={most.group(1)})"
+            ) from None
         raise ValueError(
             f"SentencePiece could not train a {vocab_size}-piece {model_type} tokenizer: {e}"
         ) from None

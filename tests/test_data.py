@@ -293,3 +293,24 @@ def test_a_file_of_lines_without_blank_lines_is_cut_into_documents(tmp_path, wor
     docs, _ = corpus.iter_documents(DataConfig(path=str(path)))
     with pytest.raises(ValueError, match="at least 2 documents.*more than 64 lines"):
         corpus.split_documents(docs, 0.2)
+
+
+def test_a_text_on_one_line_is_cut_into_documents(tmp_path):
+    """A long text with no line breaks (or one very long line among others) is cut into
+    documents of at most CHARS_PER_DOCUMENT characters, at spaces, in order, nothing lost;
+    a piece without spaces is cut at the limit."""
+    from engram_jax import corpus
+
+    n = corpus.CHARS_PER_DOCUMENT
+    words = [f"w{i % 997}" for i in range(n)]  # ~4.5 characters a word
+    path = tmp_path / "one.txt"
+    path.write_text(" ".join(words) + "\nshort last line\n", encoding="utf-8")
+    docs, _ = corpus.iter_documents(DataConfig(path=str(path)))
+    assert len(docs) > 3 and all(len(d.text) <= n + 1 for d in docs)  # + the final "\n"
+    assert "".join(d.text[:-1] for d in docs) == " ".join(words) + "\nshort last line"
+    assert all(d.text[:-1].endswith(" ") for d in docs[:-1])  # words kept whole
+    train, val = corpus.split_documents(docs, 0.2)
+    assert train and val
+    path.write_text("x" * (2 * n + 5), encoding="utf-8")  # no space at all
+    docs, _ = corpus.iter_documents(DataConfig(path=str(path)))
+    assert [len(d.text) for d in docs] == [n + 1, n + 1, 6]

@@ -132,6 +132,20 @@ def test_load_and_errors(sp, tmp_path):
         train_tokenizer(["", "\n"], tmp_path / "e.model", vocab_size=300)
     with pytest.raises(ValueError, match="5000"):
         train_tokenizer(["tiny text"], tmp_path / "small.model", vocab_size=5000)
+    # a text of long lines (here one line) trains on all of it: SentencePiece skips every
+    # sentence over its max_sentence_length, so long lines are cut before they reach it
+    one_line = " ".join((TEXT * 20).split())
+    assert len(one_line.encode()) > 4 * 4192
+    sp = train_tokenizer([one_line], tmp_path / "long.model", vocab_size=300)
+    assert sp.get_piece_size() == 300
+    # a text too small for the vocabulary: the error names the largest size that trains, and
+    # that size does train
+    with pytest.raises(ValueError, match=r"at most (\d+) bpe pieces.*vocab_size=\d+") as e:
+        train_tokenizer([TEXT], tmp_path / "big.model", vocab_size=4096)
+    most = int(re.search(r"at most (\d+)", str(e.value)).group(1))
+    assert (
+        train_tokenizer([TEXT], tmp_path / "most.model", vocab_size=most).get_piece_size() == most
+    )
     assert not (tmp_path / "small.model").exists()
 
 
