@@ -12,7 +12,8 @@ Sources (``DataConfig.path``):
   ``CHARS_PER_DOCUMENT`` characters (a text on one line) is cut there, at a space where one
   falls in the block's second half.
 - a directory: every non-hidden file below it in sorted order, one document per file
-  (``.jsonl`` files as above); files containing NUL bytes are skipped as binary.
+  (``.jsonl`` files as above; a directory holding a single file splits it as above); files
+  containing NUL bytes are skipped as binary.
 
 Bytes that are not UTF-8 are replaced (U+FFFD) and the documents affected are counted.
 The train/validation split is by document: a document is validation when the SHA-256 of its key
@@ -198,8 +199,9 @@ def iter_documents(
         path = Path(cfg.path).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"data path not found: {path}")
-        if path.is_dir():
-            root, files, split = path, list(_walk(path)), False
+        if path.is_dir():  # a directory of one file is that file
+            root, files = path, list(_walk(path))
+            split = len(files) == 1
         else:
             root, files, split = path.parent, [path], True
     else:

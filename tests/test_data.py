@@ -314,3 +314,9 @@ def test_a_text_on_one_line_is_cut_into_documents(tmp_path):
     path.write_text("x" * (2 * n + 5), encoding="utf-8")  # no space at all
     docs, _ = corpus.iter_documents(DataConfig(path=str(path)))
     assert [len(d.text) for d in docs] == [n + 1, n + 1, 6]
+    # a directory holding that one file reads as the file; with two files, one per document
+    docs, _ = corpus.iter_documents(DataConfig(path=str(tmp_path)))
+    assert [len(d.text) for d in docs] == [n + 1, n + 1, 6]
+    (tmp_path / "two.txt").write_text("a\n\nb\n", encoding="utf-8")
+    docs, _ = corpus.iter_documents(DataConfig(path=str(tmp_path)))
+    assert [d.key for d in docs] == ["one.txt", "two.txt"]
