@@ -15,7 +15,8 @@ and ``plot``). It is the only side-effecting part of the experiments
 
 - Restart: a run whose ``summary.json`` says ``ok`` for the same config is not trained again.
 - Failure: a run that raises (or diverges) becomes a row with ``status``/``error`` and the
-  sweep goes on.
+  sweep goes on; bad input (``ValueError``/``FileNotFoundError``: a corpus or config every run
+  shares) stops it with that error.
 - Parallel invocations on one ``out`` (e.g. on subsets, to use more processes): each run is
   claimed with a lock file; a run held by another live process is reported ``busy`` and
   skipped, and its row is filled in from its ``summary.json`` at the next write (or by
@@ -247,6 +248,8 @@ def run_sweep(
                 summary = train_fn(cfg, workdir, progress=False)
                 if summary.get("status") != "ok":
                     error = f"status {summary.get('status')}"
+            except (ValueError, FileNotFoundError):  # bad input (data, config): every run
+                raise  # would fail alike, so stop with the one-line error; rows so far are kept
             except Exception as e:  # noqa: BLE001 - one failed run must not stop the sweep
                 error = f"{type(e).__name__}: {e}"
                 log(f"[{i}/{total}] {name}: FAILED: {error}\n{traceback.format_exc(limit=3)}")

@@ -276,6 +276,19 @@ def test_runner_leaves_runs_claimed_by_a_live_process(tmp_path):
     assert [os.path.basename(c) for c in calls] == ["engram-slots40000-s0"]
 
 
+def test_bad_input_stops_the_sweep_with_its_error(tmp_path, capsys):
+    # a corpus every run shares that cannot train: one line, exit 2, not a traceback per run
+    from engram_jax.cli import main
+
+    text = tmp_path / "small.txt"
+    text.write_text("\n".join(f"line {i} of a small text" for i in range(200)), encoding="utf-8")
+    out = str(tmp_path / "sw")
+    args = ["sweep", "rho", "--rhos", "1,0.5", "--seeds", "1", "--steps", "2"]
+    assert main([*args, "--data", str(text), "--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.vocab_size=" in err[0], err
+
+
 def test_rows_of_runs_another_process_finished_are_filled_in(tmp_path):
     # two sweep processes share one --out: each writes results.csv with the other's runs as
     # "busy"; whichever writes last, and --report, must record every run finished by then
