@@ -89,6 +89,13 @@ STATUS = [
     "instead of two, no Engram or MoE blocks). Its MFU is an upper bound for the same reason "
     "as engram-27b's: XLA counts the 5 Newton-Schulz iterations of Muon's scan (over the 30 "
     "blocks' [2560, 12288] matrices) once.",
+    "- `moe-27b` (session 6, 2026-12-01), the recipe's command (as engram-27b's): 442 s of "
+    "CPU, 16 min wall, 6.9 GB peak RSS at load 5-6 (two study sweeps); fits at 52.8 GiB per "
+    "chip (56%), est. MFU 11%, bound as engram-27b's by bytes accessed (roofline) and, as "
+    "there, by Muon's replicated Newton-Schulz: its one scanned run stacks 29 x 72 = 2,088 "
+    "expert matrices per weight, and its all-reduce (504 GiB per chip per step) exceeds "
+    "engram-27b's (404 GiB). Half engram-27b's compile CPU: one scanned run instead of two "
+    "and no Engram blocks.",
 ]
 
 

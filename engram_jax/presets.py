@@ -255,10 +255,9 @@ def moe_27b() -> Config:
     """MoE-27B: 1 leading dense block, then DeepSeekMoE with 2 shared + 72 routed experts
     (hidden 1536), top-6, sigmoid scores, loss-free balancing. P_tot 26.32B, 26.65B with the
     embedding (paper 26.7B); 3.73B activated (paper 3.8B).
-    TPU: no mesh and batch found with ``engram-jax compile`` yet (its compile did not finish
-    on the 2-core development host; BENCHMARKS.md); the candidate to check first:
-    ``--topology v5p:4x4x4 --mesh fsdp=64 --set moe.dispatch=ep --set train.batch_size=64``
-    (v5p-64, 1 sequence of 4096 per chip)."""
+    TPU: fits on v5p-128 (64 chips) with ``--topology v5p:4x4x4 --mesh fsdp=64 --set
+    moe.dispatch=ep --set train.batch_size=64`` (1 sequence of 4096 per chip); HBM,
+    estimated MFU and collectives of that compile in BENCHMARKS.md."""
     return Config(
         name="moe-27b",
         model=_PAPER_MODEL,
