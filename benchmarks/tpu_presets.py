@@ -50,7 +50,8 @@ RECIPES = {
     # a 4B dense model needs no cube: v5p-16 (8 chips), its state split over all of them
     "dense-4b": ("dense-4b", "v5p:2x2x2", {"fsdp": 8}, ["train.batch_size=16"]),
     "dense-4b-1-per-chip": ("dense-4b", "v5p:2x2x2", {"fsdp": 8}, ["train.batch_size=8"]),
-    "ablation-3b": ("ablation-3b", "v5p:4x4x4", {"fsdp": 64}, [EP, "train.batch_size=128"]),
+    # 3B (0.58B activated) + 1.6B of tables: v5p-16 (8 chips) holds it, 2 sequences per chip
+    "ablation-3b": ("ablation-3b", "v5p:2x2x2", {"fsdp": 8}, [EP, "train.batch_size=16"]),
 }
 
 
@@ -96,6 +97,15 @@ STATUS = [
     "expert matrices per weight, and its all-reduce (504 GiB per chip per step) exceeds "
     "engram-27b's (404 GiB). Half engram-27b's compile CPU: one scanned run instead of two "
     "and no Engram blocks.",
+    "- `ablation-3b` (session 6, 2026-12-01): `engram-jax compile --preset ablation-3b "
+    "--topology v5p:2x2x2 --mesh fsdp=8 --set moe.dispatch=ep --set train.batch_size=16 "
+    "--json --no-decode` (v5p-16: 8 chips, 2 sequences of 4096 per chip): 631 s of CPU, 18 "
+    "min wall, 10.9 GB peak RSS at load 5-6 (two study sweeps; more compile than moe-27b: "
+    "its program has engram-27b's structure, two Engram blocks and two scanned runs); fits "
+    "at 26.7 GiB per chip (28%), tables 2.3 GiB per chip. Est. MFU 6%: the roofline on "
+    "bytes accessed (5.2 TB per chip per step against 49 TFLOP of model FLOPs at d_model "
+    "1280); a larger per-chip batch fits and would amortize the per-step optimizer and "
+    "table traffic, not compiled yet.",
 ]
 
 

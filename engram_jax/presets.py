@@ -313,9 +313,9 @@ def ablation_3b() -> Config:
     128/64), 2 shared + 48 routed experts of hidden 1280, top-6; d_mem 640 (n_embed_per_ngram
     320, d_head 40) and 1,250,000 base rows per head. MoE part 3.02B with the embedding, 0.58B
     activated; Engram tables 1.60B. The MoE baseline: ``--set engram.layer_ids=[]``.
-    TPU: no mesh and batch found with ``engram-jax compile`` yet (BENCHMARKS.md); the
-    candidate to check first: ``--topology v5p:4x4x4 --mesh fsdp=64 --set moe.dispatch=ep
-    --set train.batch_size=128`` (v5p-64, 2 sequences of 4096 per chip)."""
+    TPU: fits on v5p-16 (8 chips) with ``--topology v5p:2x2x2 --mesh fsdp=8 --set
+    moe.dispatch=ep --set train.batch_size=16`` (2 sequences of 4096 per chip); HBM, table
+    bytes, estimated MFU and collectives of that compile in BENCHMARKS.md."""
     return Config(
         name="ablation-3b",
         model=dataclasses.replace(
