@@ -195,6 +195,8 @@ def test_power_law_and_ablation_criteria():
     assert s["fit_engram"]["power_law"] and s["fit_engram"]["slope"] == pytest.approx(-0.03)
     assert not s["fit_overencoding"]["power_law"]  # R^2 < 0.9: the bump dominates
     assert s["engram_minus_overencoding"]["slots4000"]["mean"] == pytest.approx(-0.029 * 3.60206)
+    two = slots.summarize([r for r in rows if r["slots"] != 40000])  # R^2 = 1 by construction
+    assert two["fit_engram"]["r2"] == pytest.approx(1.0) and not two["fit_engram"]["power_law"]
     a = ablations.summarize(_rows({"reference": [3.0, 3.2], "no_gating": [3.1, 3.31],
                                    "moe": [3.0, 3.5]}))  # fmt: skip
     assert a["beyond_2se"] == ["no_gating"]  # +0.1, +0.11: SE 0.005; moe: +0 and +0.3

@@ -98,8 +98,8 @@ def summarize(rows) -> dict:
         if len({p["slots"] for p in g}) < 2:
             continue
         fit = fit_log([p["slots"] for p in g], [p["val_loss_mean"] for p in g])
-        fit.update(
-            power_law=bool(fit["slope"] < 0 and fit["r2"] >= 0.9),
+        fit.update(  # a line through two points has R^2 1: a fit of two proves nothing
+            power_law=bool(fit["slope"] < 0 and fit["r2"] >= 0.9 and fit["n"] >= 3),
             decades=math.log10(max(p["slots"] for p in g) / min(p["slots"] for p in g)),
             min_reads_per_row=min(p["reads_per_row"] for p in g),
         )
@@ -110,7 +110,9 @@ def summarize(rows) -> dict:
         for n in sorted({p["point"].split("-", 1)[1] for p in s["points"]})
         if f"engram-{n}" in names and f"overencoding-{n}" in names
     }
-    s["power_law_criterion"] = "slope < 0 and R^2 >= 0.9 (fit of seed means on log10 slots)"
+    s["power_law_criterion"] = (
+        "slope < 0 and R^2 >= 0.9 (fit of seed means on log10 slots, >= 3 slot counts)"
+    )
     return s
 
 
