@@ -5,7 +5,8 @@ whole train step (``--part step``; without the scanned-block cost compile and th
 that ``engram-jax compile`` adds) or only its optimizer update (``--part optimizer``: the
 optimizer's stacked view, the update and the unstacking, on gradients shaped like the
 parameters), and prints one JSON line: compile seconds, this process's CPU seconds and peak
-RSS, the number of fusion kernels of the compiled HLO, per-chip temporaries and XLA's FLOPs.
+RSS, the number of fusion kernels of the compiled HLO, per-chip temporaries, XLA's FLOPs and
+the collectives' bytes per step.
 ``--unrolled-ns`` compiles Muon with optax's default unrolled Newton-Schulz iterations (the
 optimizer before it ran them as one scan), for comparison.
 
@@ -73,7 +74,7 @@ def main() -> None:
     from engram_jax.config import override
     from engram_jax.presets import get_preset
     from engram_jax.tpu_compile import parse_mesh
-    from engram_jax.tpu_report import _cost, _memory, tpu_devices
+    from engram_jax.tpu_report import _cost, _memory, collective_bytes, tpu_devices
 
     # --unrolled-ns: optax's default, the iterations unrolled (optim.muon_ns_scan=False)
     sets = [*a.sets, "optim.muon_ns_scan=False"] if a.unrolled_ns else a.sets
@@ -101,6 +102,7 @@ def main() -> None:
         fusions=text.count(" fusion("),
         temp_gib=round(memory["temp"] / 2**30, 2),
         xla_flops_per_chip=cost["flops"],
+        collective_bytes=collective_bytes(text),
         load_at_start=round(load, 1),
     )
     print(json.dumps(out))

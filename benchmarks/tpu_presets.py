@@ -45,6 +45,12 @@ RECIPES = {
         {"fsdp": 64},
         [EP, "train.batch_size=64", "engram.engram_vocab_size=[9049600,9049600]"],
     ),
+    "engram-27b-muon-split": (
+        "engram-27b",
+        "v5p:4x4x4",
+        {"fsdp": 64},
+        [EP, "train.batch_size=64", "optim.muon_split=true"],
+    ),
     "engram-40b": ("engram-40b", "v5p:4x4x4", {"fsdp": 64}, [EP, "train.batch_size=64"]),
     "moe-27b": ("moe-27b", "v5p:4x4x4", {"fsdp": 64}, [EP, "train.batch_size=64"]),
     # a 4B dense model needs no cube: v5p-16 (8 chips), its state split over all of them
@@ -106,6 +112,18 @@ STATUS = [
     "bytes accessed (5.2 TB per chip per step against 49 TFLOP of model FLOPs at d_model "
     "1280); a larger per-chip batch fits and would amortize the per-step optimizer and "
     "table traffic, not compiled yet.",
+    "- `engram-27b-muon-split` (session 6, 2026-12-01): engram-27b's command with `--set "
+    "optim.muon_split=true` (each chip runs Muon on whole matrices of its own, "
+    "`engram_jax/muon_split.py`): 775 s of CPU, 24 min wall, 14.9 GB peak RSS at load 5-8. "
+    "Against `engram-27b`: all-reduce 403.6 -> 156.8 GiB per chip per step (all-to-all 0.1 "
+    "-> 11.4 GiB: the matrices moved to their chip and back), HBM 60.4 -> 50.6 GiB per "
+    "chip, XLA FLOPs 280.5 -> 247.5 TFLOP per chip (Newton-Schulz's scan counted once in "
+    "both; the optimizer update alone: 39.3 -> 6.2). The est. MFU stays 11%: the estimate "
+    "is the roofline on XLA's bytes accessed (7.29 -> 7.11 TB per chip per step), which "
+    "the split barely changes. With the 5 Newton-Schulz iterations counted, the FLOPs per "
+    "chip go from about 438 (280.5 - 39.3 + 196.3, the unrolled update) to at most 272 "
+    "(247.5 + 4 x 6.2). Not yet the paper presets' default: the other presets were not "
+    "recompiled with it.",
 ]
 
 

@@ -236,6 +236,10 @@ class OptimConfig:
     # iteration per parameter instead of five; the paper presets). Same arithmetic, but float
     # rounding differs from the unrolled loop the CPU studies in experiments/ were run with.
     muon_ns_scan: bool = False
+    # True: under a mesh of more than one device, each device runs Muon on whole matrices of its
+    # own (engram_jax.muon_split) instead of every device orthogonalizing every FSDP-split
+    # matrix with all-reduced Gram products. Per-matrix arithmetic unchanged.
+    muon_split: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "decay_steps", tuple(self.decay_steps))

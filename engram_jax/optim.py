@@ -55,6 +55,7 @@ from optax.contrib import MuonDimensionNumbers
 
 from engram_jax.config import Config, OptimConfig, default_decay_steps
 from engram_jax.engram import TableParam
+from engram_jax.muon_split import split_by_matrix
 from engram_jax.tables import clip_scale
 
 LABELS = ("muon", "adamw", "table")
@@ -277,6 +278,8 @@ def make_optimizer(
             muon_weight_dimension_numbers=_muon_dims,
             consistent_rms=o.muon_consistent_rms or None,
         )
+        if o.muon_split:
+            muon = split_by_matrix(muon)
     else:  # the muon group holds weight matrices only: all decayed
         muon = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
     if cfg.engram.sparse_update:

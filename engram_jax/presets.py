@@ -277,7 +277,8 @@ def engram_27b() -> Config:
     moe.dispatch=ep --set train.batch_size=64`` (1 sequence of 4096 per chip; 55 experts do
     not divide an expert axis of a power-of-two slice, so experts stay FSDP-split); HBM,
     estimated MFU and collectives of that compile in BENCHMARKS.md. 2 per chip does not fit
-    unrolled."""
+    unrolled. ``--set optim.muon_split=true`` (each chip runs Muon on its own matrices) lowers
+    its HBM and all-reduce bytes (BENCHMARKS.md)."""
     return Config(
         name="engram-27b",
         model=_PAPER_MODEL,
