@@ -58,6 +58,12 @@ RECIPES = {
     "dense-4b-1-per-chip": ("dense-4b", "v5p:2x2x2", {"fsdp": 8}, ["train.batch_size=8"]),
     # 3B (0.58B activated) + 1.6B of tables: v5p-16 (8 chips) holds it, 2 sequences per chip
     "ablation-3b": ("ablation-3b", "v5p:2x2x2", {"fsdp": 8}, [EP, "train.batch_size=16"]),
+    "ablation-3b-4-per-chip": (
+        "ablation-3b",
+        "v5p:2x2x2",
+        {"fsdp": 8},
+        [EP, "train.batch_size=32"],
+    ),
 }
 
 
@@ -110,8 +116,10 @@ STATUS = [
     "its program has engram-27b's structure, two Engram blocks and two scanned runs); fits "
     "at 26.7 GiB per chip (28%), tables 2.3 GiB per chip. Est. MFU 6%: the roofline on "
     "bytes accessed (5.2 TB per chip per step against 49 TFLOP of model FLOPs at d_model "
-    "1280); a larger per-chip batch fits and would amortize the per-step optimizer and "
-    "table traffic, not compiled yet.",
+    "1280). At 4 sequences per chip (`ablation-3b-4-per-chip`: 622 s of CPU, 14 min wall, "
+    "10.9 GB peak RSS) it fits at 42.3 GiB (45%), but the est. MFU stays 6%: the bytes "
+    "accessed double with the batch (10.1 TB), so what bounds the estimate is per-token "
+    "traffic, not a per-step cost (optimizer, tables) that a larger batch would amortize.",
     "- `engram-27b-muon-split` (session 6, 2026-12-01): engram-27b's command with `--set "
     "optim.muon_split=true` (each chip runs Muon on whole matrices of its own, "
     "`engram_jax/muon_split.py`): 775 s of CPU, 24 min wall, 14.9 GB peak RSS at load 5-8. "
