@@ -5,8 +5,8 @@ a time, the 1-layer vs 2-layer comparison, a table-capacity control, MoE and Ove
         --set data.val_fraction=0.04 --out experiments/results/ablations
 
 Runtime: 28 runs (14 variants x 2 seeds) of 625 steps x 128 x 64 tokens (5.1M tokens
-each): about 8.2 h on this machine at the load seen in this session (~7), less when quiet
-(experiments/README.md, "Commands").
+each): 6.5 h of run wall time on this machine, two sweep processes sharing its 2 cores
+(experiments/README.md, "Results: ablations").
 Expected at paper scale (3B MoE, 100B tokens): the reference beats MoE by 0.04 nats; removing
 multi-branch fusion, the gate or tokenizer compression hurts most; removing the short conv
 hurts slightly; 4-grams at equal memory are slightly worse; a single Engram layer is best at

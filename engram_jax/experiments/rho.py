@@ -5,8 +5,8 @@ budget between routed experts and Engram slots.
         --set data.val_fraction=0.04 --out experiments/results/rho
 
 Runtime: 18 runs (6 rhos x 3 seeds) of 625 steps x 128 x 64 tokens (5.1M tokens each):
-about 5.3 h on this machine at the load seen in this session (~7), less when quiet
-(experiments/README.md, "Commands"). Expected at paper scale: a U-shape,
+3.6 h of run wall time on this machine, sharing its 2 cores with a second study
+(experiments/README.md, "Results: rho"). Expected at paper scale: a U-shape,
 best rho ~0.75-0.8, Engram matching pure MoE down to rho ~0.4; at toy scale (issue 11, 1.6M
 tokens) the loss fell steeply from rho 1 and flattened at 0.4-0.6, so the grid reaches 0.15.
 

@@ -6,8 +6,8 @@ Engram tables swept over slots, OverEncoding at the same slot counts, and the fi
         --set data.val_fraction=0.04 --out experiments/results/slots
 
 Runtime: 20 runs (5 slot counts x 2 kinds x 2 seeds) of 625 steps x 128 x 64 tokens (5.1M
-tokens each): about 5.8 h on this machine at the load seen in this session (~7), less when
-quiet (experiments/README.md, "Commands").
+tokens each): 5.5 h of run wall time on this machine, sharing its 2 cores with a second
+study (experiments/README.md, "Results: slots").
 Expected at paper scale: loss linear in log(slots) for Engram (a power law), with
 OverEncoding gaining less per slot; at toy scale (issue 11, 1.6M tokens) the curve flattened
 where rows were read only ~20 times, so the default grid keeps every row read >= 100 times.
