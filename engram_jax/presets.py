@@ -257,7 +257,9 @@ def moe_27b() -> Config:
     embedding (paper 26.7B); 3.73B activated (paper 3.8B).
     TPU: fits on v5p-128 (64 chips) with ``--topology v5p:4x4x4 --mesh fsdp=64 --set
     moe.dispatch=ep --set train.batch_size=64`` (1 sequence of 4096 per chip); HBM,
-    estimated MFU and collectives of that compile in BENCHMARKS.md."""
+    estimated MFU and collectives of that compile in BENCHMARKS.md, also with ``--set
+    optim.muon_split=true`` (each chip runs Muon on its own matrices: less HBM and
+    all-reduce)."""
     return Config(
         name="moe-27b",
         model=_PAPER_MODEL,
