@@ -152,7 +152,10 @@ def final_gate(workdir: str) -> float | str:
     return round(sum(last) / len(last), 4) if last else ""
 
 
-_SUMMARY_KEYS = ("train_loss", "val_loss", "tokens", "wall_s", "compile_s")
+def _summary_fields(s: dict) -> dict:
+    """The columns a run's summary.json fills in ("" where it has no value)."""
+    keys = ("train_loss", "val_loss", "tokens", "wall_s", "compile_s")
+    return {k: "" if s.get(k) is None else s[k] for k in keys}
 
 
 def _row(study: str, point, seed: int, cfg: Config, summary: dict | None, error: str) -> dict:
@@ -175,8 +178,7 @@ def _row(study: str, point, seed: int, cfg: Config, summary: dict | None, error:
         error=error,
     )
     s = summary or {}
-    for key in _SUMMARY_KEYS:
-        row[key] = "" if s.get(key) is None else s[key]
+    row.update(_summary_fields(s))
     row["status"] = s.get("status", "error") if not error else error.split(":")[0]
     if row["status"] not in ("ok", "busy", "diverged"):
         row["status"] = "error"
@@ -211,8 +213,7 @@ def refresh_busy(rows: list[dict], out: str) -> bool:
         with open(path, encoding="utf-8") as f:
             s = json.load(f)
         if s.get("status") == "ok":
-            r.update({k: "" if s.get(k) is None else s[k] for k in _SUMMARY_KEYS})
-            r.update(status="ok", error="", gate_mean=final_gate(workdir))
+            r.update(_summary_fields(s), status="ok", error="", gate_mean=final_gate(workdir))
             changed = True
     return changed
 
