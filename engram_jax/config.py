@@ -20,7 +20,7 @@ from engram_jax.config_io import from_dict
 from engram_jax.config_io import override as override  # re-exported: the public path
 from engram_jax.config_io import parse_value as parse_value
 from engram_jax.config_io import valid_keys as valid_keys
-from engram_jax.validate import check, choice, typed_fields
+from engram_jax.validate import at_most, check, choice, typed_fields, zero_ok
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class EngramConfig:
     n_head_per_ngram: int = 4
     layer_ids: tuple[int, ...] = (1,)
     kernel_size: int = 4
-    seed: int = 0
+    seed: int = zero_ok(0)
     pad_id: int = 2
     norm_eps: float = 1e-5
     # Ablation switches (paper section 7).
@@ -57,7 +57,7 @@ class EngramConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "engram_vocab_size", tuple(self.engram_vocab_size))
         object.__setattr__(self, "layer_ids", tuple(self.layer_ids))
-        typed_fields(self, zero_ok=("seed",), skip=("pad_id",))
+        typed_fields(self, skip=("pad_id",))
         check(
             self.max_ngram_size >= 2,
             "EngramConfig.max_ngram_size",
@@ -125,7 +125,7 @@ class MoEConfig:
     """
 
     n_routed_experts: int = 8
-    n_shared_experts: int = 1
+    n_shared_experts: int = zero_ok(1)
     top_k: int = 2
     expert_hidden: int = 64  # hidden width of each routed and shared expert
     score_func: str = "sigmoid"
@@ -141,13 +141,8 @@ class MoEConfig:
     capacity_factor: float = 2.0
 
     def __post_init__(self) -> None:
-        typed_fields(self, zero_ok=("n_shared_experts",))
-        check(
-            self.top_k <= self.n_routed_experts,
-            "MoEConfig.top_k",
-            f"<= n_routed_experts={self.n_routed_experts}",
-            self.top_k,
-        )
+        typed_fields(self)
+        at_most(self, "top_k", "n_routed_experts")
         choice(self, "score_func", ("sigmoid", "softmax"))
         check(self.route_scale > 0, "MoEConfig.route_scale", "> 0", self.route_scale)
         check(
@@ -173,13 +168,13 @@ class ModelConfig:
     head_dim: int = 16
     attention: str = "gqa"
     # MLA ranks (used only when attention == "mla").
-    q_lora_rank: int = 0  # 0: full-rank query projection
+    q_lora_rank: int = zero_ok(0)  # 0: full-rank query projection
     kv_lora_rank: int = 32
     qk_rope_head_dim: int = 8
     dense_hidden: int = 128  # SwiGLU hidden width of the dense blocks
-    n_dense_layers: int = 1
+    n_dense_layers: int = zero_ok(1)
     hc_mult: int = 1
-    sinkhorn_iters: int = 20
+    sinkhorn_iters: int = zero_ok(20)
     hc_dynamic: bool = True  # mHC: input-dependent mappings on top of the static ones
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-6
@@ -193,13 +188,8 @@ class ModelConfig:
     scan_layers: bool = False
 
     def __post_init__(self) -> None:
-        typed_fields(self, zero_ok=("q_lora_rank", "sinkhorn_iters", "n_dense_layers"))
-        check(
-            self.n_dense_layers <= self.n_layers,
-            "ModelConfig.n_dense_layers",
-            f"<= n_layers={self.n_layers}",
-            self.n_dense_layers,
-        )
+        typed_fields(self)
+        at_most(self, "n_dense_layers", "n_layers")
         check(
             self.n_heads % self.n_kv_heads == 0,
             "ModelConfig.n_kv_heads",
@@ -219,7 +209,7 @@ class OptimConfig:
 
     lr: float = 3e-3
     muon_lr: float = 2e-2
-    warmup_steps: int = 20
+    warmup_steps: int = zero_ok(20)
     # step decay boundaries; empty: 80% and 90% of train.steps, written in when a run starts
     decay_steps: tuple[int, ...] = ()
     decay_factor: float = 0.316
@@ -245,7 +235,7 @@ class OptimConfig:
         object.__setattr__(self, "decay_steps", tuple(self.decay_steps))
         for name in ("lr", "muon_lr", "decay_factor", "eps"):
             check(getattr(self, name) > 0, f"OptimConfig.{name}", "> 0", getattr(self, name))
-        typed_fields(self, zero_ok=("warmup_steps",))
+        typed_fields(self)
         check(
             0 <= self.b1 < 1 and 0 <= self.b2 < 1,
             "OptimConfig.b1/b2",
@@ -271,15 +261,15 @@ class DataConfig:
     tokenizer: str = ""  # SentencePiece .model; "" trains one on the training split
     tokenizer_type: str = "bpe"
     val_fraction: float = 0.02
-    max_files: int = 0  # 0: all files of the default corpus
-    max_bytes: int = 8_000_000  # cap on default-corpus bytes read (0: no cap)
-    prefetch: int = 2
-    worker_count: int = 0  # Grain multiprocessing workers (0: in-process)
+    max_files: int = zero_ok(0)  # 0: all files of the default corpus
+    max_bytes: int = zero_ok(8_000_000)  # cap on default-corpus bytes read (0: no cap)
+    prefetch: int = zero_ok(2)
+    worker_count: int = zero_ok(0)  # Grain multiprocessing workers (0: in-process)
 
     def __post_init__(self) -> None:
         check(0 < self.val_fraction < 1, "DataConfig.val_fraction", "in (0, 1)", self.val_fraction)
         choice(self, "tokenizer_type", ("bpe", "unigram"))
-        typed_fields(self, zero_ok=("max_files", "max_bytes", "prefetch", "worker_count"))
+        typed_fields(self)
 
 
 @dataclass(frozen=True)
@@ -287,15 +277,15 @@ class TrainConfig:
     steps: int = 300
     batch_size: int = 8
     seq_len: int = 128
-    seed: int = 0
+    seed: int = zero_ok(0)
     log_every: int = 10
-    eval_every: int = 100
+    eval_every: int = zero_ok(100)
     eval_batches: int = 8
-    checkpoint_every: int = 100  # 0 disables checkpointing
+    checkpoint_every: int = zero_ok(100)  # 0 disables checkpointing
     keep_checkpoints: int = 3
 
     def __post_init__(self) -> None:
-        typed_fields(self, zero_ok=("seed", "eval_every", "checkpoint_every"))
+        typed_fields(self)
 
 
 @dataclass(frozen=True)

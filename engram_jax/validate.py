@@ -23,6 +23,12 @@ def pos_int(obj: Any, name: str, *, allow_zero: bool = False) -> None:
     )
 
 
+def at_most(obj: Any, name: str, limit: str) -> None:
+    """``obj.name <= obj.limit``, two fields of one config."""
+    value, bound = getattr(obj, name), getattr(obj, limit)
+    check(value <= bound, f"{type(obj).__name__}.{name}", f"<= {limit}={bound}", value)
+
+
 def choice(obj: Any, name: str, choices: tuple) -> None:
     value = getattr(obj, name)
     check(value in choices, f"{type(obj).__name__}.{name}", f"one of {choices}", value)
@@ -34,14 +40,20 @@ def bools(obj: Any, *names: str) -> None:
         check(isinstance(value, bool), f"{type(obj).__name__}.{name}", "True or False", value)
 
 
-def typed_fields(obj: Any, *, zero_ok: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> None:
-    """Every ``int`` field of the dataclass ``obj`` is an integer >= 1 (>= 0 for ``zero_ok``),
-    every ``bool`` field True or False; ``skip`` names fields with checks of their own. A field
-    added later is checked without being listed."""
+def zero_ok(default: int) -> Any:
+    """A config ``int`` field that may be 0 (every other ``int`` field must be >= 1):
+    ``seed: int = zero_ok(0)``. The bound stands with the field, so a renamed field keeps it."""
+    return dataclasses.field(default=default, metadata={"zero_ok": True})
+
+
+def typed_fields(obj: Any, *, skip: tuple[str, ...] = ()) -> None:
+    """Every ``int`` field of the dataclass ``obj`` is an integer >= 1 (>= 0 if declared with
+    :func:`zero_ok`), every ``bool`` field True or False; ``skip`` names fields with checks of
+    their own. A field added later is checked without being listed."""
     for f in dataclasses.fields(obj):
         if f.name in skip:
             continue
         if f.type in ("int", int):
-            pos_int(obj, f.name, allow_zero=f.name in zero_ok)
+            pos_int(obj, f.name, allow_zero=f.metadata.get("zero_ok", False))
         elif f.type in ("bool", bool):
             bools(obj, f.name)
