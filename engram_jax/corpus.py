@@ -45,15 +45,17 @@ class Document:
     non_utf8: bool = False  # some bytes were replaced by U+FFFD
 
 
-@dataclass
+@dataclass(frozen=True)
 class SourceStats:
-    files: int = 0
-    bytes: int = 0
-    documents: int = 0
-    non_utf8_documents: int = 0
-    non_utf8_files: int = 0
-    skipped_binary_files: int = 0
-    empty_documents: int = 0
+    """What reading a source found: the counts written to the data manifest."""
+
+    files: int
+    bytes: int
+    documents: int
+    non_utf8_documents: int
+    non_utf8_files: int
+    skipped_binary_files: int
+    empty_documents: int
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -127,8 +129,8 @@ def write_manifest(path: Path, root: Path, files: list[Path]) -> dict:
     return manifest
 
 
-def _jsonl_documents(path: Path, key: str, field: str, stats: SourceStats) -> Iterator[Document]:
-    for lineno, raw in enumerate(_read_bytes(path).split(b"\n"), start=1):
+def _jsonl_documents(path: Path, data: bytes, key: str, field: str) -> Iterator[Document]:
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
             continue
         line, bad = _decode(raw)
@@ -152,14 +154,10 @@ def _jsonl_documents(path: Path, key: str, field: str, stats: SourceStats) -> It
 
 
 def _file_documents(
-    path: Path, key: str, cfg: DataConfig, stats: SourceStats, *, split_blocks: bool
+    path: Path, data: bytes, key: str, cfg: DataConfig, *, split_blocks: bool
 ) -> Iterator[Document]:
     if path.suffix == ".jsonl":
-        yield from _jsonl_documents(path, key, cfg.text_field, stats)
-        return
-    data = _read_bytes(path)
-    if b"\x00" in data:
-        stats.skipped_binary_files += 1
+        yield from _jsonl_documents(path, data, key, cfg.text_field)
         return
     text, bad = _decode(data)
     if not split_blocks:
@@ -194,7 +192,6 @@ def iter_documents(
 
     ``files``/``root``: the default-corpus file list (from :func:`default_corpus_files`).
     """
-    stats = SourceStats()
     if files is None:
         path = Path(cfg.path).expanduser()
         if not path.exists():
@@ -206,27 +203,31 @@ def iter_documents(
             root, files, split = path.parent, [path], True
     else:
         split = False
-    docs = []
+    docs, binary, empty, bad_files = [], 0, 0, 0
     for f in files:
-        stats.files += 1
-        stats.bytes += f.stat().st_size
-        file_bad = False
-        for doc in _file_documents(
-            f, f.relative_to(root).as_posix(), cfg, stats, split_blocks=split
-        ):
-            file_bad |= doc.non_utf8
-            if not doc.text.strip():
-                stats.empty_documents += 1
-                continue
-            docs.append(doc)
-            stats.non_utf8_documents += doc.non_utf8
-        stats.non_utf8_files += file_bad
-    stats.documents = len(docs)
+        data = _read_bytes(f)
+        if f.suffix != ".jsonl" and b"\x00" in data:
+            binary += 1
+            continue
+        key = f.relative_to(root).as_posix()
+        file_docs = list(_file_documents(f, data, key, cfg, split_blocks=split))
+        bad_files += any(d.non_utf8 for d in file_docs)
+        kept = [d for d in file_docs if d.text.strip()]
+        empty += len(file_docs) - len(kept)
+        docs.extend(kept)
     if not docs:
         raise ValueError(
-            f"no non-empty documents in {cfg.path or root} "
-            f"({stats.files} files, {stats.skipped_binary_files} binary)"
+            f"no non-empty documents in {cfg.path or root} ({len(files)} files, {binary} binary)"
         )
+    stats = SourceStats(
+        files=len(files),
+        bytes=sum(f.stat().st_size for f in files),
+        documents=len(docs),
+        non_utf8_documents=sum(d.non_utf8 for d in docs),
+        non_utf8_files=bad_files,
+        skipped_binary_files=binary,
+        empty_documents=empty,
+    )
     return docs, stats
 
 
