@@ -35,69 +35,65 @@ def get_preset(name: str) -> Config:
     return PRESETS[name]()
 
 
+# The CPU presets side by side, one row a field (the ``--set`` key), one column a preset; fields
+# not listed keep their defaults. Each preset's function below says what it is for.
+_CPU_COLUMNS = ("tiny", "small", "toy")
+# fmt: off
+_CPU_TABLE = {
+    #                            tiny            small               toy
+    "model.vocab_size":         (4096,           8000,               2048),
+    "model.d_model":            (128,            256,                64),
+    "model.n_layers":           (4,              6,                  4),
+    "model.n_heads":            (4,              8,                  4),
+    "model.n_kv_heads":         (2,              4,                  2),
+    "model.head_dim":           (32,             32,                 16),
+    "model.dense_hidden":       (384,            768,                96),
+    "model.n_dense_layers":     (1,              1,                  1),
+    "model.hc_mult":            (2,              4,                  2),
+    "model.max_seq_len":        (1024,           2048,               256),
+    "moe.n_routed_experts":     (8,              16,                 72),
+    "moe.n_shared_experts":     (1,              1,                  1),
+    "moe.top_k":                (2,              2,                  2),
+    "moe.expert_hidden":        (128,            192,                32),
+    "moe.dispatch":             ("blocked",      "blocked",          "blocked"),
+    "engram.engram_vocab_size": ((5000, 5000),   (20_000, 20_000),   (4000, 4000)),
+    "engram.max_ngram_size":    (3,              3,                  3),
+    "engram.n_embed_per_ngram": (64,             128,                16),
+    "engram.n_head_per_ngram":  (4,              8,                  1),
+    "engram.layer_ids":         ((1,),           (1, 4),             (1, 2)),
+    "train.steps":              (300,            1000,               300),
+    "train.batch_size":         (8,              16,                 128),
+    "train.seq_len":            (128,            256,                64),
+    "train.eval_every":         (100,            100,                300),
+    "train.eval_batches":       (8,              8,                  16),
+    "train.checkpoint_every":   (100,            100,                0),
+}
+# fmt: on
+
+
+def _cpu_preset(name: str) -> Config:
+    """The column ``name`` of the table above as a config."""
+    column = _CPU_COLUMNS.index(name)
+    sections: dict = {}
+    for key, values in _CPU_TABLE.items():
+        section, field = key.split(".")
+        sections.setdefault(section, {})[field] = values[column]
+    return Config.from_dict({"name": name, **sections})
+
+
 @preset("tiny")
 def tiny() -> Config:
     """CPU preset: 4 blocks of width 128, 2 mHC branches, 8 routed experts (top-2), Engram at
     block 1 with 2 orders x 4 heads x ~5,000 rows (40k rows). Trains on 2 CPU cores in minutes:
     ``engram-jax train --preset tiny``."""
-    return Config(
-        name="tiny",
-        model=ModelConfig(
-            vocab_size=4096,
-            d_model=128,
-            n_layers=4,
-            n_heads=4,
-            n_kv_heads=2,
-            head_dim=32,
-            dense_hidden=384,
-            n_dense_layers=1,
-            hc_mult=2,
-            max_seq_len=1024,
-        ),
-        moe=MoEConfig(
-            n_routed_experts=8, n_shared_experts=1, top_k=2, expert_hidden=128, dispatch="blocked"
-        ),
-        engram=EngramConfig(
-            engram_vocab_size=(5000, 5000),
-            max_ngram_size=3,
-            n_embed_per_ngram=64,
-            n_head_per_ngram=4,
-            layer_ids=(1,),
-        ),
-        train=TrainConfig(steps=300, batch_size=8, seq_len=128),
-    )
+    return _cpu_preset("tiny")
 
 
 @preset("small")
 def small() -> Config:
     """CPU preset, a step up from tiny: 6 blocks of width 256, 4 mHC branches, 16 routed
     experts (top-2), Engram at blocks 1 and 4 with 2 orders x 8 heads x ~20,000 rows."""
-    return Config(
-        name="small",
-        model=ModelConfig(
-            vocab_size=8000,
-            d_model=256,
-            n_layers=6,
-            n_heads=8,
-            n_kv_heads=4,
-            head_dim=32,
-            dense_hidden=768,
-            n_dense_layers=1,
-            hc_mult=4,
-            max_seq_len=2048,
-        ),
-        moe=MoEConfig(
-            n_routed_experts=16, n_shared_experts=1, top_k=2, expert_hidden=192, dispatch="blocked"
-        ),
-        engram=EngramConfig(
-            engram_vocab_size=(20_000, 20_000),
-            max_ngram_size=3,
-            n_embed_per_ngram=128,
-            n_head_per_ngram=8,
-            layer_ids=(1, 4),
-        ),
-        train=TrainConfig(steps=1000, batch_size=16, seq_len=256),
-    )
+    return _cpu_preset("small")
 
 
 @preset("toy")
@@ -124,39 +120,7 @@ def toy() -> Config:
       dispatch) are amortized over twice the tokens of 64 x 64 (BENCHMARKS.md, study loop).
     300 steps, one evaluation (16 batches) at the end, no checkpoints; studies set their own
     step counts. ``engram-jax params --preset toy`` prints the proportions."""
-    return Config(
-        name="toy",
-        model=ModelConfig(
-            vocab_size=2048,
-            d_model=64,
-            n_layers=4,
-            n_heads=4,
-            n_kv_heads=2,
-            head_dim=16,
-            dense_hidden=96,
-            n_dense_layers=1,
-            hc_mult=2,
-            max_seq_len=256,
-        ),
-        moe=MoEConfig(
-            n_routed_experts=72, n_shared_experts=1, top_k=2, expert_hidden=32, dispatch="blocked"
-        ),
-        engram=EngramConfig(
-            engram_vocab_size=(4000, 4000),
-            max_ngram_size=3,
-            n_embed_per_ngram=16,
-            n_head_per_ngram=1,
-            layer_ids=(1, 2),
-        ),
-        train=TrainConfig(
-            steps=300,
-            batch_size=128,
-            seq_len=64,
-            eval_every=300,
-            eval_batches=16,
-            checkpoint_every=0,
-        ),
-    )
+    return _cpu_preset("toy")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,20 +147,20 @@ _PAPER_MODEL = ModelConfig(
     vocab_size=129_280,
     d_model=2560,
     n_layers=30,
+    n_dense_layers=1,
+    dense_hidden=12_288,
+    dtype="bfloat16",
+    max_seq_len=4096,
+    rope_theta=10_000.0,
+    hc_mult=4,
+    sinkhorn_iters=20,
+    attention="mla",
     n_heads=32,
     n_kv_heads=32,
     head_dim=128,
-    attention="mla",
     q_lora_rank=1536,
     kv_lora_rank=512,
     qk_rope_head_dim=64,
-    dense_hidden=12_288,
-    n_dense_layers=1,
-    hc_mult=4,
-    sinkhorn_iters=20,
-    rope_theta=10_000.0,
-    max_seq_len=4096,
-    dtype="bfloat16",
     remat=True,
     scan_layers=True,
 )
@@ -229,7 +193,21 @@ _ENGRAM_27B = EngramConfig(
     n_head_per_ngram=8,
     layer_ids=(1, 14),
 )
+_ENGRAM_MOE = dataclasses.replace(_PAPER_MOE, n_routed_experts=55)  # the Engram models' MoE
 _NO_ENGRAM = EngramConfig(layer_ids=())
+
+
+def _paper_preset(
+    name: str,
+    *,
+    model: ModelConfig = _PAPER_MODEL,
+    moe: MoEConfig = _PAPER_MOE,
+    engram: EngramConfig = _NO_ENGRAM,
+    train: TrainConfig = _PAPER_TRAIN,
+) -> Config:
+    """A paper preset: MoE-27B (the paper backbone and its MoE, no Engram, the paper's
+    training length and optimizer) with the parts given replaced."""
+    return Config(name=name, model=model, moe=moe, engram=engram, train=train, optim=_PAPER_OPTIM)
 
 
 @preset("dense-4b")
@@ -240,14 +218,7 @@ def dense_4b() -> Config:
     train.batch_size=16`` (2 sequences of 4096 per chip; a larger slice adds fsdp or data
     shards at the same per-chip batch); HBM, estimated MFU and collectives of that compile in
     BENCHMARKS.md."""
-    return Config(
-        name="dense-4b",
-        model=dataclasses.replace(_PAPER_MODEL, n_dense_layers=30),
-        moe=_PAPER_MOE,
-        engram=_NO_ENGRAM,
-        train=_PAPER_TRAIN,
-        optim=_PAPER_OPTIM,
-    )
+    return _paper_preset("dense-4b", model=dataclasses.replace(_PAPER_MODEL, n_dense_layers=30))
 
 
 @preset("moe-27b")
@@ -260,14 +231,7 @@ def moe_27b() -> Config:
     estimated MFU and collectives of that compile in BENCHMARKS.md, also with ``--set
     optim.muon_split=true`` (each chip runs Muon on its own matrices: less HBM and
     all-reduce)."""
-    return Config(
-        name="moe-27b",
-        model=_PAPER_MODEL,
-        moe=_PAPER_MOE,
-        engram=_NO_ENGRAM,
-        train=_PAPER_TRAIN,
-        optim=_PAPER_OPTIM,
-    )
+    return _paper_preset("moe-27b")
 
 
 @preset("engram-27b")
@@ -281,14 +245,7 @@ def engram_27b() -> Config:
     estimated MFU and collectives of that compile in BENCHMARKS.md. 2 per chip does not fit
     unrolled. ``--set optim.muon_split=true`` (each chip runs Muon on its own matrices) lowers
     its HBM and all-reduce bytes (BENCHMARKS.md)."""
-    return Config(
-        name="engram-27b",
-        model=_PAPER_MODEL,
-        moe=dataclasses.replace(_PAPER_MOE, n_routed_experts=55),
-        engram=_ENGRAM_27B,
-        train=_PAPER_TRAIN,
-        optim=_PAPER_OPTIM,
-    )
+    return _paper_preset("engram-27b", moe=_ENGRAM_MOE, engram=_ENGRAM_27B)
 
 
 @preset("engram-40b")
@@ -298,13 +255,10 @@ def engram_40b() -> Config:
     TPU: fits on v5p-128 (64 chips) with ``--topology v5p:4x4x4 --mesh fsdp=64 --set
     moe.dispatch=ep --set train.batch_size=64`` (1 sequence of 4096 per chip), with the
     collectives of engram-27b's program (BENCHMARKS.md)."""
-    return Config(
-        name="engram-40b",
-        model=_PAPER_MODEL,
-        moe=dataclasses.replace(_PAPER_MOE, n_routed_experts=55),
+    return _paper_preset(
+        "engram-40b",
+        moe=_ENGRAM_MOE,
         engram=dataclasses.replace(_ENGRAM_27B, engram_vocab_size=(7_239_680,) * 2),
-        train=_PAPER_TRAIN,
-        optim=_PAPER_OPTIM,
     )
 
 
@@ -319,8 +273,8 @@ def ablation_3b() -> Config:
     TPU: fits on v5p-16 (8 chips) with ``--topology v5p:2x2x2 --mesh fsdp=8 --set
     moe.dispatch=ep --set train.batch_size=16`` (2 sequences of 4096 per chip); HBM, table
     bytes, estimated MFU and collectives of that compile in BENCHMARKS.md."""
-    return Config(
-        name="ablation-3b",
+    return _paper_preset(
+        "ablation-3b",
         model=dataclasses.replace(
             _PAPER_MODEL,
             d_model=1280,
@@ -331,13 +285,8 @@ def ablation_3b() -> Config:
             dense_hidden=8 * 1280,
         ),
         moe=dataclasses.replace(_PAPER_MOE, n_routed_experts=48, expert_hidden=1280),
-        engram=EngramConfig(
-            engram_vocab_size=(1_250_000, 1_250_000),
-            max_ngram_size=3,
-            n_embed_per_ngram=320,
-            n_head_per_ngram=8,
-            layer_ids=(1, 5),
+        engram=dataclasses.replace(
+            _ENGRAM_27B, engram_vocab_size=(1_250_000,) * 2, n_embed_per_ngram=320, layer_ids=(1, 5)
         ),
-        train=TrainConfig(steps=50_000, batch_size=512, seq_len=4096),
-        optim=_PAPER_OPTIM,
+        train=dataclasses.replace(_PAPER_TRAIN, batch_size=512),
     )
