@@ -308,6 +308,18 @@ def _check_windows(windows: dict, n_tokens: dict, seq_len: int) -> None:
             )
 
 
+def _shuffled_batches(num_windows: int, batch: int, seed: int, make_batch) -> grain.MapDataset:
+    """Batch i of an endless shuffled stream of windows (global batch ``batch``); each batch
+    is ``make_batch`` of its window indices."""
+    return (
+        grain.MapDataset.range(num_windows)
+        .shuffle(seed=seed % 2**32)
+        .repeat()
+        .batch(batch, drop_remainder=True)
+        .map(make_batch)
+    )
+
+
 def build_data(
     cfg: Config, workdir: str | os.PathLike, *, process_index: int = 0, process_count: int = 1
 ) -> DataBundle:
@@ -329,13 +341,7 @@ def build_data(
 
     local = batch // process_count
     make_train = _MakeBatch(train_w, compression.lookup, hasher, process_index, local)
-    train_ds = (
-        grain.MapDataset.range(train_w.num_windows)
-        .shuffle(seed=cfg.train.seed % 2**32)
-        .repeat()
-        .batch(batch, drop_remainder=True)
-        .map(make_train)
-    )
+    train_ds = _shuffled_batches(train_w.num_windows, batch, cfg.train.seed, make_train)
     stats = {
         **source,
         "train_documents": len(train_docs),

@@ -110,16 +110,16 @@ def _estimate(cost: dict, model_flops: float, chip, n_chips: int, scanned: dict)
     roofline = max(flops / chip.bf16_flops, accessed / chip.hbm_bw)
     # optimal_seconds covers a loop body once as well; scale it like the FLOPs
     step_s = xla_s * flops / xla if xla_s > 0 and xla > 0 else roofline
-    return dict(
-        flops_per_chip=flops,
-        flops_source=source,
-        bytes_accessed_per_chip=accessed,
-        xla_flops_per_chip=xla,
-        model_flops_per_chip=analytic,
-        est_step_s=step_s,
-        est_source="xla" if xla_s > 0 else "roofline",
-        est_mfu=analytic / (step_s * chip.bf16_flops) if step_s > 0 else 0.0,
-    )
+    return {
+        "flops_per_chip": flops,
+        "flops_source": source,
+        "bytes_accessed_per_chip": accessed,
+        "xla_flops_per_chip": xla,
+        "model_flops_per_chip": analytic,
+        "est_step_s": step_s,
+        "est_source": "xla" if xla_s > 0 else "roofline",
+        "est_mfu": analytic / (step_s * chip.bf16_flops) if step_s > 0 else 0.0,
+    }
 
 
 def _scanned_blocks_cost(cfg: Config, mesh, graphdef, state) -> dict:
