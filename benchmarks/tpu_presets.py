@@ -29,53 +29,36 @@ from engram_jax.tpu_compile import compile_in_subprocess
 HEADING = "## Paper presets on TPU slices (ahead-of-time compile, no TPU)"
 RESULTS = Path(__file__).with_name("tpu_presets.json")
 EP = "moe.dispatch=ep"
+
+
+def _cube(preset: str, *sets: str, batch: int = 64) -> tuple:
+    """A recipe on v5p-128 (v5p:4x4x4, 64 chips): FSDP over all of them, expert-parallel
+    dispatch, a global batch of ``batch`` (64: 1 sequence of 4096 per chip), then ``sets``."""
+    return (preset, "v5p:4x4x4", {"fsdp": 64}, [EP, f"train.batch_size={batch}", *sets])
+
+
+def _v5p16(preset: str, *sets: str) -> tuple:
+    """A recipe on v5p-16 (v5p:2x2x2, 8 chips), FSDP over all of them, with ``sets``."""
+    return (preset, "v5p:2x2x2", {"fsdp": 8}, list(sets))
+
+
 # name -> (preset, topology, mesh, --set overrides); the batch is global (per chip x chips)
 RECIPES = {
     # the previous session's program: 30 blocks unrolled (before model.scan_layers)
-    "engram-27b-unrolled-2-per-chip": (
-        "engram-27b",
-        "v5p:4x4x4",
-        {"fsdp": 64},
-        ["model.scan_layers=false", EP, "train.batch_size=128"],
-    ),
-    "engram-27b": ("engram-27b", "v5p:4x4x4", {"fsdp": 64}, [EP, "train.batch_size=64"]),
-    "engram-27b-4x-rows": (
-        "engram-27b",
-        "v5p:4x4x4",
-        {"fsdp": 64},
-        [EP, "train.batch_size=64", "engram.engram_vocab_size=[9049600,9049600]"],
-    ),
-    "engram-27b-muon-split": (
-        "engram-27b",
-        "v5p:4x4x4",
-        {"fsdp": 64},
-        [EP, "train.batch_size=64", "optim.muon_split=true"],
-    ),
-    "engram-40b": ("engram-40b", "v5p:4x4x4", {"fsdp": 64}, [EP, "train.batch_size=64"]),
-    "moe-27b": ("moe-27b", "v5p:4x4x4", {"fsdp": 64}, [EP, "train.batch_size=64"]),
-    "moe-27b-muon-split": (
-        "moe-27b",
-        "v5p:4x4x4",
-        {"fsdp": 64},
-        [EP, "train.batch_size=64", "optim.muon_split=true"],
-    ),
+    "engram-27b-unrolled-2-per-chip": _cube("engram-27b", "model.scan_layers=false", batch=128),
+    "engram-27b": _cube("engram-27b"),
+    "engram-27b-4x-rows": _cube("engram-27b", "engram.engram_vocab_size=[9049600,9049600]"),
+    "engram-27b-muon-split": _cube("engram-27b", "optim.muon_split=true"),
+    "engram-40b": _cube("engram-40b"),
+    "moe-27b": _cube("moe-27b"),
+    "moe-27b-muon-split": _cube("moe-27b", "optim.muon_split=true"),
     # a 4B dense model needs no cube: v5p-16 (8 chips), its state split over all of them
-    "dense-4b": ("dense-4b", "v5p:2x2x2", {"fsdp": 8}, ["train.batch_size=16"]),
-    "dense-4b-1-per-chip": ("dense-4b", "v5p:2x2x2", {"fsdp": 8}, ["train.batch_size=8"]),
-    "dense-4b-muon-split": (
-        "dense-4b",
-        "v5p:2x2x2",
-        {"fsdp": 8},
-        ["train.batch_size=16", "optim.muon_split=true"],
-    ),
+    "dense-4b": _v5p16("dense-4b", "train.batch_size=16"),
+    "dense-4b-1-per-chip": _v5p16("dense-4b", "train.batch_size=8"),
+    "dense-4b-muon-split": _v5p16("dense-4b", "train.batch_size=16", "optim.muon_split=true"),
     # 3B (0.58B activated) + 1.6B of tables: v5p-16 (8 chips) holds it, 2 sequences per chip
-    "ablation-3b": ("ablation-3b", "v5p:2x2x2", {"fsdp": 8}, [EP, "train.batch_size=16"]),
-    "ablation-3b-4-per-chip": (
-        "ablation-3b",
-        "v5p:2x2x2",
-        {"fsdp": 8},
-        [EP, "train.batch_size=32"],
-    ),
+    "ablation-3b": _v5p16("ablation-3b", EP, "train.batch_size=16"),
+    "ablation-3b-4-per-chip": _v5p16("ablation-3b", EP, "train.batch_size=32"),
 }
 
 
