@@ -24,7 +24,7 @@ setup(
         "tensorboardX>=2.6",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "ruff>=0.6"],
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6"],
         # libtpu must match jaxlib: jax[tpu]==0.10.2 pins libtpu 0.0.42.1 (bump them together;
         # tests/test_tpu_compile.py installs the same libtpu on its own)
         "tpu": ["jax[tpu]==0.10.2"],

@@ -12,7 +12,8 @@
 - ``cli_tokenizer``: the CLI runs' SentencePiece model, trained once per session.
 
 Tiers: tests marked ``slow`` (pytest.ini) run the CLI in subprocesses or repeat, on other
-configs, compiles that the fast tier already makes; ``-m "not slow"`` skips them.
+configs, compiles that the fast tier already makes; ``-m "not slow"`` skips them. Each
+pytest-xdist worker (pytest.ini) is a session of its own: its own cache and session fixtures.
 """
 
 import atexit
