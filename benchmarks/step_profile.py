@@ -1,6 +1,6 @@
 """Op-level profile of a compiled train step on XLA CPU: where the step's time goes.
 
-The real compiled step of ``engram_jax.train`` (the ``Variant`` of ``train_throughput.py``) runs
+The real compiled step of ``engram_jax.step`` (the ``Variant`` of ``train_throughput.py``) runs
 a few steps under ``jax.profiler.trace``. Every XLA thunk the CPU runtime executes is an event
 named after its HLO instruction; each instruction carries the Python call stack that created it
 (the compiled HLO's ``StackFrames``). A thunk is attributed to the innermost engram_jax module

@@ -1,7 +1,7 @@
 """Train-step throughput and MFU of a preset with and without Engram, side by side.
 
 Both variants share the backbone (``engram.layer_ids=[]`` removes Engram and nothing else).
-Each is the real compiled train step of ``engram_jax.train`` (``make_train_step``, jit with
+Each is the real compiled train step of ``engram_jax.step`` (``make_train_step``, jit with
 ``donate_argnums=0``, compiled ahead of time) on one fixed synthetic batch (random tokens,
 hashed by ``NgramHasher`` as the input pipeline does). Repetitions are interleaved (A, B, A,
 B, ...) and each variant's figure is the median, because the machine is shared: only ratios
