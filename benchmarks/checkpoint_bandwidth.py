@@ -219,19 +219,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gib", type=float, default=2.0, help="table size in GiB")
     ap.add_argument("--saves", type=int, default=3, help="timed saves (8 devices)")
-    ap.add_argument(
-        "--ab-repeats",
-        type=int,
-        default=0,
-        help="also save with raw Orbax, zstd on vs off, this many times each",
-    )
+    ap.add_argument("--ab-repeats", type=int, default=0, help="also N raw Orbax saves, zstd on/off")
     ap.add_argument("--dir", default="/tmp/ckpt_bandwidth", help="scratch directory (deleted)")
-    ap.add_argument(
-        "--rss-limit-gb",
-        type=float,
-        default=14.0,
-        help="kill a worker above this RSS (shared machine)",
-    )
+    ap.add_argument("--rss-limit-gb", type=float, default=14.0, help="kill a worker over this (GB)")
     ap.add_argument("--update", type=Path, help="replace this section of a markdown file")
     args = ap.parse_args()
     load, df, save, restores, dd, du = _measure(args)

@@ -1,19 +1,17 @@
 """Analyses: CKA against a written-out unbiased HSIC oracle and its invariances; LogitLens;
 gates; Engram zeroing; plots."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_cfg
 from flax import nnx
 
 from engram_jax import analysis as an
 from engram_jax.analysis_plots import plot_cka, plot_gates, plot_logit_lens, token_label
 from engram_jax.hashing import NgramHasher
 from engram_jax.model import EngramLM
-from engram_jax.presets import get_preset
 
 V = 128
 
@@ -82,23 +80,13 @@ def test_soft_alignment():
 
 @pytest.fixture(scope="module")
 def model_and_batch():
-    cfg = get_preset("tiny")
-    cfg = dataclasses.replace(
-        cfg,
-        model=dataclasses.replace(
-            cfg.model,
-            vocab_size=V,
-            d_model=32,
-            n_layers=3,
-            n_heads=2,
-            n_kv_heads=2,
-            head_dim=16,
-            dense_hidden=64,
-            n_dense_layers=3,
-        ),
-        engram=dataclasses.replace(
-            cfg.engram, engram_vocab_size=(200, 200), n_embed_per_ngram=16, layer_ids=(1,)
-        ),
+    cfg = tiny_cfg(
+        f"model.vocab_size={V}",
+        "model.n_layers=3",
+        "model.n_dense_layers=3",
+        "model.n_kv_heads=2",
+        "engram.engram_vocab_size=[200,200]",
+        "engram.layer_ids=[1]",
     )
     model = nnx.jit(lambda: EngramLM(cfg, rngs=nnx.Rngs(0)))()
     conv = model.blocks[1].engram.conv_kernel
