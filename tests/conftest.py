@@ -5,7 +5,8 @@
   of the CLI share compiled steps), deleted when the session ends unless the caller set
   JAX_COMPILATION_CACHE_DIR;
 - :func:`tiny_cfg`: THE tiny config of the step-level tests (2 layers, d=32, 4 experts);
-- :func:`global_batch`: a synthetic batch placed on a mesh;
+- :func:`global_batch`: a synthetic batch placed on a mesh; :func:`train_steps`: a fresh state
+  trained a few steps by the trainer's step;
 - ``step8``: the train step compiled once per session on 8 devices (tables row-sharded over
   all of them) exactly as the trainer compiles it, shared by the HLO, distributed and CLI
   training tests (the CLI runs train its config: :func:`cli_config_args`);
@@ -98,6 +99,25 @@ def global_batch(cfg, mesh, seed=0):
     from engram_jax.data import synthetic_batch
 
     return shd.global_batch_from_local(mesh, synthetic_batch(cfg, seed))
+
+
+def train_steps(cfg, mesh, batches):
+    """A fresh train state of ``cfg`` on ``mesh`` trained by the trainer's step (jit, the state
+    donated), one step per global batch of ``batches``: ``(graphdef, state, metrics)``, the
+    metrics of each step on the host."""
+    from engram_jax.optim import make_optimizer
+    from engram_jax.state import init_state
+    from engram_jax.step import make_train_step
+
+    tx = make_optimizer(cfg, cfg.train.steps)
+    graphdef, state = init_state(cfg, mesh, tx)
+    step = jax.jit(make_train_step(cfg, graphdef, tx, mesh), donate_argnums=0)
+    metrics = []
+    with jax.set_mesh(mesh):
+        for batch in batches:
+            state, m = step(state, batch)
+            metrics.append(jax.device_get(m))
+    return graphdef, state, metrics
 
 
 @pytest.fixture(scope="session")

@@ -139,11 +139,13 @@ def test_train_step_exact_table_adam_equals_the_dense_path():
     """The real train step, sparse path with exact table Adam, against the dense path
     (optax.adam on the whole table): same losses, and every table row equal (the idle rows
     caught up) after steps whose random ids leave most rows untouched at each step."""
+    from conftest import train_steps
+
     from engram_jax.config import override
-    from engram_jax.optim import make_optimizer, table_learning_rate_schedule
+    from engram_jax.optim import table_learning_rate_schedule
     from engram_jax.presets import get_preset
-    from engram_jax.state import init_state, tables_by_layer
-    from engram_jax.step import make_eval_step, make_train_step
+    from engram_jax.state import tables_by_layer
+    from engram_jax.step import make_eval_step
 
     sets = ["model.d_model=32", "model.head_dim=16", "model.n_heads=2", "model.n_kv_heads=1",
             "model.n_layers=2", "model.vocab_size=256", "model.dense_hidden=64",
@@ -160,13 +162,9 @@ def test_train_step_exact_table_adam_equals_the_dense_path():
     out = {}
     for name, extra in (("sparse", []), ("dense", ["engram.sparse_update=false"])):
         cfg = override(get_preset("tiny"), sets + extra)
-        tx = make_optimizer(cfg, cfg.train.steps)
-        graphdef, state = init_state(cfg, mesh, tx)
-        step = jax.jit(make_train_step(cfg, graphdef, tx, mesh), donate_argnums=0)
-        losses = []
-        for b in batches:
-            state, m = step(state, shd.global_batch_from_local(mesh, b))
-            losses.append(float(m["loss"]))
+        global_batches = [shd.global_batch_from_local(mesh, b) for b in batches]
+        graphdef, state, metrics = train_steps(cfg, mesh, global_batches)
+        losses = [float(m["loss"]) for m in metrics]
         last = shd.global_batch_from_local(mesh, batches[0])
         val = float(jax.jit(make_eval_step(cfg, graphdef, mesh))(state, last))
         out[name] = (losses, val, state, cfg)

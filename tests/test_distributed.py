@@ -18,13 +18,19 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import STEP8_SETS, TEST_XLA_FLAGS, cli_config_args, global_batch, tiny_cfg
+from conftest import (
+    STEP8_SETS,
+    TEST_XLA_FLAGS,
+    cli_config_args,
+    global_batch,
+    tiny_cfg,
+    train_steps,
+)
 
 from engram_jax import sharding as shd
 from engram_jax.config import MeshConfig
 from engram_jax.optim import make_optimizer
-from engram_jax.state import abstract_train_state, init_state
-from engram_jax.step import make_train_step
+from engram_jax.state import init_state
 
 
 def _step_losses(step_fn, cfg, mesh, steps=3):
@@ -37,12 +43,10 @@ def _step_losses(step_fn, cfg, mesh, steps=3):
     return np.array(out)
 
 
-def _losses_on(cfg, mesh_cfg, n_devices):
+def _losses_on(cfg, mesh_cfg, n_devices, steps=3):
     mesh = shd.make_mesh(mesh_cfg, jax.devices()[:n_devices])
-    tx = make_optimizer(cfg, cfg.train.steps)
-    graphdef, _ = abstract_train_state(cfg, mesh, tx)
-    step = jax.jit(make_train_step(cfg, graphdef, tx, mesh), donate_argnums=0)
-    return _step_losses(step, cfg, mesh)
+    metrics = train_steps(cfg, mesh, [global_batch(cfg, mesh, seed=i) for i in range(steps)])[2]
+    return np.array([(float(m["loss"]), float(m["grad_norm"])) for m in metrics])
 
 
 @pytest.fixture(scope="module")

@@ -3,15 +3,13 @@
 import jax
 import numpy as np
 import pytest
-from conftest import global_batch, tiny_cfg
+from conftest import global_batch, tiny_cfg, train_steps
 from flax import nnx
 from test_optim import Small, _flat
 
 from engram_jax import hlo, optim
 from engram_jax import sharding as shd
 from engram_jax.config import Config, MeshConfig, override
-from engram_jax.state import init_state
-from engram_jax.step import make_train_step
 
 
 def _updates(cfg, grads, params, labels, mesh=None):
@@ -87,18 +85,11 @@ def test_real_train_step_with_scanned_runs_matches_the_plain_muon():
     out = []
     for split in (False, True):
         cfg = tiny_cfg(*sets, "optim.muon_ns_scan=true", f"optim.muon_split={split}")
-        tx = optim.make_optimizer(cfg, cfg.train.steps)
-        graphdef, state = init_state(cfg, mesh, tx)
-        step = jax.jit(make_train_step(cfg, graphdef, tx, mesh))
-        losses = []
-        with jax.set_mesh(mesh):
-            for seed in (0, 1):
-                state, metrics = step(state, global_batch(cfg, mesh, seed))
-                losses.append(float(metrics["loss"]))
-                if seed == 0:
-                    flat = nnx.to_flat_state(state["params"])
-                    params = {p: np.asarray(v[...]) for p, v in flat}
-        out.append((params, losses))
+        batches = [global_batch(cfg, mesh, seed) for seed in (0, 1)]
+        _, state, _ = train_steps(cfg, mesh, batches[:1])
+        params = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(state["params"])}
+        _, _, metrics = train_steps(cfg, mesh, batches)
+        out.append((params, [float(m["loss"]) for m in metrics]))
     (plain, plain_losses), (split, split_losses) = out
     assert plain.keys() == split.keys() and any(v.ndim == 3 for v in plain.values())
     for path, want in plain.items():

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import global_batch, tiny_cfg
+from conftest import global_batch, tiny_cfg, train_steps
 from flax import nnx
 
 from engram_jax import sharding as shd
@@ -22,8 +22,7 @@ from engram_jax.data import synthetic_batch
 from engram_jax.layer_stack import block_runs
 from engram_jax.model import EngramLM
 from engram_jax.optim import make_optimizer
-from engram_jax.state import init_state
-from engram_jax.step import cross_entropy, make_train_step
+from engram_jax.step import cross_entropy
 
 # 5 blocks: 0 dense, 1 MoE with Engram, 2-4 MoE without Engram (one scanned run of 3;
 # mHC with 2 branches, so blocks 2 and 3 start from different pre-mappings)
@@ -124,14 +123,8 @@ def test_scanned_train_step_matches_over_two_steps():
     out = []
     for scan in (False, True):
         cfg = _cfg(scan)
-        tx = make_optimizer(cfg, cfg.train.steps)
-        graphdef, state = init_state(cfg, mesh, tx)
-        step = jax.jit(make_train_step(cfg, graphdef, tx, mesh))
-        metrics = []
-        with jax.set_mesh(mesh):
-            for seed in (0, 1):
-                state, m = step(state, global_batch(cfg, mesh, seed))
-                metrics.append(jax.device_get(m))
+        batches = [global_batch(cfg, mesh, seed) for seed in (0, 1)]
+        _, state, metrics = train_steps(cfg, mesh, batches)
         biases = {
             path: np.asarray(v[...])
             for path, v in nnx.to_flat_state(state["rest"])

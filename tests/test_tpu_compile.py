@@ -220,24 +220,16 @@ def test_remat_train_step_equals_the_plain_one():
     model, merged inside the jit) must trace with it and give the same loss and update."""
     import jax
     import numpy as np
-    from conftest import global_batch, tiny_cfg
+    from conftest import global_batch, tiny_cfg, train_steps
 
     from engram_jax import sharding as shd
     from engram_jax.config import MeshConfig
-    from engram_jax.optim import make_optimizer
-    from engram_jax.state import init_state
-    from engram_jax.step import make_train_step
 
     mesh = shd.make_mesh(MeshConfig(data=2), jax.devices()[:2])
     out = []
     for remat in (False, True):
         cfg = tiny_cfg(f"model.remat={remat}")
-        tx = make_optimizer(cfg, cfg.train.steps)
-        graphdef, state = init_state(cfg, mesh, tx)
-        _, metrics = jax.jit(make_train_step(cfg, graphdef, tx, mesh))(
-            state, global_batch(cfg, mesh)
-        )
-        out.append(jax.device_get(metrics))
+        out += train_steps(cfg, mesh, [global_batch(cfg, mesh)])[2]
     # the gradient norm covers every gradient (backbone and table rows); parameters after the
     # update are not compared: Adam's first step divides by |g|, amplifying rounding in tiny g
     assert out[0].keys() == out[1].keys() and "grad_norm" in out[0]
