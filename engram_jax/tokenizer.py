@@ -123,6 +123,13 @@ def train_tokenizer(
                 f"vocab_size={vocab_size}: give more text or a smaller vocabulary (engram-jax: "
                 f"--set model.vocab_size={most.group(1)})"
             ) from None
+        least = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e))
+        if least:  # the text's characters + the 256 byte pieces + the special pieces
+            raise ValueError(
+                f"a {model_type} vocabulary of {vocab_size} pieces is too small for this text: "
+                f"its characters, the 256 byte-fallback pieces and the special pieces need at "
+                f"least {least.group(1)} (engram-jax: --set model.vocab_size={least.group(1)})"
+            ) from None
         raise ValueError(
             f"SentencePiece could not train a {vocab_size}-piece {model_type} tokenizer: {e}"
         ) from None

@@ -146,6 +146,16 @@ def test_load_and_errors(sp, tmp_path):
     assert (
         train_tokenizer([TEXT], tmp_path / "most.model", vocab_size=most).get_piece_size() == most
     )
+    # a vocabulary smaller than the text's characters + byte pieces: the error names the
+    # smallest size, and that size trains
+    with pytest.raises(ValueError, match=r"need at least (\d+)") as e:
+        train_tokenizer([TEXT], tmp_path / "few.model", vocab_size=100)
+    least = int(re.search(r"at least (\d+)", str(e.value)).group(1))
+    assert least > 256 + len(set(TEXT) - {" ", "\n"})
+    assert (
+        train_tokenizer([TEXT], tmp_path / "least.model", vocab_size=least).get_piece_size()
+        == least
+    )
     assert not (tmp_path / "small.model").exists()
 
 
