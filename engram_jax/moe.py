@@ -116,13 +116,16 @@ class MoE(nnx.Module):
         b, t, d = x_BxTxD.shape
         cfg, e, k = self.cfg, self.cfg.n_routed_experts, self.cfg.top_k
         x_SxD = x_BxTxD.reshape(b * t, d).astype(self.dtype)
-        if cfg.dispatch == "ep":  # expert parallelism over the mesh: engram_jax.moe_ep
-            from engram_jax.moe_ep import ep_routed
+        dispatch = cfg.dispatch
+        if dispatch == "ep":  # expert parallelism over the mesh: engram_jax.moe_ep
+            from engram_jax.moe_ep import ep_routed, has_expert_axis
 
-            y_SxD, load_E = ep_routed(self, x_SxD)
-            if self.shared is not None:
-                y_SxD = y_SxD + self.shared(x_SxD)
-            return y_SxD.reshape(b, t, d), load_E
+            if has_expert_axis():
+                y_SxD, load_E = ep_routed(self, x_SxD)
+                if self.shared is not None:
+                    y_SxD = y_SxD + self.shared(x_SxD)
+                return y_SxD.reshape(b, t, d), load_E
+            dispatch = "blocked"  # no mesh to split the experts over: all of them, here
         scores_SxE = gate_scores(x_SxD.astype(jnp.float32) @ self.router[...], cfg)
         idx_SxK, w_SxK = route(scores_SxE, jax.lax.stop_gradient(self.router_bias[...]), cfg)
         # 1. each assignment's row within its expert, in token order (a stable sort by expert)
@@ -133,7 +136,7 @@ class MoE(nnx.Module):
         #    choice j at s*K + j), so the token's copies are a broadcast, not a gather, and the
         #    combine below is a sum over K, not a scatter-add
         xr_RxD = jnp.broadcast_to(x_SxD[:, None, :], (b * t, k, d)).reshape(b * t * k, d)
-        ys_RxD = getattr(self, f"_{cfg.dispatch}")(xr_RxD, expert_R, rank_R, load_E)
+        ys_RxD = getattr(self, f"_{dispatch}")(xr_RxD, expert_R, rank_R, load_E)
         # 3. weight by the unbiased scores and sum each token's K outputs
         ys_SxKxD = ys_RxD.reshape(b * t, k, d)
         y_SxD = jnp.einsum("skd,sk->sd", ys_SxKxD, w_SxK.astype(ys_RxD.dtype))

@@ -22,7 +22,9 @@ the FSDP/tensor axes that also split them. The expert load (for loss-free balanc
 summed over every device, so it equals the other dispatches' load.
 
 Needs a mesh context (``with jax.set_mesh(mesh):`` around lowering) holding an ``expert``
-axis that divides E, and a batch shard divisible by the expert axis size.
+axis that divides E, and a batch shard divisible by the expert axis size. Without one (e.g. a
+trained model called on its own for generation or analysis) :class:`engram_jax.moe.MoE` runs
+its experts with the dropless ``"blocked"`` dispatch instead.
 
 Shape legend: S tokens of the batch shard, s = S/n tokens of this device's slice, D d_model,
 E routed experts (L = E/n local), F expert hidden, K top-k, A = s*K assignments,
@@ -42,9 +44,15 @@ from engram_jax import sharding as shd
 AXIS = "expert"
 
 
+def has_expert_axis() -> bool:
+    """Whether the mesh context (``jax.set_mesh``) has an ``expert`` axis to split over."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and AXIS in mesh.axis_names
+
+
 def _mesh():
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or AXIS not in mesh.axis_names:
+    if not has_expert_axis():
         raise ValueError(
             "moe.dispatch='ep' needs a mesh context with an 'expert' axis: lower the step "
             "inside `with jax.set_mesh(mesh):`"

@@ -142,10 +142,15 @@ def test_ep_hlo_all_to_all_volume(mesh):
     assert all(c.bytes < all_experts for c in colls), hlo.summary(colls)
 
 
-def test_ep_needs_a_mesh_with_an_expert_axis():
-    moe = make_moe("ep")
-    with pytest.raises(ValueError, match="set_mesh"):
-        run(moe, tokens())
+def test_ep_without_a_mesh_runs_every_expert_locally_dropless():
+    """A model trained with "ep" and then called on its own (generation, analysis): no mesh
+    context to split experts over, so the experts run here, as the dropless dispatches do."""
+    base = make_moe("ragged")
+    x = tokens()
+    y_rag, load_rag = run(base, x)
+    y_ep, load_ep = run(with_dispatch(base, "ep", capacity_factor=0.5), x)  # would drop on a mesh
+    np.testing.assert_allclose(np.asarray(y_ep), np.asarray(y_rag), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(load_ep, load_rag)
 
 
 def test_ep_config_is_validated():
