@@ -138,9 +138,35 @@ def _send_buffers(x_sxD, token_A, dest_A, slot_A, local_A, n: int, cap: int):
     return send_nxCxD, meta_nxC
 
 
+def _stored_spec(mesh, variable, value) -> P:
+    """``value``'s PartitionSpec as the rule table stores ``variable`` (FSDP-split along
+    ``embed``, ...), its ``expert`` dimension (if any) on the expert axis, size-1 axes left out."""
+    spec = shd.logical_to_spec(shd.variable_logical_axes(variable), shape=value.shape, mesh=mesh)
+    out = []
+    for axes in (*spec, *(None,) * (value.ndim - len(spec))):
+        axes = (axes,) if isinstance(axes, str) else axes or ()
+        kept = tuple(a for a in axes if a == AXIS or mesh.shape[a] > 1)
+        out.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+    return P(*out)
+
+
+def _gather(w, spec: P):
+    """Inside the shard_map: the whole of ``w`` along every dimension but the expert one.
+    The transpose of this all-gather is a reduce-scatter: each device's gradient of a stored
+    shard is summed over the devices that split it, and only that shard is kept. (Entering the
+    shard_map replicated, ``P(AXIS)``, the weights' gradients were psummed whole over the
+    FSDP axes by the shard_map's transpose: an all-reduce of every expert's weights per MoE
+    layer, BENCHMARKS.md, TPU profile.)"""
+    for dim, axes in enumerate(spec):
+        if axes is not None and axes != AXIS:
+            w = jax.lax.all_gather(w, axes, axis=dim, tiled=True)
+    return w
+
+
 def ep_routed(moe, x_SxD: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Routed-expert output ``y [S, D]`` and expert load ``[E]`` of :class:`engram_jax.moe.MoE`
-    ``moe`` for global tokens ``x_SxD`` (batch-sharded), experts split over ``expert``."""
+    ``moe`` for global tokens ``x_SxD`` (batch-sharded), experts split over ``expert``. The
+    router and expert weights enter as stored (split over FSDP too) and are gathered inside."""
     cfg, mesh = moe.cfg, _mesh()
     n, e, k = mesh.shape[AXIS], cfg.n_routed_experts, cfg.top_k
     batch, s = _split(mesh, e, x_SxD.shape[0])
@@ -148,11 +174,17 @@ def ep_routed(moe, x_SxD: jax.Array) -> tuple[jax.Array, jax.Array]:
     wg, wu, wd = moe._weights()
     router = moe.router[...]
     bias = jax.lax.stop_gradient(moe.router_bias[...])
-    spec_w = P(AXIS, None, None)
+    spec_r = _stored_spec(mesh, moe.router, router)
+    spec_in, spec_out = _stored_spec(mesh, moe.w_gate, wg), _stored_spec(mesh, moe.w_down, wd)
+    if spec_in[0] != AXIS or spec_out[0] != AXIS:
+        raise ValueError(f"routed expert weights must be split over {AXIS!r} first")
 
     def local(x_nsxD, router_DxE, bias_E, wg_LxDxF, wu_LxDxF, wd_LxFxD):
         from engram_jax.moe import gate_scores, route
 
+        router_DxE = _gather(router_DxE, spec_r)
+        wg_LxDxF, wu_LxDxF = _gather(wg_LxDxF, spec_in), _gather(wu_LxDxF, spec_in)
+        wd_LxFxD = _gather(wd_LxFxD, spec_out)
         i = jax.lax.axis_index(AXIS)
         x_sxD = jax.lax.dynamic_slice_in_dim(x_nsxD, i * s, s)
         scores_sxE = gate_scores(x_sxD.astype(jnp.float32) @ router_DxE, cfg)
@@ -183,7 +215,7 @@ def ep_routed(moe, x_SxD: jax.Array) -> tuple[jax.Array, jax.Array]:
 
     fn = jax.shard_map(
         local,
-        in_specs=(P(batch), P(), P(), spec_w, spec_w, spec_w),
+        in_specs=(P(batch), spec_r, P(), spec_in, spec_in, spec_out),
         out_specs=(P(batch), P()),
         check_vma=False,
     )

@@ -153,6 +153,63 @@ def test_ep_without_a_mesh_runs_every_expert_locally_dropless():
     np.testing.assert_array_equal(load_ep, load_rag)
 
 
+@pytest.fixture(scope="module")
+def fsdp_mesh():
+    """Expert weights split over ``fsdp`` along ``embed`` as well as over ``expert``."""
+    return shd.make_mesh(MeshConfig(data=1, fsdp=4, expert=2), jax.devices()[:8])
+
+
+def sharded_grad(moe, mesh, x):
+    """``(jitted grad of sum(sin(y)) w.r.t. the params and x, its arguments)``, the params
+    placed by the rule table (FSDP-split on this mesh) and x batch-sharded."""
+    graphdef, params, rest = nnx.split(moe, nnx.Param, ...)
+
+    def loss(params, rest, x):
+        y, _ = nnx.merge(graphdef, params, rest)(x)
+        return jnp.sum(jnp.sin(y))
+
+    params = jax.device_put(params, shd.state_shardings(mesh, params))
+    x = jax.device_put(x, NamedSharding(mesh, PartitionSpec(shd.batch_axes())))
+    return jax.jit(jax.grad(loss, argnums=(0, 2))), (params, rest, x)
+
+
+def test_ep_gradients_match_with_fsdp_split_weights(fsdp_mesh):
+    base = make_moe("capacity")
+    x = tokens(seed=4)
+    graphdef, params, rest = nnx.split(base, nnx.Param, ...)
+    g_ref = jax.grad(
+        lambda p, x: jnp.sum(jnp.sin(nnx.merge(graphdef, p, rest)(x)[0])), argnums=(0, 1)
+    )(params, x)
+    grad, args = sharded_grad(with_dispatch(base, "ep"), fsdp_mesh, x)
+    with jax.set_mesh(fsdp_mesh):
+        g_ep = grad(*args)
+    for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_ep), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
+
+
+def test_ep_weight_gradients_are_reduce_scattered_not_all_reduced(fsdp_mesh):
+    """Each device computes its local experts' weight gradients whole from its own tokens; the
+    FSDP shards it stores need them summed over the fsdp axis and split: a reduce-scatter.
+    An all-reduce of the whole local expert stack [E/n, D, F] (then sliced) moves twice the
+    bytes and holds the whole gradient on every device (the TPU compile of moe-27b:
+    BENCHMARKS.md, TPU profile)."""
+    grad, args = sharded_grad(with_dispatch(make_moe("capacity"), "ep"), fsdp_mesh, tokens())
+    with jax.set_mesh(fsdp_mesh):
+        colls = hlo.collectives(grad.lower(*args).compile().as_text())
+    stack = E // fsdp_mesh.shape["expert"] * D * F  # elements of one local expert stack
+
+    def carrying_stacks(op):
+        return [
+            c for c in colls if c.op == op and any(math.prod(sh) == stack for _, sh in c.operands)
+        ]
+
+    assert not carrying_stacks("all-reduce"), hlo.summary(colls)
+    scattered = sum(
+        math.prod(sh) == stack for c in carrying_stacks("reduce-scatter") for _, sh in c.operands
+    )
+    assert scattered == 3, hlo.summary(colls)  # w_gate, w_up, w_down
+
+
 def test_ep_config_is_validated():
     with pytest.raises(ValueError, match="dispatch"):
         dataclasses.replace(MoEConfig(), dispatch="bogus")
