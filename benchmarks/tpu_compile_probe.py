@@ -6,7 +6,8 @@ that ``engram-jax compile`` adds) or only its optimizer update (``--part optimiz
 optimizer's stacked view, the update and the unstacking, on gradients shaped like the
 parameters), and prints one JSON line: compile seconds, this process's CPU seconds and peak
 RSS, the number of fusion kernels of the compiled HLO, per-chip temporaries, XLA's FLOPs and
-the collectives' bytes per step.
+the collectives' bytes per step. ``--dump-hlo FILE`` also writes the compiled HLO text (its
+collectives carry their shapes, replica groups and ``op_name`` metadata).
 ``--unrolled-ns`` compiles Muon with optax's default unrolled Newton-Schulz iterations (the
 optimizer before it ran them as one scan), for comparison.
 
@@ -39,6 +40,7 @@ def _args():
     ap.add_argument("--set", action="append", default=[], dest="sets")
     ap.add_argument("--part", choices=("step", "optimizer"), default="step")
     ap.add_argument("--unrolled-ns", action="store_true")
+    ap.add_argument("--dump-hlo", default="", help="write the compiled HLO text to this file")
     return ap.parse_args()
 
 
@@ -89,6 +91,9 @@ def main() -> None:
         compiled = lowered.compile()
     compile_s = time.perf_counter() - start
     memory, cost, text = _memory(compiled), _cost(compiled), compiled.as_text()
+    if a.dump_hlo:
+        with open(a.dump_hlo, "w") as f:
+            f.write(text)
     out = dict(
         preset=a.preset,
         topology=a.topology,
@@ -102,6 +107,7 @@ def main() -> None:
         fusions=text.count(" fusion("),
         temp_gib=round(memory["temp"] / 2**30, 2),
         xla_flops_per_chip=cost["flops"],
+        xla_bytes_accessed_per_chip=cost["bytes accessed"],
         collective_bytes=collective_bytes(text),
         load_at_start=round(load, 1),
     )
