@@ -119,10 +119,15 @@ def child_env(extra_path: str) -> dict[str, str]:
     return env
 
 
-def compile_in_subprocess(request: dict, timeout_s: float | None = None) -> dict:
+def compile_in_subprocess(
+    request: dict, timeout_s: float | None = None, libtpu_args: str | None = None
+) -> dict:
     """Run :func:`compile_report` on ``request`` in a fresh process; return its report.
 
     ``request``: ``preset``, ``topology``, ``mesh`` (dict), ``sets`` (list), ``decode`` (bool).
+    ``libtpu_args``: the TPU compiler's flags (``LIBTPU_INIT_ARGS``, as a TPU run sets them);
+    default: this process's ``LIBTPU_INIT_ARGS``, if any. The report says which
+    (``libtpu_init_args``): they change how collectives are lowered (BENCHMARKS.md, TPU profile).
     Raises ValueError with a one-line message on any
     problem the user can fix (libtpu missing, bad topology, mesh not dividing the chips)."""
     parse_topology(request["topology"])
@@ -132,10 +137,13 @@ def compile_in_subprocess(request: dict, timeout_s: float | None = None) -> dict
             "libtpu is not installed: pip install 'engram-jax[tpu]' (or point "
             f"{LIBTPU_DIR_ENV} at a directory made by pip install --target DIR libtpu==0.0.42.1)"
         )
+    env = child_env(path)
+    if libtpu_args is not None:
+        env["LIBTPU_INIT_ARGS"] = libtpu_args
     start, load = time.time(), os.getloadavg()[0]
     proc = subprocess.run(
         [sys.executable, "-m", "engram_jax.tpu_compile", json.dumps(request)],
-        env=child_env(path),
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout_s,
@@ -148,7 +156,11 @@ def compile_in_subprocess(request: dict, timeout_s: float | None = None) -> dict
         raise RuntimeError(f"TPU compile process failed (exit {proc.returncode}):\n{tail}")
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     # the whole command's time (state building, compiles) and the host's load when it began
-    report.update(wall_s=round(time.time() - start, 1), load_at_start=round(load, 1))
+    report.update(
+        wall_s=round(time.time() - start, 1),
+        load_at_start=round(load, 1),
+        libtpu_init_args=env.get("LIBTPU_INIT_ARGS", ""),
+    )
     return report
 
 

@@ -252,3 +252,27 @@ def test_expert_parallel_all_to_all_volume_on_tpu(libtpu_dir):
     moe_layers = cfg.model.n_layers - cfg.model.n_dense_layers
     assert r["collective_bytes"]["all-to-all"] == moe_layers * (4 * rows + n * cap * 4)
     assert r["mesh"]["expert"] == 4 and r["fits"]
+
+
+@pytest.mark.parametrize("given, inherited", [("--xla_flag_a=1", "--other"), (None, "--other")])
+def test_libtpu_args_reach_the_compiler_and_the_report(monkeypatch, given, inherited):
+    """The compiler's flags (``LIBTPU_INIT_ARGS``: they change how libtpu lowers collectives)
+    go to the compile process, given or inherited from this process, and the report says
+    which. The compile process is replaced by one that prints the flags it received."""
+    from engram_jax import tpu_compile
+
+    seen = {}
+
+    def child(cmd, env, **kwargs):
+        seen.update(env)
+        out = json.dumps({"fits": True, "flags_seen": env.get("LIBTPU_INIT_ARGS")})
+        return subprocess.CompletedProcess(cmd, 0, stdout=out + "\n", stderr="")
+
+    monkeypatch.setenv("LIBTPU_INIT_ARGS", inherited)
+    monkeypatch.setattr(tpu_compile, "libtpu_path", lambda: "")
+    monkeypatch.setattr(tpu_compile.subprocess, "run", child)
+    request = dict(preset="tiny", topology=TOPOLOGY, mesh={}, sets=[], decode=False)
+    report = tpu_compile.compile_in_subprocess(request, libtpu_args=given)
+    want = inherited if given is None else given
+    assert seen["LIBTPU_INIT_ARGS"] == report["flags_seen"] == want
+    assert report["libtpu_init_args"] == want
