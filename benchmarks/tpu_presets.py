@@ -52,6 +52,7 @@ RECIPES = {
     "engram-40b": _cube("engram-40b"),
     "moe-27b": _cube("moe-27b"),
     "moe-27b-muon-split": _cube("moe-27b", "optim.muon_split=true"),
+    "moe-27b-muon-split-async-ag": _cube("moe-27b", "optim.muon_split=true"),  # LIBTPU_ARGS
     # a 4B dense model needs no cube: v5p-16 (8 chips), its state split over all of them
     "dense-4b": _v5p16("dense-4b", "train.batch_size=16"),
     "dense-4b-1-per-chip": _v5p16("dense-4b", "train.batch_size=8"),
@@ -60,6 +61,19 @@ RECIPES = {
     "ablation-3b": _v5p16("ablation-3b", EP, "train.batch_size=16"),
     "ablation-3b-4-per-chip": _v5p16("ablation-3b", EP, "train.batch_size=32"),
 }
+
+
+# The TPU compiler's flags (LIBTPU_INIT_ARGS) of a recipe; every other recipe compiles with none.
+# Async all-gathers, preferred to all-reduce: without them libtpu lowers the FSDP all-gathers
+# of a 1-D 64-chip axis over the 4x4x4 torus to all-reduces of zero-padded buffers.
+ASYNC_ALL_GATHER = (
+    "--xla_tpu_enable_async_collective_fusion=true "
+    "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true "
+    "--xla_tpu_enable_async_collective_fusion_multiple_steps=true "
+    "--xla_tpu_overlap_compute_collective_tc=true --xla_enable_async_all_gather=true "
+    "--xla_tpu_prefer_async_allgather_to_allreduce=true"
+)
+LIBTPU_ARGS = {"moe-27b-muon-split-async-ag": ASYNC_ALL_GATHER}
 
 
 # What the table does not show yet (update when an entry is compiled).
@@ -103,7 +117,12 @@ STATUS = [
     "there, by Muon's replicated Newton-Schulz: its one scanned run stacks 29 x 72 = 2,088 "
     "expert matrices per weight, and its all-reduce (504 GiB per chip per step) exceeds "
     "engram-27b's (404 GiB). Half engram-27b's compile CPU: one scanned run instead of two "
-    "and no Engram blocks.",
+    "and no Engram blocks. Session 7 (2026-12-01 06:35, load 0.8), after the expert-parallel "
+    "dispatch's fix (see moe-27b-muon-split below): 371 s of CPU, 6.4 min wall, 7.7 GB peak "
+    "RSS; all-reduce 504.2 -> 458.3 GiB per chip per step (29 x 1.58 GiB less), bytes "
+    "accessed 6.92 -> 6.63 TB, est. MFU 11.4% -> 11.9%, HBM 52.8 -> 53.2 GiB per chip. "
+    "engram-27b's programs use the same dispatch but were not recompiled (their compile "
+    "needs about 15 GB of host memory).",
     "- `ablation-3b` (session 6, 2026-12-01): `engram-jax compile --preset ablation-3b "
     "--topology v5p:2x2x2 --mesh fsdp=8 --set moe.dispatch=ep --set train.batch_size=16 "
     "--json --no-decode` (v5p-16: 8 chips, 2 sequences of 4096 per chip): 631 s of CPU, 18 "
@@ -132,7 +151,22 @@ STATUS = [
     "peak RSS. Against `moe-27b`: all-reduce 504.2 -> 192.4 GiB per chip per step "
     "(all-to-all 0.1 -> 10.6 GiB), HBM 52.8 -> 42.1 GiB per chip, XLA FLOPs 290.8 -> 245.2 "
     "TFLOP per chip, bytes accessed 6.92 -> 6.63 TB: est. MFU 11% -> 12% (roofline on "
-    "bytes accessed).",
+    "bytes accessed). Session 7 (2026-12-01 06:21, load 0.7), after the expert-parallel "
+    "dispatch takes the expert weights into its shard_map FSDP-split and gathers them there "
+    "(their gradients were psummed whole, and the backward re-gathered them in f32): 345 s "
+    "of CPU, 3.5 min wall, 8.0 GB peak RSS; all-reduce 192.4 -> 146.5 GiB per chip per step, "
+    "HBM 42.1 -> 39.4 GiB per chip, bytes accessed 6.63 -> 6.34 TB, est. MFU 11.9% -> 12.4%. "
+    "What the all-reduce bytes are: the TPU profile section below.",
+    "- `moe-27b-muon-split-async-ag` (session 7, 2026-12-01 06:27, load 1.7): the same "
+    "program compiled with libtpu's async all-gather flags (`LIBTPU_ARGS` in "
+    "benchmarks/tpu_presets.py; `compile_in_subprocess(..., libtpu_args=)`, or "
+    "LIBTPU_INIT_ARGS in the environment of `engram-jax compile`): 402 s of CPU, 7.7 min "
+    "wall, 6.9 GB peak RSS. Without them libtpu lowers every FSDP all-gather over the 64 "
+    "chips as an all-reduce of a zero-filled buffer; with them they are all-gathers: "
+    "all-reduce 146.5 -> 49.1 GiB per chip per step (left: the gradient reductions), "
+    "all-gather 5.8 GiB (an all-gather counts its operand, the chip's 1/64 shard, so it is "
+    "not comparable with the all-reduces' full buffers), HBM 39.4 -> 42.7 GiB per chip (the "
+    "prefetched gathers), bytes accessed 6.34 -> 6.24 TB, est. MFU 12.4% -> 12.6%.",
     "- `dense-4b-muon-split` (2026-12-01 05:08, load 1.1): dense-4b's command with `--set "
     "optim.muon_split=true`: no gain there. XLA FLOPs 316.3 -> 314.5 TFLOP per chip and "
     "est. MFU 33% unchanged (its plain program apparently did not replicate Newton-Schulz: 30 "
@@ -145,7 +179,8 @@ STATUS = [
 def run(name: str) -> dict:
     preset, topology, mesh, sets = RECIPES[name]
     request = dict(preset=preset, topology=topology, mesh=mesh, sets=sets, decode=False)
-    return {**compile_in_subprocess(request), "sets": sets}
+    report = compile_in_subprocess(request, libtpu_args=LIBTPU_ARGS.get(name, ""))
+    return {**report, "sets": sets}
 
 
 def imported(name: str, path: Path) -> dict:
