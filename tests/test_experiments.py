@@ -164,6 +164,9 @@ def test_paired_difference_and_its_standard_error():
     d = stats.paired(rows, "a", "b")  # differences 0.5, 1.0, 0.5
     assert d["mean"] == pytest.approx(2 / 3) and d["n"] == 3
     assert d["se"] == pytest.approx(np.std([0.5, 1.0, 0.5], ddof=1) / math.sqrt(3))
+    assert "SE)" in stats.fmt_delta(d)
+    one = stats.paired(_rows({"a": [1.0], "b": [0.5]}), "a", "b")  # one seed: no SE to show
+    assert one["n"] == 1 and stats.fmt_delta(one) == "+0.5000 (n=1, no SE)"
 
 
 def test_u_curve_criterion():

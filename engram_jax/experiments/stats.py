@@ -131,11 +131,14 @@ def md_table(header: list[str], rows: list[list]) -> str:
 
 
 def fmt_delta(d: dict) -> str:
-    """A paired difference as ``-0.1381 +- 0.0123 (11.2 SE)``; ``-`` without data."""
+    """A paired difference as ``-0.1381 +- 0.0123 (11.2 SE)``; ``-`` without data; one seed
+    has no standard error: ``-0.1381 (n=1, no SE)``."""
     if not d or d.get("mean") is None:
         return "-"
     if d["mean"] == 0 and d["se"] == 0:  # a point against itself
         return "0 (reference)"
+    if d["n"] < 2:
+        return f"{d['mean']:+.4f} (n=1, no SE)"
     text = f"{d['mean']:+.4f} +- {d['se']:.4f}"
     if d["se"] <= 1e-9 * abs(d["mean"]):  # no spread over seeds (or one seed)
         return text + f" (n={d['n']})"
