@@ -203,7 +203,8 @@ def a2a_analytic(report: dict) -> int:
     n = report["mesh"]["expert"]
     shards = report["mesh"]["data"] * report["mesh"]["fsdp"]
     s = cfg.train.batch_size * cfg.train.seq_len // (shards * n)
-    cap = max(1, math.ceil(cfg.moe.capacity_factor * s * cfg.moe.top_k / n))
+    assignments = s * cfg.moe.top_k
+    cap = max(1, min(assignments, math.ceil(cfg.moe.capacity_factor * assignments / n)))
     rows = n * cap * cfg.model.d_model * (2 if cfg.model.dtype == "bfloat16" else 4)
     per_layer = 2 * (2 * rows + n * cap * 4) + 2 * rows
     return per_layer * (cfg.model.n_layers - cfg.model.n_dense_layers)

@@ -8,8 +8,9 @@ each, never gathered whole); tokens stay split over the batch axes. Inside one
      ``expert``, so the n devices of an expert group split it instead of repeating it);
   2. routes them (same :func:`engram_jax.moe.route` as every dispatch) and packs each
      (token, expert) assignment into a send buffer ``[n, C, D]`` by destination device,
-     ``C = ceil(capacity_factor * s * K / n)`` slots per destination (assignments beyond C are
-     dropped, as in ``"capacity"``; ``capacity_factor >= n`` never drops);
+     ``C = min(s * K, ceil(capacity_factor * s * K / n))`` slots per destination
+     (assignments beyond C are dropped, as in ``"capacity"``; ``capacity_factor >= n`` never
+     drops);
   3. ``all_to_all`` over ``expert``: each device receives the rows for its own experts, runs
      them through its E/n SwiGLU experts (:func:`grouped_matmul` on rows sorted by local
      expert), and sends the outputs back with a second ``all_to_all``;
@@ -170,7 +171,9 @@ def ep_routed(moe, x_SxD: jax.Array) -> tuple[jax.Array, jax.Array]:
     cfg, mesh = moe.cfg, _mesh()
     n, e, k = mesh.shape[AXIS], cfg.n_routed_experts, cfg.top_k
     batch, s = _split(mesh, e, x_SxD.shape[0])
-    cap = max(1, math.ceil(cfg.capacity_factor * s * k / n))
+    # a destination receives at most this device's s*K assignments: slots beyond are never
+    # filled (on an expert axis of 1, capacity_factor 2 doubled every dispatch buffer)
+    cap = max(1, min(s * k, math.ceil(cfg.capacity_factor * s * k / n)))
     wg, wu, wd = moe._weights()
     router = moe.router[...]
     bias = jax.lax.stop_gradient(moe.router_bias[...])

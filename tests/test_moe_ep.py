@@ -142,6 +142,28 @@ def test_ep_hlo_all_to_all_volume(mesh):
     assert all(c.bytes < all_experts for c in colls), hlo.summary(colls)
 
 
+def test_ep_slots_per_destination_never_exceed_the_assignments(mesh):
+    """capacity_factor 8 on 4 expert devices: ceil(8*s*K/4) = 2*s*K slots per destination,
+    but a destination can only receive this device's s*K assignments: the buffers that go
+    through the all-to-alls hold s*K rows each, and nothing is dropped."""
+    base = make_moe("capacity")
+    moe = with_dispatch(base, "ep", 8.0)
+    x = tokens()
+    graphdef, state = nnx.split(moe)
+    state = jax.device_put(state, shd.state_shardings(mesh, state))
+    xs = jax.device_put(x, NamedSharding(mesh, PartitionSpec(shd.batch_axes())))
+    with jax.set_mesh(mesh):
+        fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)[0])
+        text = fwd.lower(state, xs).compile().as_text()
+        y_ep = fwd(state, xs)
+    n, shards = mesh.shape["expert"], mesh.shape["data"]
+    s = x.shape[0] * x.shape[1] // (shards * n)
+    a2a = [c for c in hlo.collectives(text) if c.op == "all-to-all"]
+    assert sum(c.bytes for c in a2a) == 2 * n * s * K * D * 4 + n * s * K * 4, hlo.summary(a2a)
+    y_cap, _ = run(base, x)
+    np.testing.assert_allclose(np.asarray(y_ep), np.asarray(y_cap), rtol=1e-5, atol=1e-5)
+
+
 def test_ep_without_a_mesh_runs_every_expert_locally_dropless():
     """A model trained with "ep" and then called on its own (generation, analysis): no mesh
     context to split experts over, so the experts run here, as the dropless dispatches do."""
