@@ -121,6 +121,9 @@ STATUS = [
     "dispatch's fix (see moe-27b-muon-split below): 371 s of CPU, 6.4 min wall, 7.7 GB peak "
     "RSS; all-reduce 504.2 -> 458.3 GiB per chip per step (29 x 1.58 GiB less), bytes "
     "accessed 6.92 -> 6.63 TB, est. MFU 11.4% -> 11.9%, HBM 52.8 -> 53.2 GiB per chip. "
+    "After d42428d (06:57, load 1.7; the recompiles of 06:47-07:01 took 539 s of CPU for "
+    "this entry and the async-ag one, 7.3 GB peak RSS): bytes accessed 6.63 -> 4.69 TB, XLA "
+    "FLOPs 291 -> 223 TFLOP per chip, est. MFU 11.9% -> 16.8%. "
     "engram-27b's programs use the same dispatch but were not recompiled (their compile "
     "needs about 15 GB of host memory).",
     "- `ablation-3b` (session 6, 2026-12-01): `engram-jax compile --preset ablation-3b "
@@ -156,7 +159,12 @@ STATUS = [
     "(their gradients were psummed whole, and the backward re-gathered them in f32): 345 s "
     "of CPU, 3.5 min wall, 8.0 GB peak RSS; all-reduce 192.4 -> 146.5 GiB per chip per step, "
     "HBM 42.1 -> 39.4 GiB per chip, bytes accessed 6.63 -> 6.34 TB, est. MFU 11.9% -> 12.4%. "
-    "What the all-reduce bytes are: the TPU profile section below.",
+    "What the all-reduce bytes are: the TPU profile section below. Then (06:47, load 2.8) "
+    "with at most s*K dispatch slots per destination (d42428d; capacity_factor 2 on an "
+    "expert axis of 1 had doubled every dispatch buffer): 275 s of CPU, 2.8 min wall, 7.3 GB "
+    "peak RSS; bytes accessed 6.34 -> 4.39 TB, XLA FLOPs 245 -> 178 TFLOP per chip (the "
+    "Pallas grouped matmul's cost counts its padding rows), est. step 2.29 -> 1.59 s, est. "
+    "MFU 12.4% -> 18.0%, HBM 39.4 -> 38.8 GiB; all-reduce unchanged.",
     "- `moe-27b-muon-split-async-ag` (session 7, 2026-12-01 06:27, load 1.7): the same "
     "program compiled with libtpu's async all-gather flags (`LIBTPU_ARGS` in "
     "benchmarks/tpu_presets.py; `compile_in_subprocess(..., libtpu_args=)`, or "
@@ -166,7 +174,9 @@ STATUS = [
     "all-reduce 146.5 -> 49.1 GiB per chip per step (left: the gradient reductions), "
     "all-gather 5.8 GiB (an all-gather counts its operand, the chip's 1/64 shard, so it is "
     "not comparable with the all-reduces' full buffers), HBM 39.4 -> 42.7 GiB per chip (the "
-    "prefetched gathers), bytes accessed 6.34 -> 6.24 TB, est. MFU 12.4% -> 12.6%.",
+    "prefetched gathers), bytes accessed 6.34 -> 6.24 TB, est. MFU 12.4% -> 12.6%. After "
+    "d42428d (06:52, load 0.5; 164 s wall, 6.4 GB peak RSS): bytes accessed 4.34 TB, est. "
+    "MFU 18.2%, HBM 41.9 GiB per chip.",
     "- `dense-4b-muon-split` (2026-12-01 05:08, load 1.1): dense-4b's command with `--set "
     "optim.muon_split=true`: no gain there. XLA FLOPs 316.3 -> 314.5 TFLOP per chip and "
     "est. MFU 33% unchanged (its plain program apparently did not replicate Newton-Schulz: 30 "
