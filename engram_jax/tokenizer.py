@@ -79,6 +79,28 @@ _TRAINER_OPTIONS = {
 }
 
 
+def _training_error(message: str, vocab_size: int, model_type: str) -> ValueError:
+    """SentencePiece's training failure as a one-line error; the two a user fixes with a
+    number (a vocabulary too large or too small for the text) name that number."""
+    most = re.search(r"Vocabulary size too high.*<= (\d+)", message)
+    if most:
+        return ValueError(
+            f"the training text supports at most {most.group(1)} {model_type} pieces, not "
+            f"vocab_size={vocab_size}: give more text or a smaller vocabulary (engram-jax: "
+            f"--set model.vocab_size={most.group(1)})"
+        )
+    least = re.search(r"smaller than required_chars\. \d+ vs (\d+)", message)
+    if least:  # the text's characters + the 256 byte pieces + the special pieces
+        return ValueError(
+            f"a {model_type} vocabulary of {vocab_size} pieces is too small for this text: "
+            f"its characters, the 256 byte-fallback pieces and the special pieces need at "
+            f"least {least.group(1)} (engram-jax: --set model.vocab_size={least.group(1)})"
+        )
+    return ValueError(
+        f"SentencePiece could not train a {vocab_size}-piece {model_type} tokenizer: {message}"
+    )
+
+
 def train_tokenizer(
     texts: Iterable[str] | str | os.PathLike,
     out_path: str | os.PathLike,
@@ -116,23 +138,7 @@ def train_tokenizer(
             **_TRAINER_OPTIONS,
         )
     except RuntimeError as e:
-        most = re.search(r"Vocabulary size too high.*<= (\d+)", str(e))
-        if most:  # the one failure a user fixes with a number
-            raise ValueError(
-                f"the training text supports at most {most.group(1)} {model_type} pieces, not "
-                f"vocab_size={vocab_size}: give more text or a smaller vocabulary (engram-jax: "
-                f"--set model.vocab_size={most.group(1)})"
-            ) from None
-        least = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e))
-        if least:  # the text's characters + the 256 byte pieces + the special pieces
-            raise ValueError(
-                f"a {model_type} vocabulary of {vocab_size} pieces is too small for this text: "
-                f"its characters, the 256 byte-fallback pieces and the special pieces need at "
-                f"least {least.group(1)} (engram-jax: --set model.vocab_size={least.group(1)})"
-            ) from None
-        raise ValueError(
-            f"SentencePiece could not train a {vocab_size}-piece {model_type} tokenizer: {e}"
-        ) from None
+        raise _training_error(str(e), vocab_size, model_type) from None
     sp = spm.SentencePieceProcessor(model_proto=proto.getvalue())
     if sp.get_piece_size() != vocab_size:
         raise ValueError(
