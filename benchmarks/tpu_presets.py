@@ -89,7 +89,12 @@ STATUS = [
     "per chip (64% of 95). The 10-minute goal is not met on this host (11.8 CPU-minutes, "
     "most of it libtpu's code generation: see the next section). `engram-40b` (3.2x the "
     "table rows, same backbone), same command: 708 s of CPU, 25 min wall, 14.5 GB peak RSS; "
-    "fits at 63.5 GiB per chip (67%).",
+    "fits at 63.5 GiB per chip (67%). Session 7 (2026-12-01 07:22, load 0.4), after the "
+    "expert-parallel dispatch's fixes (7d6e416, d42428d), `python -m benchmarks.tpu_presets "
+    "--only engram-27b` under /usr/bin/time -v: 446 s of CPU, 4.5 min wall, 13.0 GB peak RSS "
+    "(the 10-minute goal met on a quiet host); HBM 60.4 -> 53.1 GiB per chip, all-reduce "
+    "403.6 -> 366.1 GiB per chip per step, bytes accessed 7.29 -> 5.13 TB, est. MFU 11% -> "
+    "15%. engram-40b and the other engram-27b entries were not recompiled.",
     "- The estimated MFU (11%) is bound by bytes accessed (roofline; XLA gave no "
     "`optimal_seconds` for this program) and is an upper bound: XLA counts the FLOPs and bytes "
     "of Newton-Schulz's scan once, not 5 times (the optimizer update alone: 39 TFLOP/chip "
