@@ -43,12 +43,12 @@ _OP_NAME = re.compile(r'op_name="([^"]*)"')
 
 class Program:
     def __init__(self, text: str):
-        self.comps, _ = hlo._computations(text)
+        self.comps, _ = hlo.computations(text)
         self.counts = hlo.execution_counts(text)
         self.defs = {}  # instruction name -> (computation, (name, type, op, args), line)
         for comp, lines in self.comps.items():
             for line in lines:
-                parsed = hlo._split_instruction(line)
+                parsed = hlo.split_instruction(line)
                 if parsed:
                     self.defs[parsed[0]] = (comp, parsed, line)
         self.fused = {  # computations called by a fusion or a reduction: not kernels themselves
@@ -60,7 +60,7 @@ class Program:
         }
 
     def operand_names(self, args: str) -> list[str]:
-        return [a.split()[-1].lstrip("%") for a in hlo._split_args(args) if a.split()]
+        return [a.split()[-1].lstrip("%") for a in hlo.split_args(args) if a.split()]
 
     def writes_a_shard(self, name: str, depth: int = 0) -> bool:
         """Is ``name`` a dynamic-update-slice (through copies, converts, bitcasts), or a
@@ -79,7 +79,7 @@ class Program:
 
 
 def _bytes(type_text: str) -> int:
-    return sum(hlo._BYTES.get(dt, 4) * math.prod(shape) for dt, shape in hlo._shapes(type_text))
+    return sum(hlo.BYTES.get(dt, 4) * math.prod(shape) for dt, shape in hlo.shapes(type_text))
 
 
 def collective_rows(prog: Program, colls: list) -> tuple[list[tuple], collections.Counter]:
@@ -93,7 +93,7 @@ def collective_rows(prog: Program, colls: list) -> tuple[list[tuple], collection
             names = prog.operand_names(args)
             kinds = ["gather" if prog.writes_a_shard(n) else "sum" for n in names]
         for kind, (dt, shape) in zip(kinds, c.operands):
-            totals[f"{c.op} {kind}".strip()] += c.count * hlo._BYTES.get(dt, 4) * math.prod(shape)
+            totals[f"{c.op} {kind}".strip()] += c.count * hlo.BYTES.get(dt, 4) * math.prod(shape)
         op_name = _OP_NAME.search(line)
         rows.append((c, "+".join(sorted(set(kinds))), op_name.group(1) if op_name else ""))
     return sorted(rows, key=lambda r: -r[0].step_bytes), totals
@@ -109,11 +109,11 @@ def accessed_by_shape(prog: Program) -> collections.Counter:
             continue
         runs = prog.counts.get(comp, 1)
         for line in lines:
-            parsed = hlo._split_instruction(line)
+            parsed = hlo.split_instruction(line)
             if not parsed or parsed[2] in _NOT_KERNELS:
                 continue
             texts = [parsed[1]] + [types.get(n, "") for n in prog.operand_names(parsed[3])]
-            shapes = [shape for t in texts for _, shape in hlo._shapes(t)]
+            shapes = [shape for t in texts for _, shape in hlo.shapes(t)]
             largest = max(shapes, key=math.prod, default=())
             out[str(list(largest))] += runs * sum(_bytes(t) for t in texts)
     return out

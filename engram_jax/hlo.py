@@ -31,7 +31,7 @@ COLLECTIVE_OPS = (
 )
 _OPS = set(COLLECTIVE_OPS) | {op + "-start" for op in COLLECTIVE_OPS}
 
-_BYTES = {
+BYTES = {
     "pred": 1,
     "s4": 1,
     "u4": 1,
@@ -66,7 +66,7 @@ class Collective:
     @property
     def bytes(self) -> int:
         """Operand bytes of one run."""
-        return sum(_BYTES.get(dt, 4) * math.prod(shape) for dt, shape in self.operands)
+        return sum(BYTES.get(dt, 4) * math.prod(shape) for dt, shape in self.operands)
 
     @property
     def step_bytes(self) -> int:
@@ -74,15 +74,16 @@ class Collective:
         return self.count * self.bytes
 
 
-def _shapes(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
+def shapes(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
+    """``(dtype, shape)`` of every array in an HLO type (``f32[2,3]``, a tuple of them ...)."""
     return [
         (dt, tuple(int(d) for d in dims.split(",") if d))
         for dt, dims in _SHAPE.findall(type_text)
-        if dt in _BYTES
+        if dt in BYTES
     ]
 
 
-def _split_instruction(line: str):
+def split_instruction(line: str):
     """``name = TYPE op(args), attrs`` -> (name, type_text, op, args_text) or None."""
     m = _HEAD.match(line)
     if not m:
@@ -110,7 +111,8 @@ def _split_instruction(line: str):
     return m.group(1), type_text, op_match.group(1), "".join(args)
 
 
-def _split_args(args: str) -> list[str]:
+def split_args(args: str) -> list[str]:
+    """An instruction's argument text split at its top-level commas."""
     out, depth, cur = [], 0, []
     for c in args:
         depth += c in "([{"
@@ -136,7 +138,7 @@ _CONSTANT = re.compile(r"^\s*%?([\w.\-]+)\s*=\s*s32\[\][^ ]*\s+constant\((\d+)\)
 _LT_ROOT = re.compile(r"ROOT\s.*compare\(%?([\w.\-]+),\s*%?([\w.\-]+)\),\s*direction=LT")
 
 
-def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
+def computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
     """``({computation: its instruction lines}, entry name)``, in definition order."""
     comps: dict[str, list[str]] = {}
     entry = current = None
@@ -172,7 +174,7 @@ def execution_counts(hlo_text: str) -> dict[str, int]:
     """``{computation: runs per execution of the module}``: the entry runs once, a while
     body :func:`_trip_count` times per run of its caller, other callees once per call site.
     HLO text defines every computation before its callers, so one pass from the end works."""
-    comps, entry = _computations(hlo_text)
+    comps, entry = computations(hlo_text)
     if entry is None:
         return dict.fromkeys(comps, 1)
     counts = dict.fromkeys(comps, 0)
@@ -194,24 +196,24 @@ def collectives(hlo_text: str) -> list[Collective]:
     many times it runs per execution (:func:`execution_counts`)."""
     counts = execution_counts(hlo_text)
     where = {}  # instruction name -> its computation
-    for comp, comp_lines in _computations(hlo_text)[0].items():
+    for comp, comp_lines in computations(hlo_text)[0].items():
         for line in comp_lines:
             head = _HEAD.match(line)
             if head:
                 where[head.group(1)] = comp
-    parsed = [p for p in map(_split_instruction, hlo_text.splitlines()) if p]
+    parsed = [p for p in map(split_instruction, hlo_text.splitlines()) if p]
     types = {name: type_text for name, type_text, _, _ in parsed}
     found = []
     for name, _, op, args in parsed:
         if op not in _OPS:
             continue
         operands = []
-        for arg in _split_args(args):
-            shapes = _shapes(arg)
-            if not shapes:  # operand printed by name only
+        for arg in split_args(args):
+            arrays = shapes(arg)
+            if not arrays:  # operand printed by name only
                 ref = arg.split()[-1].lstrip("%") if arg.split() else ""
-                shapes = _shapes(types.get(ref, ""))
-            operands += shapes
+                arrays = shapes(types.get(ref, ""))
+            operands += arrays
         count = max(counts.get(where.get(name, ""), 1), 1)
         found.append(Collective(op.removesuffix("-start"), name, tuple(operands), count))
     return found
